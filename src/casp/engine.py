@@ -1,0 +1,161 @@
+"""Layer-by-layer execution of a decoder stack, GPTQ-style.
+
+The inputs of decoder layer 0 are caught once (the rest of the model — vision tower,
+projector, embeddings — runs exactly as in the model's own forward). Each layer is then
+run on those inputs, observed through hooks, modified by the caller, and run again to
+produce the next layer's inputs. Only the current layer needs to be on `device`.
+"""
+from __future__ import annotations
+
+import resource
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+
+class _Caught(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering a layer, and the keyword arguments the model passed with them."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+_KEEP_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict]) -> LayerInputs:
+    """Run the model's own forward on each batch until decoder layer 0, and keep its inputs."""
+    layer0 = adapter.decoder_layers(model)[0]
+    caught = LayerInputs([], [])
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        caught.hidden.append(hidden.detach().cpu())
+        caught.kwargs.append({k: _to(kwargs.get(k), "cpu") for k in _KEEP_KWARGS if k in kwargs})
+        raise _Caught
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Run one decoder layer on every caught batch; returns outputs on the CPU."""
+    outs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = layer(hidden.to(device), **_to(kwargs, device), use_cache=False)
+        if isinstance(out, tuple):
+            out = out[0]
+        outs.append(out.detach().cpu())
+    return outs
+
+
+@torch.no_grad()
+def final_hidden_states(model: nn.Module, adapter: Adapter, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    norm = model.get_submodule(adapter.final_norm)
+    return [norm(h) for h in hidden]
+
+
+@dataclass
+class SecondMoments:
+    """XᵀX (float64) of the inputs of groups of linears that share one input."""
+
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if key not in self.xtx:
+            self.xtx[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.tokens[key] = 0
+        self.xtx[key] += (x.T @ x).cpu()
+        self.tokens[key] += x.shape[0]
+
+
+@contextmanager
+def record_second_moments(layer: nn.Module, groups: dict[str, tuple[str, ...]], moments: SecondMoments):
+    """Accumulate XᵀX of each group's shared input while the layer runs."""
+    handles = []
+    for key, names in groups.items():
+        module = layer.get_submodule(names[0])
+
+        def hook(_m, args, key=key):
+            moments.add(key, args[0].detach())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield moments
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_attention_inputs(layer: nn.Module, adapter: Adapter, sink: list):
+    """Collect (normed attention input, position embeddings) per batch for attention analysis."""
+    attn = layer.get_submodule(adapter.attention)
+    state: dict = {}
+
+    def attn_hook(_m, args, kwargs):
+        state["pos"] = kwargs.get("position_embeddings")
+
+    def q_hook(_m, args):
+        sink.append((args[0].detach().cpu(), _to(state.get("pos"), "cpu")))
+
+    handles = [
+        attn.register_forward_pre_hook(attn_hook, with_kwargs=True),
+        layer.get_submodule(adapter.q_proj).register_forward_pre_hook(q_hook),
+    ]
+    try:
+        yield sink
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_device_mb(device) -> float | None:
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
