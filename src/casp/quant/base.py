@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -38,7 +38,7 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() * 8 for t in self.tensors.values())
 
     def dequantize(self) -> torch.Tensor:
-        return get_quantizer_class(self.meta["format"]).dequantize(self)
+        return get_format(self.meta["format"]).dequantize(self)
 
 
 class Quantizer(ABC):
@@ -57,6 +57,11 @@ class Quantizer(ABC):
     def dequantize(qw: QuantizedWeight) -> torch.Tensor:
         ...
 
+    @staticmethod
+    def empty_tensors(meta: dict) -> dict[str, torch.Tensor]:
+        """Tensors of the stored shapes for `meta` (to load a state dict into); optional."""
+        raise NotImplementedError
+
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
 
@@ -66,14 +71,52 @@ def register(cls: type[Quantizer]) -> type[Quantizer]:
     return cls
 
 
+def _load_builtins() -> None:
+    """Import the built-in quantizers so that they register themselves."""
+    import casp.quant  # noqa: F401
+
+
 def get_quantizer_class(name: str) -> type[Quantizer]:
+    if name not in _REGISTRY:
+        _load_builtins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown quantizer {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def available_quantizers() -> list[str]:
+    _load_builtins()
     return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How to read one stored layout (`meta["format"]`), shared by the quantizers that write it."""
+
+    name: str
+    dequantize: Callable[[QuantizedWeight], torch.Tensor]
+    empty_tensors: Callable[[dict], dict[str, torch.Tensor]]
+
+
+_FORMATS: dict[str, StorageFormat] = {}
+
+
+def register_format(fmt: StorageFormat) -> StorageFormat:
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> StorageFormat:
+    """The reader for a stored layout; a quantizer's own name also works as its format."""
+    if name not in _FORMATS and name not in _REGISTRY:
+        _load_builtins()
+    if name in _FORMATS:
+        return _FORMATS[name]
+    if name in _REGISTRY:
+        cls = _REGISTRY[name]
+        return StorageFormat(name, cls.dequantize, cls.empty_tensors)
+    known = sorted(set(_FORMATS) | set(_REGISTRY))
+    raise KeyError(f"unknown storage format {name!r}; known: {', '.join(known)}")
 
 
 def quant_loss(weight: torch.Tensor, qweight: torch.Tensor, xtx: torch.Tensor) -> float:

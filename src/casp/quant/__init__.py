@@ -1,0 +1,32 @@
+"""Quantizers (plug-ins registered by name) and the stored formats they write."""
+from casp.quant.base import (
+    QuantizedWeight,
+    Quantizer,
+    QuantSpec,
+    StorageFormat,
+    available_quantizers,
+    get_format,
+    get_quantizer_class,
+    quant_loss,
+    register,
+    register_format,
+)
+from casp.quant import grid as grid  # noqa: E402  (registers the "scalar" format)
+from casp.quant.rtn import RTN
+from casp.quant.gptq import GPTQ, gptq_quantize
+
+__all__ = [
+    "GPTQ",
+    "RTN",
+    "QuantSpec",
+    "QuantizedWeight",
+    "Quantizer",
+    "StorageFormat",
+    "available_quantizers",
+    "get_format",
+    "get_quantizer_class",
+    "gptq_quantize",
+    "quant_loss",
+    "register",
+    "register_format",
+]

@@ -1,0 +1,191 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one by one, pushing each rounding error onto the
+columns not yet quantized so that the layer output ‖(W - Q)X‖² stays small.
+
+With H = XᵀX (plus damping) and U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), quantizing column
+j with error e_j = (w_j - q_j) / U_jj is compensated by w_k -= e_j · U_jk for every k > j. The
+updates are applied lazily in blocks of columns (one matrix product per block). With `act_order`
+columns are visited by decreasing H_jj; group scales/zeros are then computed up front from the
+original column order ("static groups"), so the stored format needs no permutation. Without it,
+each group's grid is fitted when the sweep reaches the group, on the already-updated weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from casp.quant.base import QuantizedWeight, Quantizer, QuantSpec, register
+from casp.quant.grid import (
+    dequantize_grid,
+    dequantize_scalar,
+    effective_group_size,
+    empty_scalar_tensors,
+    grid_params,
+    num_groups,
+    quantize_to_grid,
+    rtn_codes,
+    to_quantized_weight,
+)
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_cholesky(
+    h: torch.Tensor, damp: float, max_tries: int = 8
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp · mean(diag H).
+
+    If a factorization fails, λ is raised tenfold and it is tried again (with a warning).
+    Returns U (in h's dtype) and the λ that worked.
+    """
+    n = h.shape[0]
+    mean_diag = float(h.diagonal().mean())
+    scale = mean_diag if mean_diag > 0 else 1.0
+    lam = damp * scale
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    for attempt in range(max_tries):
+        low, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(low)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, lam
+        new_lam = lam * 10 if lam > 0 else 1e-6 * scale
+        log.warning(
+            "GPTQ: Cholesky failed with damping %.3g (attempt %d); retrying with %.3g",
+            lam, attempt + 1, new_lam,
+        )
+        lam = new_lam
+    raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {lam:.3g}")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+    static_groups: bool | None = None,
+    hessian_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ on the scalar grid. Returns codes (out, in) int32, scale and zero (out, groups) float32
+    (scale fp16-exact) and the dequantized float32 weight, equal to `dequantize_grid` of the codes.
+
+    static_groups=None means "static iff act_order"; act_order with dynamic groups is not supported
+    (the stored groups would no longer be contiguous).
+    """
+    if static_groups is None:
+        static_groups = act_order
+    if act_order and not static_groups:
+        raise ValueError("act_order requires static groups in the scalar format")
+    out_features, in_features = weight.shape
+    if xtx.shape != (in_features, in_features):
+        raise ValueError(f"xtx has shape {tuple(xtx.shape)}, expected {(in_features, in_features)}")
+    bits, sym = spec.bits, spec.sym
+    g = effective_group_size(in_features, spec.group_size)
+    ng = num_groups(in_features, spec.group_size)
+    device = weight.device
+
+    w = weight.detach().to(torch.float32).clone()
+    h = xtx.detach().to(device=device, dtype=hessian_dtype).clone()
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+
+    # Per-channel grids are fitted on the whole (original) row either way.
+    fixed = static_groups or ng == 1
+    if fixed:
+        _, scale, zero = rtn_codes(w, spec)
+    else:
+        scale = torch.zeros(out_features, ng, dtype=torch.float32, device=device)
+        zero = torch.zeros_like(scale)
+
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        group_of = perm // g
+    else:
+        perm = None
+        group_of = torch.arange(in_features, device=device) // g
+    group_of = group_of.tolist()
+
+    u, _ = inverse_hessian_cholesky(h, damp)
+    u = u.to(torch.float32)
+    del h
+
+    codes = torch.zeros(out_features, in_features, dtype=torch.int32, device=device)
+    q = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            gi = group_of[j]
+            if not fixed and j % g == 0:
+                # Fit the group's grid on its current weights: the part in this block is up to
+                # date in w1; columns past the block still owe this block's pending updates.
+                gend = min(j + g, in_features)
+                cur = w1[:, i:min(gend, i2) - i1]
+                if gend > i2:
+                    rest = w[:, i2:gend] - err1[:, :i] @ u[i1:j, i2:gend]
+                    cur = torch.cat([cur, rest], dim=1)
+                scale[:, gi], zero[:, gi] = grid_params(cur, bits, sym)
+            col = w1[:, i]
+            c = quantize_to_grid(col, scale[:, gi], zero[:, gi], bits)
+            qc = dequantize_grid(c, scale[:, gi], zero[:, gi])
+            e = (col - qc) / u1[i, i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+            codes[:, j] = c
+            q[:, j] = qc
+        if i2 < in_features:
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv].contiguous()
+        q = q[:, inv].contiguous()
+    return codes, scale, zero, q
+
+
+@register
+class GPTQ(Quantizer):
+    """GPTQ on the scalar grid (format "scalar"); needs the input second moment XᵀX."""
+
+    name = "gptq"
+
+    def __init__(
+        self,
+        damp: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = True,
+        static_groups: bool | None = None,
+        hessian_dtype: torch.dtype = torch.float64,
+    ):
+        self.damp = damp
+        self.block_size = block_size
+        self.act_order = act_order
+        self.static_groups = static_groups
+        self.hessian_dtype = hessian_dtype
+
+    def quantize(
+        self, weight: torch.Tensor, xtx: torch.Tensor | None, spec: QuantSpec
+    ) -> tuple[QuantizedWeight, torch.Tensor]:
+        if xtx is None:
+            raise ValueError("GPTQ needs xtx (the calibration XᵀX of the layer input)")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+        codes, scale, zero, q = gptq_quantize(
+            weight, xtx, spec,
+            damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+            static_groups=self.static_groups, hessian_dtype=self.hessian_dtype,
+        )
+        return to_quantized_weight(codes, scale, zero, spec, method=self.name), q
+
+    dequantize = staticmethod(dequantize_scalar)
+    empty_tensors = staticmethod(empty_scalar_tensors)
