@@ -1,0 +1,119 @@
+"""Calibration batches: image+text JSONL, plain text, or the embedded model's own dataset.
+
+A batch is a dict of model inputs. Image records are processed one per batch through the
+model's own processor (no padding, so every token is real); text is cut into windows of
+`seq_len` tokens and batched.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from .errors import CaspError
+
+log = logging.getLogger(__name__)
+
+TEXT_BATCH = 8
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise CaspError(f"cannot read image {str(path)!r}: {e}") from None
+
+
+def read_calibration_jsonl(path: str | Path) -> list[dict]:
+    """Records `{"image", "text"}` or `{"image", "question", "answer"}`; image paths relative to the file."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaspError(f"cannot read calibration file {str(path)!r}: {e}") from None
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CaspError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or "image" not in rec or not ({"text"} <= rec.keys() or {"question", "answer"} <= rec.keys()):
+            raise CaspError(f"{path}:{i}: a record needs 'image' and either 'text' or 'question'+'answer'")
+        img = Path(rec["image"])
+        rec = dict(rec, image=_open_image(img if img.is_absolute() else path.parent / img))
+        records.append(rec)
+    if not records:
+        raise CaspError(f"calibration file {str(path)!r} holds no records")
+    return records
+
+
+def image_text_batches(processor, records: list[dict]) -> list[dict]:
+    from .eval.vqa import build_prompt
+
+    batches = []
+    for rec in records:
+        if "question" in rec:
+            text = build_prompt(processor, rec["question"]) + " " + rec["answer"]
+        else:
+            text = build_prompt(processor, rec["text"])
+        enc = processor(images=rec["image"], text=text, return_tensors="pt")
+        batches.append(dict(enc))
+    return batches
+
+
+def text_batches(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) -> list[dict]:
+    from .textdata import text_calibration_batches
+
+    ids = text_calibration_batches(tokenizer, text, n_samples, seq_len, seed)
+    return [{"input_ids": chunk} for chunk in torch.split(ids, TEXT_BATCH)]
+
+
+def embedded_batches(processor, n_samples: int, seed: int) -> list[dict]:
+    """Calibration scenes from the embedded model's training distribution (a dedicated seed)."""
+    from .embedded.scenes import generate_records
+
+    records = generate_records("train", max(1, n_samples))
+    random.Random(seed).shuffle(records)
+    return image_text_batches(processor, records[:n_samples])
+
+
+def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, seq_len: int, seed: int,
+                      jsonl: str | None = None, text_file: str | None = None) -> list[dict]:
+    """Pick the calibration source: explicit JSONL / text file, else the model's natural default."""
+    from .embedded import EMBEDDED_MODEL_DIR
+    from .modelio import tokenizer_of
+
+    if jsonl and text_file:
+        raise CaspError("give either --calib-jsonl or --calib-text, not both")
+    if jsonl:
+        if not adapter.is_multimodal:
+            raise CaspError("--calib-jsonl holds images; this model is text-only (use --calib-text)")
+        records = read_calibration_jsonl(jsonl)
+        random.Random(seed).shuffle(records)
+        batches = image_text_batches(processor, records[:n_samples])
+    elif text_file:
+        from .textdata import read_text_file
+
+        try:
+            text = read_text_file(text_file)
+        except ValueError as e:
+            raise CaspError(str(e)) from None
+        batches = text_batches(tokenizer_of(processor), text, n_samples, seq_len, seed)
+    elif adapter.is_multimodal and Path(model_path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve():
+        batches = embedded_batches(processor, n_samples, seed)
+    else:
+        from .textdata import calibration_text
+
+        log.info("calibrating on casp's built-in text (give --calib-jsonl for image calibration)")
+        batches = text_batches(tokenizer_of(processor), calibration_text(), n_samples, seq_len, seed)
+    if not batches:
+        raise CaspError("calibration data is empty")
+    return batches

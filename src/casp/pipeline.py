@@ -1,0 +1,330 @@
+"""One compression run, top to bottom.
+
+load -> calibrate -> analyse the original layers (attention density, XᵀX, Q/K spectra)
+-> choose Q/K ranks -> measure each unit's distortion at each candidate -> allocate bits
+-> compress layer by layer (low-rank Q/K, then quantize every linear) -> report -> save.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import allocate as alloc
+from .adapters import Adapter, adapter_for
+from .calibration import build_calibration
+from .config import CompressionConfig
+from .engine import (
+    SecondMoments, capture_layer0_inputs, peak_device_mb, peak_rss_mb, record_attention_inputs,
+    record_second_moments, run_layer,
+)
+from .errors import CaspError
+from .lowrank import LowRankLinear, auto_ranks, check_rank, factor_input_xtx, rank_for_ratio, whitened_lowrank, whitened_singular_values
+from .modelio import is_compressed, load_model, load_processor, resolve_model_path
+from .packed_linear import PackedLinear
+from .packing import storage_bits
+from .quant.base import QuantSpec, get_quantizer_class
+from .sparsity import LayerAttentionStats, layer_attention_stats
+
+log = logging.getLogger(__name__)
+
+FP16_BITS = 16
+QK = ("q", "k")
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    processor: object
+    source: Path
+    report: dict
+    config: CompressionConfig
+    out: Path | None = None
+
+
+@dataclass
+class UnitPlan:
+    """One stored matrix: a plain linear or one factor of a low-rank Q/K."""
+
+    name: str            # dotted path inside the decoder layer, e.g. self_attn.q_proj.down
+    layer: int
+    group: str           # which XᵀX feeds it (adapter input group), or the factor rule
+    out_features: int
+    in_features: int
+    num_weights: int     # weights of the original (pre-low-rank) matrix attributed to this unit
+    kind: str
+
+
+def _group_of(adapter: Adapter) -> dict[str, str]:
+    return {name: g for g, names in adapter.linears.items() for name in names}
+
+
+def quantizer_for(config: CompressionConfig):
+    if config.quantizer == "none":
+        return None
+    cls = get_quantizer_class(config.quantizer)
+    if config.quantizer == "gptq":
+        return cls(damp=config.damp, act_order=config.act_order)
+    return cls()
+
+
+def candidate_specs(config: CompressionConfig) -> list[QuantSpec]:
+    groups = list(dict.fromkeys(config.candidate_group_sizes))
+    return [QuantSpec(b, g, config.sym) for b in sorted(set(config.candidate_bits)) for g in groups]
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(model, adapter, batches, config, *, keep_moments: bool, progress: bool):
+    """Run the original layers once: XᵀX per input group, attention density, whitened Q/K spectra."""
+    geometry = adapter.attention_geometry(model)
+    inputs = capture_layer0_inputs(model, adapter, batches)
+    per_layer = []
+    for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="analyse", disable=not progress)):
+        moments, attn_inputs = SecondMoments(), []
+        with record_second_moments(layer, adapter.linears, moments), record_attention_inputs(layer, adapter, attn_inputs):
+            outs = run_layer(layer, inputs, config.device)
+        stats = layer_attention_stats(layer, adapter, geometry, attn_inputs, mass=config.density_mass)
+        h = moments.xtx["attn_in"]
+        spectra = {
+            p: whitened_singular_values(layer.get_submodule(getattr(adapter, f"{p}_proj")).weight.data, h)
+            for p in QK
+        }
+        per_layer.append({
+            "density": stats,
+            "spectra": spectra,
+            "moments": {k: v.float() for k, v in moments.xtx.items()} if keep_moments else None,
+        })
+        inputs.hidden = outs
+    return per_layer
+
+
+def choose_ranks(model, adapter, analysis, config) -> list[dict[str, int]]:
+    """Per layer, the rank of W_q and W_k (0 = keep dense)."""
+    layers = adapter.decoder_layers(model)
+    shapes = [
+        {p: tuple(layer.get_submodule(getattr(adapter, f"{p}_proj")).weight.shape) for p in QK} for layer in layers
+    ]
+    if config.qk_rank == "auto":
+        base = 0.25
+        budget = sum(rank_for_ratio(*s[p], base) * sum(s[p]) for s in shapes for p in QK)
+        spectra = [a["spectra"][p] for a in analysis for p in QK]
+        weights = [a["density"].mean_density for a in analysis for p in QK]
+        flat = auto_ranks(spectra, [s[p] for s in shapes for p in QK], weights, budget)
+        return [{p: flat[2 * i + j] for j, p in enumerate(QK)} for i in range(len(layers))]
+    ranks = []
+    for i, s in enumerate(shapes):
+        ratio = config.qk_rank_overrides.get(i, float(config.qk_rank))
+        r = {p: rank_for_ratio(*s[p], ratio) for p in QK}
+        for p in QK:
+            check_rank(*s[p], r[p])
+        ranks.append(r)
+    return ranks
+
+
+def plan_units(model, adapter, ranks) -> list[UnitPlan]:
+    groups = _group_of(adapter)
+    units = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for name in adapter.linear_names():
+            m, n = layer.get_submodule(name).weight.shape
+            proj = name.rsplit(".", 1)[-1][0]
+            r = ranks[i].get(proj, 0) if name in (adapter.q_proj, adapter.k_proj) else 0
+            if r:
+                down_share = (m * n * n) // (m + n)
+                units.append(UnitPlan(f"{name}.down", i, groups[name], r, n, down_share, f"{proj}_factor"))
+                units.append(UnitPlan(f"{name}.up", i, "factor_up", m, r, m * n - down_share, f"{proj}_factor"))
+            else:
+                units.append(UnitPlan(name, i, groups[name], m, n, m * n, name.rsplit(".", 1)[-1]))
+    return units
+
+
+def _factorise(layer, adapter, ranks_i, xtx_attn) -> dict[str, LowRankLinear]:
+    out = {}
+    for p in QK:
+        r = ranks_i.get(p, 0)
+        if not r:
+            continue
+        lin = layer.get_submodule(getattr(adapter, f"{p}_proj"))
+        a, b = whitened_lowrank(lin.weight.data.float(), xtx_attn, r)
+        bias = lin.bias.data.clone() if lin.bias is not None else None
+        out[getattr(adapter, f"{p}_proj")] = LowRankLinear.from_factors(a, b, bias)
+    return out
+
+
+def _unit_weight_and_xtx(unit: UnitPlan, layer, lowrank: dict, moments: dict):
+    """The matrix a unit stores, and the XᵀX of its input."""
+    if unit.group == "factor_up":
+        lr = lowrank[unit.name.rsplit(".", 1)[0]]
+        return lr.up.weight.data, factor_input_xtx(lr.down.weight.data, moments["attn_in"])
+    if unit.name.endswith(".down") and unit.name.rsplit(".", 1)[0] in lowrank:
+        return lowrank[unit.name.rsplit(".", 1)[0]].down.weight.data, moments["attn_in"]
+    return layer.get_submodule(unit.name).weight.data, moments[unit.group]
+
+
+def _weighted_distortion(delta, xtx, fisher, lift=None) -> float:
+    """Σ_o F_o (Δ H Δᵀ)_oo; `lift` maps a factor's output error onto the projection's output."""
+    per_row_cross = delta.double() @ xtx.double()
+    if lift is not None:
+        lifted = lift.double() @ delta.double()
+        per_row = ((lift.double() @ per_row_cross) * lifted).sum(1)
+    else:
+        per_row = (per_row_cross * delta.double()).sum(1)
+    w = fisher.double() if fisher is not None else torch.ones_like(per_row)
+    return float((w * per_row).sum())
+
+
+def measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer, fisher, progress) -> None:
+    """Quantize every unit at every candidate on the original inputs; distortion = Fisher-weighted loss."""
+    layers = adapter.decoder_layers(model)
+    by_layer: dict[int, list[UnitPlan]] = {}
+    for u in units:
+        by_layer.setdefault(u.layer, []).append(u)
+    for i in tqdm(sorted(by_layer), desc="measure", disable=not progress):
+        layer = layers[i]
+        moments = analysis[i]["moments"]
+        lowrank = _factorise(layer, adapter, ranks[i], moments["attn_in"].double())
+        for u in by_layer[i]:
+            w, xtx = _unit_weight_and_xtx(u, layer, lowrank, moments)
+            base = u.name.rsplit(".", 1)[0] if u.kind.endswith("_factor") else u.name
+            f = fisher.get(f"{adapter.layers}.{i}.{base}") if fisher else None
+            lift = lowrank[base].up.weight.data if u.name.endswith(".down") and base in lowrank else None
+            u.distortion = {}
+            for spec in specs:
+                _, wq = quantizer.quantize(w.float(), xtx.float(), spec)
+                u.distortion[spec.label()] = _weighted_distortion(wq - w.float(), xtx, f, lift)
+
+
+def allocate(units, specs, config, num_layers) -> dict[str, QuantSpec]:
+    """Map each unit to a candidate spec under the bit budget."""
+    by_label = {s.label(): s for s in specs}
+    if config.allocation == "uniform":
+        spec = QuantSpec(int(config.bits), config.group_size, config.sym)
+        return {f"{u.layer}:{u.name}": spec for u in units}
+    a_units = [
+        alloc.Unit(
+            name=f"{u.layer}:{u.name}", num_weights=u.num_weights,
+            cost_bits={s.label(): storage_bits(s, u.out_features, u.in_features) for s in specs},
+            distortion=getattr(u, "distortion", {}) or {}, layer_index=u.layer, kind=u.kind,
+        )
+        for u in units
+    ]
+    try:
+        if config.allocation == "paper":
+            result = alloc.allocate_paper(a_units, config.bits, num_layers)
+        else:
+            result = alloc.allocate_rd(a_units, config.bits, solver="best")
+    except alloc.InfeasibleBudget as e:
+        raise CaspError(str(e)) from None
+    return {name: by_label[key] for name, key in result.choice.items()}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def compress(model: str | Path | None = None, out: str | Path | None = None, config: CompressionConfig | None = None,
+             *, overwrite: bool = False, progress: bool = True) -> CompressionResult:
+    """Compress a model with CASP; write it to `out` when given. Returns the in-memory model and report."""
+    config = (config or CompressionConfig()).validate()
+    if out is not None:
+        from .storage import check_output_dir
+
+        check_output_dir(Path(out), overwrite)
+    torch.manual_seed(config.seed)
+    t_start = time.time()
+    source = resolve_model_path(model)
+    if is_compressed(source):
+        raise CaspError(f"{source} is already compressed by casp; compress the original model")
+    model = load_model(source)
+    processor = load_processor(source)
+    adapter = adapter_for(model)
+    quantizer = quantizer_for(config)
+    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
+                                seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
+    layers = adapter.decoder_layers(model)
+    geometry = adapter.attention_geometry(model)
+    specs = candidate_specs(config)
+    measure = quantizer is not None and config.allocation == "rd"
+
+    fisher = None
+    if measure:
+        from .sensitivity import output_fisher
+
+        fisher = output_fisher(model, adapter, batches, progress)
+    analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
+    ranks = choose_ranks(model, adapter, analysis, config)
+    units = plan_units(model, adapter, ranks)
+    if measure:
+        measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer, fisher, progress)
+    for a in analysis:
+        a["moments"] = None
+    plan = allocate(units, specs, config, len(layers)) if quantizer is not None else {}
+
+    inputs = capture_layer0_inputs(model, adapter, batches)
+    layer_reports = []
+    for i, layer in enumerate(tqdm(layers, desc="compress", disable=not progress)):
+        t_layer = time.time()
+        layer.to(config.device)
+        moments, attn_inputs = SecondMoments(), []
+        with record_second_moments(layer, adapter.linears, moments), record_attention_inputs(layer, adapter, attn_inputs):
+            run_layer(layer, inputs, config.device)
+        xtx = {k: v.to(config.device) for k, v in moments.xtx.items()}
+        lowrank = _factorise(layer, adapter, ranks[i], xtx["attn_in"])
+        qk_pair = None
+        if lowrank:
+            qk_pair = tuple(lowrank.get(getattr(adapter, f"{p}_proj"), layer.get_submodule(getattr(adapter, f"{p}_proj"))) for p in QK)
+        stats: LayerAttentionStats = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass, qk_pair)
+        for name, module in lowrank.items():
+            layer.set_submodule(name, module)
+        unit_rows = []
+        for u in (u for u in units if u.layer == i):
+            w, h = _unit_weight_and_xtx(u, layer, lowrank, xtx)
+            target = layer.get_submodule(u.name)
+            bias = target.bias.data.clone() if target.bias is not None else None
+            if quantizer is None:
+                unit_rows.append({"name": f"{adapter.layers}.{i}.{u.name}", "bits": 16, "group_size": None,
+                                  "stored_bits": w.numel() * FP16_BITS, "num_weights": u.num_weights})
+                continue
+            spec = plan[f"{i}:{u.name}"]
+            qw, _ = quantizer.quantize(w.float(), h.float(), spec)
+            layer.set_submodule(u.name, PackedLinear.from_quantized(qw, bias))
+            unit_rows.append({
+                "name": f"{adapter.layers}.{i}.{u.name}", "bits": spec.bits, "group_size": spec.group_size,
+                "sym": spec.sym, "stored_bits": qw.stored_bits(), "num_weights": u.num_weights,
+                "bits_per_weight": qw.stored_bits() / max(u.num_weights, 1),
+                "distortion": getattr(u, "distortion", {}).get(spec.label()) if getattr(u, "distortion", None) else None,
+            })
+        inputs.hidden = run_layer(layer, inputs, config.device)
+        layer.to("cpu")
+        layer_reports.append({
+            "index": i,
+            "rank_q": ranks[i].get("q", 0),
+            "rank_k": ranks[i].get("k", 0),
+            "density_per_head": stats.density,
+            "density": stats.mean_density,
+            "attn_map_mse": stats.map_mse,
+            "attn_row_l1": stats.row_l1,
+            "attn_bound_l1": stats.bound_l1,
+            "units": unit_rows,
+            "seconds": time.time() - t_layer,
+        })
+
+    from .report import build_report
+
+    report = build_report(
+        config=config, source=source, adapter=adapter, model=model, layer_reports=layer_reports,
+        seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(config.device),
+        calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
+    )
+    result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
+    if out is not None:
+        from .storage import save_compressed
+
+        result.out = save_compressed(result, Path(out), overwrite=overwrite)
+    return result

@@ -1,0 +1,222 @@
+"""Save and load compressed models in Hugging Face conventions, atomically, without pickle.
+
+OUT/config.json carries `quantization_config` (quant_method "casp") listing every replaced
+module: low-rank Q/K (`{"type": "lowrank", "rank": r}`) and packed matrices (the quantizer's
+metadata). Weights are safetensors; dense parts are stored in fp16 and the in-memory model
+is rounded through fp16 before saving, so a reload gives identical logits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CaspError
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "casp"
+FORMAT_VERSION = 1
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja", "processor_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CaspError(f"output {str(out)!r} already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise CaspError(f"output {str(out)!r} exists and is not a directory")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise CaspError(f"the parent directory of {str(out)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CaspError(f"cannot write into {str(parent)!r}")
+
+
+def module_specs(model: nn.Module) -> dict[str, dict]:
+    """Every casp module in the model, as JSON: what `load_compressed` must rebuild before loading weights."""
+    from .lowrank import LowRankLinear
+    from .packed_linear import PackedLinear
+
+    specs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            specs[name] = {"type": "lowrank", "rank": module.rank, "in_features": module.in_features,
+                           "out_features": module.out_features, "bias": module.up.bias is not None}
+        elif isinstance(module, PackedLinear):
+            specs[name] = {"type": "packed", "bias": module.bias is not None, **module.meta}
+    return specs
+
+
+def install_modules(model: nn.Module, specs: dict[str, dict]) -> None:
+    """Replace dense linears by empty casp modules of the recorded shapes (parents before children)."""
+    from .lowrank import LowRankLinear
+    from .packed_linear import PackedLinear
+
+    for name in sorted(specs, key=lambda n: n.count(".")):
+        spec = specs[name]
+        if spec["type"] == "lowrank":
+            module = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"])
+        elif spec["type"] == "packed":
+            meta = {k: v for k, v in spec.items() if k not in ("type", "bias")}
+            module = PackedLinear.from_meta(meta, has_bias=spec["bias"], dtype=torch.float32)
+        else:
+            raise CaspError(f"unknown casp module type {spec['type']!r} for {name}")
+        model.set_submodule(name, module)
+
+
+def round_through_fp16(model: nn.Module) -> None:
+    """Make in-memory float tensors equal to what fp16 storage will give back."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dtype == torch.float32:
+                t.copy_(t.half().float())
+
+
+def _storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, v in model.state_dict().items():
+        sd[k] = v.half() if v.is_floating_point() and v.dtype != torch.float16 else v
+    return sd
+
+
+def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
+    """Write model, processor files, report and plots into a temp dir beside OUT, then rename it into place."""
+    from .report import write_report
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    model = result.model
+    round_through_fp16(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        qcfg = {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "modules": module_specs(model),
+            "average_bits": result.report["average_bits"],
+            "target_bits": result.config.bits,
+            "quantizer": result.config.quantizer,
+            "qk_rank": result.config.qk_rank,
+            "layers": [{k: v for k, v in u.items() if k in ("name", "bits", "group_size", "sym", "rank")}
+                       for u in result.report["layers"]],
+        }
+        model.config.quantization_config = qcfg
+        try:
+            model.save_pretrained(tmp, state_dict=_storage_state_dict(model), safe_serialization=True,
+                                  max_shard_size="2GB")
+        finally:
+            del model.config.quantization_config
+        for fname in PROCESSOR_FILES:
+            src = Path(result.source) / fname
+            if src.is_file() and not (tmp / fname).exists():
+                shutil.copy2(src, tmp / fname)
+        result.report["stored_bytes_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        write_report(result.report, tmp)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            out.rename(trash / out.name)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CaspError(f"{str(path)!r} holds no .safetensors weights")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise CaspError(f"corrupt safetensors file {str(f)!r}: {e}") from None
+    return sd
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a casp-compressed model from OUT: config -> empty model -> casp modules -> weights."""
+    import transformers
+
+    from .modelio import architecture_of, read_config
+
+    path = Path(path)
+    cfg_dict = read_config(path)
+    qcfg = cfg_dict.get("quantization_config") or {}
+    if qcfg.get("quant_method") != QUANT_METHOD:
+        raise CaspError(f"{str(path)!r} is not a casp-compressed model")
+    cls = getattr(transformers, architecture_of(path))
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = cls._from_config(config, dtype=dtype)
+    install_modules(model, qcfg["modules"])
+    sd = _read_state_dict(path)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                                                strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise CaspError(f"weights in {str(path)!r} do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write a plain fp16 checkpoint: low-rank factors multiplied back and packed weights dequantized."""
+    from .lowrank import LowRankLinear
+    from .modelio import load_processor  # noqa: F401  (processor files are copied verbatim)
+    from .packed_linear import PackedLinear
+
+    src, dst = Path(src), Path(dst)
+    check_output_dir(dst, overwrite)
+    model = load_compressed(src)
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LowRankLinear):
+                up, down = module.up, module.down
+                w_up = up.dequantized_weight() if isinstance(up, PackedLinear) else up.weight
+                w_down = down.dequantized_weight() if isinstance(down, PackedLinear) else down.weight
+                lin = nn.Linear(module.in_features, module.out_features, bias=up.bias is not None)
+                lin.weight.copy_(w_up.float() @ w_down.float())
+                if up.bias is not None:
+                    lin.bias.copy_(up.bias)
+                model.set_submodule(name, lin)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, PackedLinear):
+                lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                lin.weight.copy_(module.dequantized_weight().float())
+                if module.bias is not None:
+                    lin.bias.copy_(module.bias)
+                model.set_submodule(name, lin)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
+    try:
+        model.half().save_pretrained(tmp, safe_serialization=True)
+        for fname in PROCESSOR_FILES:
+            if (src / fname).is_file() and not (tmp / fname).exists():
+                shutil.copy2(src / fname, tmp / fname)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
