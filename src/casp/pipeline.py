@@ -328,3 +328,47 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
 
         result.out = save_compressed(result, Path(out), overwrite=overwrite)
     return result
+
+
+def measure_sparsity(model: str | Path | None = None, config: CompressionConfig | None = None,
+                     progress: bool = True) -> dict:
+    """`casp sparsity`: per layer and head, attention density; with a rank ratio, low-rank error and our bound."""
+    config = (config or CompressionConfig()).validate()
+    torch.manual_seed(config.seed)
+    source = resolve_model_path(model)
+    model = load_model(source)
+    processor = load_processor(source)
+    adapter = adapter_for(model)
+    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
+                                seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
+    geometry = adapter.attention_geometry(model)
+    analysis = analyse(model, adapter, batches, config, keep_moments=False, progress=progress) if config.qk_rank == "auto" else None
+    ranks = choose_ranks(model, adapter, analysis, config) if config.qk_rank and config.qk_rank != 0 else None
+    inputs = capture_layer0_inputs(model, adapter, batches)
+    layers = []
+    for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="sparsity", disable=not progress)):
+        moments, attn_inputs = SecondMoments(), []
+        with record_second_moments(layer, {"attn_in": adapter.linears["attn_in"]}, moments), \
+                record_attention_inputs(layer, adapter, attn_inputs):
+            outs = run_layer(layer, inputs, config.device)
+        pair = None
+        if ranks:
+            lowrank = _factorise(layer, adapter, ranks[i], moments.xtx["attn_in"])
+            pair = tuple(lowrank.get(getattr(adapter, f"{p}_proj"), layer.get_submodule(getattr(adapter, f"{p}_proj")))
+                         for p in QK)
+        s = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass, pair)
+        layers.append({"index": i, "density": s.mean_density, "density_per_head": s.density,
+                       "rank_q": ranks[i]["q"] if ranks else 0, "rank_k": ranks[i]["k"] if ranks else 0,
+                       "attn_map_mse": s.map_mse, "attn_row_l1": s.row_l1, "attn_bound_l1": s.bound_l1})
+        inputs.hidden = outs
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    return {
+        "model": str(source),
+        "definition": f"per head and query row, the fraction of visible keys holding {config.density_mass:.0%} "
+                      "of the attention mass, averaged over rows",
+        "mass": config.density_mass,
+        "qk_rank": config.qk_rank,
+        "calibration_tokens": tokens,
+        "mean_density": sum(lr["density"] for lr in layers) / len(layers),
+        "layers": layers,
+    }

@@ -1,0 +1,239 @@
+"""The `casp` command: compress, eval, sparsity, demo, info, export-dense.
+
+Logs go to stderr; `--json` prints machine-readable results on stdout. A user mistake is
+one line on stderr and exit status 2, never a traceback (`--debug` shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import CaspError
+
+log = logging.getLogger("casp")
+
+
+def _ratio_or_auto(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1] or 'auto', got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1], got {v}")
+    return v
+
+
+def _layer_ratio(text: str):
+    try:
+        layer, ratio = text.split("=")
+        return int(layer), float(ratio)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER=RATIO, got {text!r}") from None
+
+
+def _int_list(text: str):
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, everything else)")
+    p.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration samples (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per text calibration sample (default 512)")
+    p.add_argument("--calib-jsonl", help='JSONL of {"image","text"} or {"image","question","answer"} records')
+    p.add_argument("--calib-text", help="plain text file for text-only calibration")
+    p.add_argument("--density-mass", type=float, default=0.9, help="attention mass that defines density (default 0.9)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="casp", description="CASP compression of multimodal models and LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model (default: the embedded model)")
+    c.add_argument("model", nargs="?", help="local HF model directory or built-in name (default: embedded model)")
+    c.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--bits", type=float, default=2.0, help="target average bits per original weight (default 2.0)")
+    c.add_argument("--quantizer", default="gptq", help="gptq, rtn or none (default gptq)")
+    c.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
+                   help="fraction of W_q/W_k parameters kept by the low-rank step; 0 disables; 'auto' (default 0.25)")
+    c.add_argument("--qk-rank-layer", type=_layer_ratio, action="append", default=[], metavar="LAYER=RATIO",
+                   help="per-layer override of --qk-rank (repeatable)")
+    c.add_argument("--allocation", default="rd", choices=["rd", "paper", "uniform"],
+                   help="bit allocation: rate-distortion (default), the paper's rule, or uniform int(--bits)")
+    c.add_argument("--candidate-bits", type=_int_list, default=(2, 3, 4), help="bit-widths to allocate from (default 2,3,4)")
+    c.add_argument("--candidate-group-sizes", type=_int_list, default=(128, -1),
+                   help="group sizes to allocate from, -1 = per channel (default 128,-1)")
+    c.add_argument("--group-size", type=int, default=128, help="group size for --allocation uniform (default 128)")
+    c.add_argument("--sym", action="store_true", help="symmetric quantization grid")
+    c.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    c.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    c.add_argument("--device", default="cpu", help="device for the layer being compressed (default cpu)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _calib(c)
+    _common(c)
+
+    e = sub.add_parser("eval", help="evaluate a model (dense or compressed)")
+    e.add_argument("model", nargs="?", help="model directory or built-in name (default: embedded model)")
+    e.add_argument("--reference", help="reference model for KL (default: the uncompressed original when known)")
+    e.add_argument("--vqa-jsonl", help='local VQA file of {"image","question","answer"} records')
+    e.add_argument("--text", help="text file for token perplexity")
+    e.add_argument("--context-length", type=int, default=2048, help="perplexity window (default 2048 or model max)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    _common(e)
+
+    s = sub.add_parser("sparsity", help="attention density per layer and head")
+    s.add_argument("model", nargs="?", help="model directory or built-in name (default: embedded model)")
+    s.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
+                   help="also measure the attention-map error of low-rank Q/K at this ratio and our bound (0: skip)")
+    _calib(s)
+    _common(s)
+
+    d = sub.add_parser("demo", help="the main job end to end on the embedded model")
+    d.add_argument("-o", "--out", default="casp-demo", help="output directory for report and plots")
+    d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    _common(d)
+
+    i = sub.add_parser("info", help="versions, supported families, built-in models; or describe a model")
+    i.add_argument("model", nargs="?", help="model directory or built-in name")
+    _common(i)
+
+    x = sub.add_parser("export-dense", help="write a plain fp16 checkpoint from a compressed one")
+    x.add_argument("src", help="casp-compressed model directory")
+    x.add_argument("dst", help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _common(x)
+    return parser
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def cmd_compress(args) -> None:
+    from .config import CompressionConfig
+    from .pipeline import compress
+
+    cfg = CompressionConfig(
+        bits=args.bits, quantizer=args.quantizer, qk_rank=args.qk_rank, qk_rank_overrides=dict(args.qk_rank_layer),
+        allocation=args.allocation, candidate_bits=args.candidate_bits, candidate_group_sizes=args.candidate_group_sizes,
+        group_size=args.group_size, sym=args.sym, damp=args.damp, act_order=not args.no_act_order,
+        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
+        calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,
+    )
+    if cfg.quantizer not in ("none",):
+        from .quant.base import available_quantizers
+
+        if cfg.quantizer not in available_quantizers():
+            raise CaspError(f"unknown --quantizer {cfg.quantizer!r}; choose from none, {', '.join(available_quantizers())}")
+    result = compress(args.model, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    r = result.report
+    summary = {k: r[k] for k in ("average_bits", "stored_bytes", "original_weights", "seconds", "peak_rss_mb")}
+    summary["out"] = str(result.out)
+    _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight, "
+          f"{r['stored_bytes'] / 2**20:.3f} MiB stored, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+
+    res = evaluate(args.model, reference=args.reference, vqa_jsonl=args.vqa_jsonl, text=args.text,
+                   context_length=args.context_length, limit=args.limit, progress=not args.quiet)
+    lines = []
+    if "vqa_accuracy" in res:
+        lines.append(f"VQA exact-match accuracy: {res['vqa_accuracy']:.4f} ({res.get('n', '?')} questions)")
+        for t, a in sorted(res.get("per_type", {}).items()):
+            lines.append(f"  {t:10s} {a:.4f}")
+    if res.get("caption_ppl") is not None:
+        lines.append(f"caption perplexity (token-level): {res['caption_ppl']:.4f}")
+    if res.get("kl_vs_reference") is not None:
+        lines.append(f"mean KL(reference || model) of next-token distributions: {res['kl_vs_reference']:.5f}")
+    if "text_ppl" in res:
+        lines.append(f"text perplexity (token-level, non-overlapping windows of {res['context_length']} tokens, "
+                     f"{res['tokens']} predicted tokens): {res['text_ppl']:.4f}")
+    _emit(args, res, "\n".join(lines))
+
+
+def cmd_sparsity(args) -> None:
+    from .config import CompressionConfig
+    from .pipeline import measure_sparsity
+
+    cfg = CompressionConfig(qk_rank=args.qk_rank, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                            calib_jsonl=args.calib_jsonl, calib_text=args.calib_text, density_mass=args.density_mass,
+                            seed=args.seed)
+    res = measure_sparsity(args.model, cfg, progress=not args.quiet)
+    lines = [f"attention density ({res['definition']})", "",
+             "layer  mean    per head" + ("                         rank  map-MSE   row-L1   bound-L1" if res["qk_rank"] else "")]
+    for lr in res["layers"]:
+        heads = " ".join(f"{d:.2f}" for d in lr["density_per_head"])
+        tail = ""
+        if lr.get("attn_row_l1") is not None:
+            tail = f"   {lr['rank_q']:4d}  {lr['attn_map_mse']:.2e}  {lr['attn_row_l1']:.4f}  {lr['attn_bound_l1']:.4f}"
+        lines.append(f"{lr['index']:5d}  {lr['density']:.3f}   {heads}{tail}")
+    lines.append(f"\nmodel mean density: {res['mean_density']:.3f}")
+    _emit(args, res, "\n".join(lines))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    res = run_demo(args.out, seed=args.seed, progress=not args.quiet)
+    _emit(args, res, res["table"])
+
+
+def cmd_info(args) -> None:
+    from .info import describe
+
+    res = describe(args.model)
+    _emit(args, res, "\n".join(f"{k}: {v}" for k, v in res.items()))
+
+
+def cmd_export_dense(args) -> None:
+    from .storage import export_dense
+
+    out = export_dense(args.src, args.dst, overwrite=args.overwrite)
+    _emit(args, {"out": str(out)}, f"wrote dense fp16 checkpoint {out}")
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "sparsity": cmd_sparsity, "demo": cmd_demo,
+            "info": cmd_info, "export-dense": cmd_export_dense}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not args.debug else logging.INFO)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        COMMANDS[args.command](args)
+    except CaspError as e:
+        if args.debug:
+            raise
+        print(f"casp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("casp: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

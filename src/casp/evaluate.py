@@ -1,0 +1,104 @@
+"""`casp eval`: VQA accuracy, caption perplexity, KL vs a reference, and text perplexity."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .adapters import adapter_for
+from .errors import CaspError
+from .modelio import is_compressed, load_model, load_processor, resolve_model_path, tokenizer_of
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_TEST_SCENES = 250       # about 1,200 test questions
+EMBEDDED_CAPTION_SCENES = 200
+EMBEDDED_KL_RECORDS = 300
+
+
+def default_reference(path: Path) -> Path | None:
+    """The uncompressed original of a casp output (from its report), when it is still there."""
+    if not is_compressed(path):
+        return None
+    report = Path(path) / "report.json"
+    try:
+        src = Path(json.loads(report.read_text())["source"])
+    except (OSError, KeyError, ValueError):
+        return None
+    return src if (src / "config.json").is_file() else None
+
+
+def _is_embedded(path: Path) -> bool:
+    from .embedded import EMBEDDED_MODEL_DIR
+
+    if Path(path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve():
+        return True
+    ref = default_reference(path)
+    return ref is not None and ref.resolve() == Path(EMBEDDED_MODEL_DIR).resolve()
+
+
+def embedded_eval_records(limit: int | None = None):
+    from .embedded.scenes import generate_caption_records, generate_records
+
+    vqa = generate_records("test", EMBEDDED_TEST_SCENES)
+    captions = generate_caption_records("test", EMBEDDED_CAPTION_SCENES)
+    if limit:
+        vqa, captions = vqa[:limit], captions[: max(1, limit // 5)]
+    return vqa, captions
+
+
+def evaluate_vlm(model, processor, *, reference=None, vqa_records, caption_records=None, kl_records=None,
+                 progress=True) -> dict:
+    from .eval.vqa import caption_perplexity, kl_vs_reference, vqa_accuracy
+
+    res = vqa_accuracy(model, processor, vqa_records, progress=progress)
+    res["caption_ppl"] = caption_perplexity(model, processor, caption_records, progress=progress) if caption_records else None
+    res["kl_vs_reference"] = (
+        kl_vs_reference(model, reference, processor, kl_records or vqa_records[:EMBEDDED_KL_RECORDS], progress=progress)
+        if reference is not None else None
+    )
+    return res
+
+
+def evaluate(model=None, *, reference=None, vqa_jsonl=None, text=None, context_length=2048, limit=None,
+             progress=True) -> dict:
+    path = resolve_model_path(model)
+    m = load_model(path)
+    processor = load_processor(path)
+    adapter = adapter_for(m)
+    if context_length < 2:
+        raise CaspError(f"--context-length must be >= 2, got {context_length}")
+    if limit is not None and limit < 1:
+        raise CaspError(f"--limit must be >= 1, got {limit}")
+    ref_path = resolve_model_path(reference) if reference else default_reference(path)
+    res: dict = {"model": str(path), "reference": str(ref_path) if ref_path else None}
+    if text or not adapter.is_multimodal:
+        from .eval.text_ppl import text_perplexity
+        from .textdata import evaluation_text, read_text_file
+
+        try:
+            body = read_text_file(text) if text else evaluation_text()
+        except ValueError as e:
+            raise CaspError(str(e)) from None
+        res.update(text_perplexity(m, tokenizer_of(processor), body, context_length=context_length, progress=progress))
+        res["text_source"] = text or "casp built-in evaluation text"
+    if adapter.is_multimodal and (vqa_jsonl or not text):
+        reference_model = load_model(ref_path) if ref_path else None
+        if vqa_jsonl:
+            from .eval.vqa import load_vqa_jsonl
+
+            try:
+                vqa = load_vqa_jsonl(vqa_jsonl)
+            except (ValueError, OSError) as e:
+                raise CaspError(str(e)) from None
+            if not vqa:
+                raise CaspError(f"{vqa_jsonl} holds no questions")
+            captions = None
+            vqa = vqa[:limit] if limit else vqa
+        elif _is_embedded(path):
+            vqa, captions = embedded_eval_records(limit)
+        else:
+            raise CaspError("this model is multimodal: give --vqa-jsonl FILE (and/or --text FILE)")
+        res.update(evaluate_vlm(m, processor, reference=reference_model, vqa_records=vqa, caption_records=captions,
+                                progress=progress))
+    return res
