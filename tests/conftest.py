@@ -1,7 +1,58 @@
+import json
 import os
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaVA in HF layout with the embedded tokenizer/processor (hidden 64, 2 layers)."""
+    from casp.embedded.build import build_config, build_model, build_processor
+
+    out = tmp_path_factory.mktemp("tiny_llava")
+    torch.manual_seed(0)
+    cfg = build_config(vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2,
+                       lm_hidden=128, lm_intermediate=192, lm_layers=2, lm_heads=4, lm_kv_heads=2)
+    build_model(cfg).save_pretrained(out)
+    build_processor().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama causal LM with the embedded word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from casp.embedded.tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def scene_text(tmp_path_factory) -> Path:
+    """A text file in the tiny tokenizer's vocabulary (captions of training scenes)."""
+    from casp.embedded.scenes import iter_scenes
+
+    path = tmp_path_factory.mktemp("text") / "captions.txt"
+    path.write_text("\n".join(s.caption for s in iter_scenes("train", 300)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def scene_jsonl(tmp_path_factory) -> Path:
+    from casp.embedded.scenes import write_jsonl
+
+    return write_jsonl("validation", 8, tmp_path_factory.mktemp("jsonl"))

@@ -57,9 +57,16 @@ def _calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density-mass", type=float, default=0.9, help="attention mass that defines density (default 0.9)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="casp", description="CASP compression of multimodal models and LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="casp", description="CASP compression of multimodal models and LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="compress a model (default: the embedded model)")
     c.add_argument("model", nargs="?", help="local HF model directory or built-in name (default: embedded model)")

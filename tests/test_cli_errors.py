@@ -1,0 +1,106 @@
+"""Every user mistake is one line on stderr, exit status 2, no traceback, no partial output."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "casp", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def _no_leftovers(parent: Path, name: str):
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp")]
+
+
+def test_nonexistent_model_dir(tmp_path):
+    p = run_cli("compress", tmp_path / "nope", "-o", tmp_path / "out")
+    assert_one_line_error(p, "does not exist")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_missing_config_json(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_one_line_error(run_cli("eval", tmp_path / "m"), "config.json")
+
+
+def test_unreadable_config_json(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    assert_one_line_error(run_cli("info", tmp_path / "m"), "cannot read")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert_one_line_error(run_cli("compress", tmp_path / "m", "-o", tmp_path / "out"), "unsupported architecture",
+                          "LlavaForConditionalGeneration")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_corrupt_safetensors(tmp_path, tiny_llama_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    assert_one_line_error(run_cli("compress", bad, "-o", tmp_path / "out"), str(bad))
+    _no_leftovers(tmp_path, "out")
+
+
+def test_empty_calibration_text(tmp_path, tiny_llama_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", "--calib-text", empty)
+    assert_one_line_error(p)
+    assert "empty" in p.stderr.lower()
+    _no_leftovers(tmp_path, "out")
+
+
+def test_unreadable_image(tmp_path, tiny_llava_dir):
+    bad = tmp_path / "calib.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    bad.write_text(json.dumps({"image": "broken.png", "question": "what color is the square ?", "answer": "red"}) + "\n")
+    p = run_cli("compress", tiny_llava_dir, "-o", tmp_path / "out", "--calib-jsonl", bad)
+    assert_one_line_error(p, "broken.png")
+    _no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--bits", "-1"], "--bits"),
+    (["--qk-rank", "1.5"], "ratio"),
+    (["--qk-rank", "lots"], "ratio"),
+    (["--calib-samples", "0"], "--calib-samples"),
+    (["--candidate-bits", "5"], "bit-widths"),
+    (["--quantizer", "magic"], "--quantizer"),
+])
+def test_nonsensical_options(tmp_path, tiny_llama_dir, args, fragment):
+    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", *args)
+    assert_one_line_error(p, fragment)
+    _no_leftovers(tmp_path, "out")
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_llama_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out")
+    assert_one_line_error(p, "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+def test_debug_shows_traceback(tmp_path):
+    p = run_cli("compress", tmp_path / "nope", "-o", tmp_path / "out", "--debug")
+    assert p.returncode != 0 and "Traceback" in p.stderr
