@@ -311,6 +311,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
             "attn_map_mse": stats.map_mse,
             "attn_row_l1": stats.row_l1,
             "attn_bound_l1": stats.bound_l1,
+            "attn_map_mse_bound": stats.map_mse_bound,
             "units": unit_rows,
             "seconds": time.time() - t_layer,
         })
@@ -359,7 +360,8 @@ def measure_sparsity(model: str | Path | None = None, config: CompressionConfig 
         s = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass, pair)
         layers.append({"index": i, "density": s.mean_density, "density_per_head": s.density,
                        "rank_q": ranks[i]["q"] if ranks else 0, "rank_k": ranks[i]["k"] if ranks else 0,
-                       "attn_map_mse": s.map_mse, "attn_row_l1": s.row_l1, "attn_bound_l1": s.bound_l1})
+                       "attn_map_mse": s.map_mse, "attn_row_l1": s.row_l1, "attn_bound_l1": s.bound_l1,
+                       "attn_map_mse_bound": s.map_mse_bound})
         inputs.hidden = outs
     tokens = sum(b["input_ids"].numel() for b in batches)
     return {

@@ -19,6 +19,7 @@ from .adapters import Adapter
 class LayerAttentionStats:
     density: list[float]                 # per head
     map_mse: float | None = None         # MSE(S - S') after low-rank Q/K
+    map_mse_bound: float | None = None   # our bound on that MSE
     row_l1: float | None = None          # mean row L1 error
     bound_l1: float | None = None        # our bound on the mean row L1 error
     extra: dict = field(default_factory=dict)
@@ -51,24 +52,17 @@ def layer_attention_stats(
     attention = layer.get_submodule(adapter.attention)
     q_mod = layer.get_submodule(adapter.q_proj)
     k_mod = layer.get_submodule(adapter.k_proj)
-    acc = attn_math.DensityAccumulator(mass=mass)
-    mse_sum = l1_sum = bound_sum = 0.0
-    rows = 0
+    if lowrank is None:
+        acc = attn_math.DensityAccumulator(mass=mass)
+        for x, pos in attn_inputs:
+            q, k = _qk(x.float(), q_mod, k_mod, attention, adapter, geometry, pos)
+            acc.add(0, attn_math.attention_probs(q, k))
+        return LayerAttentionStats(density=acc.head_density(0).tolist())
+    total = attn_math.AttentionErrorStats()
     for x, pos in attn_inputs:
         q, k = _qk(x.float(), q_mod, k_mod, attention, adapter, geometry, pos)
-        p = attn_math.attention_probs(q, k)
-        acc.add(p)
-        if lowrank is not None:
-            q2, k2 = _qk(x.float(), lowrank[0], lowrank[1], attention, adapter, geometry, pos)
-            p2 = attn_math.attention_probs(q2, k2)
-            n = p.shape[0] * p.shape[1] * p.shape[2]
-            mse_sum += attn_math.attention_map_error(p, p2) * n
-            l1_sum += attn_math.row_l1_error(p, p2) * n
-            bound_sum += attn_math.layer_bound(q, k, q2, k2) * n
-            rows += n
-    stats = LayerAttentionStats(density=[float(v) for v in acc.result()])
-    if lowrank is not None and rows:
-        stats.map_mse = mse_sum / rows
-        stats.row_l1 = l1_sum / rows
-        stats.bound_l1 = bound_sum / rows
-    return stats
+        q2, k2 = _qk(x.float(), lowrank[0], lowrank[1], attention, adapter, geometry, pos)
+        total = total + attn_math.attention_error_stats(q, k, q2, k2, mass=mass)
+    return LayerAttentionStats(density=total.head_density().tolist(), map_mse=total.mse,
+                               map_mse_bound=total.mse_bound, row_l1=total.mean_row_l1,
+                               bound_l1=total.mean_row_l1_bound)
