@@ -1,0 +1,127 @@
+"""`PackedLinear`: a drop-in for `nn.Linear` that keeps only the stored (packed) tensors.
+
+The buffers are exactly `QuantizedWeight.tensors` (same names), so a state dict of a compressed
+model holds the packed form. `forward` rebuilds the weight with torch ops on the buffers' device
+and calls `F.linear` in the input dtype; nothing is cached unless `cache_dequantized` is set.
+
+Extension point for fused kernels: `register_matmul_kernel(format, device_type, fn)`. Before the
+generic path, `forward` offers the call to the kernel registered for (meta["format"], x.device.type);
+`fn(module, x)` returns the output, or None to decline (unsupported shape, dtype or batch), in
+which case the generic dequantize + F.linear path runs. A batch-1 dequantize-matmul (e.g. Triton
+on CUDA) plugs in here without touching this module.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from casp.quant.base import QuantizedWeight, get_format
+
+MatmulKernel = Callable[["PackedLinear", torch.Tensor], "torch.Tensor | None"]
+_KERNELS: dict[tuple[str, str], MatmulKernel] = {}
+
+
+def register_matmul_kernel(fmt: str, device_type: str, fn: MatmulKernel) -> None:
+    """Use `fn(module, x)` for layers of format `fmt` on inputs on `device_type` ("cuda", "cpu")."""
+    _KERNELS[(fmt, device_type)] = fn
+
+
+def unregister_matmul_kernel(fmt: str, device_type: str) -> None:
+    _KERNELS.pop((fmt, device_type), None)
+
+
+class PackedLinear(nn.Module):
+    """Linear layer whose weight lives in a packed quantized format (any registered format)."""
+
+    def __init__(
+        self,
+        meta: dict,
+        tensors: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        cache_dequantized: bool = False,
+    ):
+        super().__init__()
+        self.meta = dict(meta)
+        self.in_features = int(meta["in_features"])
+        self.out_features = int(meta["out_features"])
+        self._tensor_names = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias shape {tuple(bias.shape)} != ({self.out_features},)")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.cache_dequantized = cache_dequantized
+        self._cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, cache_dequantized: bool = False
+    ) -> PackedLinear:
+        """Wrap a quantizer's output (tensors are shared, not copied)."""
+        return cls(qw.meta, qw.tensors, bias=bias, cache_dequantized=cache_dequantized)
+
+    @classmethod
+    def from_meta(
+        cls, meta: dict, has_bias: bool = False, dtype: torch.dtype = torch.float32
+    ) -> PackedLinear:
+        """Empty module of the right buffer shapes (bias in `dtype`), to `load_state_dict` into."""
+        tensors = get_format(meta["format"]).empty_tensors(meta)
+        bias = torch.zeros(int(meta["out_features"]), dtype=dtype) if has_bias else None
+        return cls(meta, tensors, bias=bias)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The stored form as a `QuantizedWeight` (shares the buffers)."""
+        return QuantizedWeight({n: getattr(self, n) for n in self._tensor_names}, dict(self.meta))
+
+    def stored_bits(self) -> int:
+        """Bits of the stored weight tensors (bias not included), as `QuantizedWeight.stored_bits`."""
+        return self.quantized_weight().stored_bits()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight (out, in) rebuilt from the buffers, on their device."""
+        return self.quantized_weight().dequantize()
+
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        cache = self._cache
+        if cache is not None and cache.dtype == dtype:
+            return cache
+        w = self.dequantized_weight().to(dtype)
+        if self.cache_dequantized:
+            self._cache = w
+        return w
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() ...: the cache goes stale
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _KERNELS.get((self.meta["format"], x.device.type))
+        if kernel is not None:
+            y = kernel(self, x)
+            if y is not None:
+                return y
+        w = self._weight_as(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        m = self.meta
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"bias={self.bias is not None}", f"format={m['format']}"]
+        for key in ("bits", "group_size", "sym"):
+            if key in m:
+                parts.append(f"{key}={m[key]}")
+        return ", ".join(parts)
