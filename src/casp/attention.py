@@ -130,9 +130,9 @@ def _check_mass(mass: float) -> None:
 
 
 def _default_valid(probs: torch.Tensor, valid, causal: bool) -> torch.Tensor:
-    if valid is not None:
-        return valid.to(device=probs.device, dtype=torch.bool)
-    return key_validity(probs.shape[-2], probs.shape[-1], causal, device=probs.device)
+    if valid is None:
+        valid = key_validity(probs.shape[-2], probs.shape[-1], causal, device=probs.device)
+    return torch.broadcast_to(valid.to(device=probs.device, dtype=torch.bool), probs.shape)
 
 
 def row_density(probs: torch.Tensor, mass: float = 0.9, valid: torch.Tensor | None = None,
@@ -147,8 +147,7 @@ def row_density(probs: torch.Tensor, mass: float = 0.9, valid: torch.Tensor | No
     out = []
     for h0 in range(0, probs.shape[1], _HEAD_CHUNK):
         sl = slice(h0, h0 + _HEAD_CHUNK)
-        v = valid[:, sl] if valid.shape[1] > 1 else valid
-        needed, available = _mass_counts(probs[:, sl], mass, v)
+        needed, available = _mass_counts(probs[:, sl], mass, valid[:, sl])
         out.append(needed / available)
     return torch.cat(out, dim=1)
 
@@ -179,8 +178,7 @@ class DensityAccumulator:
         n = torch.zeros(h, dtype=torch.float64)
         for h0 in range(0, h, _HEAD_CHUNK):
             sl = slice(h0, h0 + _HEAD_CHUNK)
-            v = valid[:, sl] if valid.shape[1] > 1 else valid
-            needed, available = _mass_counts(probs[:, sl], self.mass, v)
+            needed, available = _mass_counts(probs[:, sl], self.mass, valid[:, sl])
             ok = ~needed.isnan()
             s[sl] = torch.where(ok, needed / available, 0.0).sum(dim=(0, 2)).cpu()
             kk[sl] = torch.where(ok, needed, 0.0).sum(dim=(0, 2)).cpu()
