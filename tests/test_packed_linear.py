@@ -107,3 +107,14 @@ def test_any_registered_format():
 def test_repr_mentions_format():
     _, qw, _ = _quantized()
     assert "format=scalar" in repr(PackedLinear.from_quantized(qw))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 32])
+def test_slabbed_forward(chunk_rows):
+    lin, qw, deq = _quantized(out_f=70, in_f=100, spec=QuantSpec(3, 32))
+    m = PackedLinear.from_quantized(qw, bias=lin.bias.data, chunk_rows=chunk_rows)
+    x = torch.randn(3, 4, 100)
+    y = m(x)
+    assert y.shape == (3, 4, 70)
+    torch.testing.assert_close(y, nn.functional.linear(x, deq, lin.bias.data), rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.dequantized_weight(), deq)

@@ -40,9 +40,44 @@ def test_32_codes_take_bits_words(bits):
 
 
 def test_known_layout_2bit():
-    # code j of a word sits at bit 2j
-    codes = torch.tensor([[1, 2, 3] + [0] * 29])
-    assert int(pack_codes(codes, 2)[0, 0]) == 1 | (2 << 2) | (3 << 4)
+    # 32 codes at 2 bits: 8 bytes, code p in byte p % 8 at bit 2 * (p // 8); bytes little-endian
+    codes = torch.zeros(1, 32, dtype=torch.long)
+    codes[0, :3] = torch.tensor([1, 2, 3])
+    codes[0, 8] = 3  # byte 0, slot 1
+    packed = pack_codes(codes, 2)
+    assert int(packed[0, 0]) == (1 | (3 << 2)) | (2 << 8) | (3 << 16)
+    assert int(packed[0, 1]) == 0
+
+
+def test_known_layout_3bit_planes():
+    # 3 bits = 1-bit plane (bit 0: 4 bytes = word 0) then 2-bit plane (bits 1-2: words 1-2)
+    codes = torch.zeros(1, 32, dtype=torch.long)
+    codes[0, 0] = 0b111
+    packed = pack_codes(codes, 3)
+    assert packed.tolist() == [[1, 0b11, 0]]
+
+
+def test_portable_byte_order_path(monkeypatch):
+    import casp.packing as packing
+
+    gen = torch.Generator().manual_seed(5)
+    for bits in (2, 3, 4, 8):
+        codes = torch.randint(0, 1 << bits, (3, 70), generator=gen)
+        fast = pack_codes(codes, bits)
+        monkeypatch.setattr(packing, "_FORCE_PORTABLE", True)
+        assert torch.equal(unpack_codes(fast, bits, 70), codes.to(torch.int32))
+        monkeypatch.setattr(packing, "_FORCE_PORTABLE", False)
+
+
+def test_unpack_dtypes_and_no_aliasing():
+    codes = torch.randint(0, 256, (2, 64))
+    packed = pack_codes(codes, 8)
+    before = packed.clone()
+    out = unpack_codes(packed, 8, 64, dtype=torch.uint8)
+    assert out.dtype == torch.uint8 and torch.equal(out.long(), codes)
+    out.zero_()
+    assert torch.equal(packed, before)
+    assert unpack_codes(packed, 8, 64, dtype=torch.int64).dtype == torch.int64
 
 
 def test_rejects_out_of_range():

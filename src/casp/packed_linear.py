@@ -3,6 +3,8 @@
 The buffers are exactly `QuantizedWeight.tensors` (same names), so a state dict of a compressed
 model holds the packed form. `forward` rebuilds the weight with torch ops on the buffers' device
 and calls `F.linear` in the input dtype; nothing is cached unless `cache_dequantized` is set.
+On CPU the weight is rebuilt a slab of output rows at a time (`chunk_rows`), so the full dense
+matrix never exists and the scratch buffers stay small enough to be reused by the allocator.
 
 Extension point for fused kernels: `register_matmul_kernel(format, device_type, fn)`. Before the
 generic path, `forward` offers the call to the kernel registered for (meta["format"], x.device.type);
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from casp.quant.base import QuantizedWeight, get_format
+
+_CPU_CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 weight per slab
 
 MatmulKernel = Callable[["PackedLinear", torch.Tensor], "torch.Tensor | None"]
 _KERNELS: dict[tuple[str, str], MatmulKernel] = {}
@@ -42,6 +46,7 @@ class PackedLinear(nn.Module):
         tensors: dict[str, torch.Tensor],
         bias: torch.Tensor | None = None,
         cache_dequantized: bool = False,
+        chunk_rows: int | None = None,
     ):
         super().__init__()
         self.meta = dict(meta)
@@ -57,14 +62,21 @@ class PackedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = cache_dequantized
+        # rows per dequantized slab in forward; None: automatic (slabs on CPU, whole elsewhere)
+        self.chunk_rows = chunk_rows
         self._cache: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, cache_dequantized: bool = False
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        cache_dequantized: bool = False,
+        chunk_rows: int | None = None,
     ) -> PackedLinear:
         """Wrap a quantizer's output (tensors are shared, not copied)."""
-        return cls(qw.meta, qw.tensors, bias=bias, cache_dequantized=cache_dequantized)
+        return cls(qw.meta, qw.tensors, bias=bias, cache_dequantized=cache_dequantized,
+                   chunk_rows=chunk_rows)
 
     @classmethod
     def from_meta(
@@ -107,15 +119,30 @@ class PackedLinear(nn.Module):
         self._cache = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _slab_rows(self, device: torch.device) -> int:
+        if self.chunk_rows is not None:
+            return max(1, self.chunk_rows)
+        if device.type == "cpu":
+            return max(32, _CPU_CHUNK_ELEMENTS // max(1, self.in_features) // 32 * 32)
+        return self.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = _KERNELS.get((self.meta["format"], x.device.type))
         if kernel is not None:
             y = kernel(self, x)
             if y is not None:
                 return y
-        w = self._weight_as(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w, b)
+        step = self._slab_rows(x.device)
+        if self.cache_dequantized or step >= self.out_features:
+            return F.linear(x, self._weight_as(x.dtype), b)
+        read = get_format(self.meta["format"]).rows(self.quantized_weight())
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            w = read(start, end).to(x.dtype)
+            y[..., start:end] = F.linear(x, w, None if b is None else b[start:end])
+        return y
 
     def extra_repr(self) -> str:
         m = self.meta

@@ -1,17 +1,20 @@
 """Bit-packing of integer codes into int32 words, and the exact storage size of packed tensors.
 
-Layout (per row, for a code width of `bits` in 1..8): the row is padded with zero codes to a
-multiple of 32 columns, then the code bits are split into *planes* whose widths are the binary
-digits of `bits`, narrowest (lowest code bits) first: 2 → [2], 3 → [1, 2] (bit 0, then bits 1-2),
-4 → [4], 8 → [8]. A plane of
-width f holds f bits of every code, 32 // f codes per word, code j of the word at bit offset j·f.
-The planes are concatenated along the row, so a row of C (padded) codes takes C·bits/32 words and
-32 codes always take exactly `bits` words. Every field sits inside one word, so unpacking is only
-shifts and masks (no cross-word carries, which keeps 3-bit as cheap as 2- and 4-bit).
-"""
-from __future__ import annotations
+Layout of one row of codes of width `bits` (1..8):
 
+1. The row is padded with zero codes to C, a multiple of 32 columns.
+2. The code bits are split into *planes* whose widths f are the binary digits of `bits`, lowest
+   code bits first: 2 → [2], 3 → [1, 2] (bit 0, then bits 1-2), 4 → [4], 8 → [8].
+3. A plane is a run of C·f/8 bytes holding 8/f codes per byte, *slot-major*: with n = C·f/8,
+   code p sits in byte (p mod n) at bit offset (p div n)·f. Unpacking slot s of every byte thus
+   yields the contiguous codes [s·n, (s+1)·n): a few whole-array shifts and masks and one
+   concatenation, with no fine-grained interleaving (which is what makes torch ops slow).
+4. The planes are concatenated and every 4 bytes form one int32 word, little-endian.
+
+So a padded row takes C·bits/32 words, and 32 codes always take exactly `bits` words.
+"""
 import math
+import sys
 
 import torch
 
@@ -46,56 +49,81 @@ def packed_bits(rows: int, cols: int, bits: int) -> int:
     return rows * packed_words(cols, bits) * WORD_BITS
 
 
+def _words_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """(rows, 4k) byte values (int64) → (rows, k) int32 words, little-endian."""
+    rows = b.shape[0]
+    b = b.view(rows, -1, 4)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    word = torch.where(word >= (1 << 31), word - (1 << 32), word)  # two's complement
+    return word.to(torch.int32)
+
+
+def _bytes_from_words(words: torch.Tensor) -> torch.Tensor:
+    """(rows, k) int32 words → (rows, 4k) uint8 bytes, little-endian."""
+    if sys.byteorder == "little" and not _FORCE_PORTABLE:
+        return words.contiguous().view(torch.uint8)
+    parts = [((words >> (8 * i)) & 0xFF).to(torch.uint8) for i in range(4)]
+    return torch.stack(parts, dim=-1).view(words.shape[0], -1)
+
+
+_FORCE_PORTABLE = False  # tests flip this to exercise the big-endian path
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) of shape (rows, cols) into int32 (rows, words)."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (rows, cols), got shape {tuple(codes.shape)}")
-    planes = _planes(bits)
-    rows, cols = codes.shape
     if codes.is_floating_point():
         raise TypeError("codes must be an integer tensor")
+    planes = _planes(bits)
+    rows, cols = codes.shape
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits")
-    pad = padded_cols(cols) - cols
-    if pad:
-        c = torch.nn.functional.pad(c, (0, pad))
+    pcols = padded_cols(cols)
+    if pcols != cols:
+        c = torch.nn.functional.pad(c, (0, pcols - cols))
     out = []
     for width, offset in planes:
-        per_word = WORD_BITS // width
-        field = (c >> offset) & ((1 << width) - 1)
-        field = field.view(rows, -1, per_word)
-        shifts = torch.arange(0, WORD_BITS, width, dtype=torch.int64, device=c.device)
-        word = (field << shifts).sum(dim=-1)  # < 2^32, exact in int64
-        word = torch.where(word >= (1 << 31), word - (1 << 32), word)  # two's complement
-        out.append(word.to(torch.int32))
-    return torch.cat(out, dim=1) if len(out) > 1 else out[0].contiguous()
+        slots = 8 // width
+        field = ((c >> offset) & ((1 << width) - 1)).view(rows, slots, pcols // slots)
+        shifts = torch.arange(0, 8, width, dtype=torch.int64, device=c.device).view(1, slots, 1)
+        out.append(_words_from_bytes((field << shifts).sum(dim=1)))
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: int32 (rows, words) → int32 codes (rows, cols)."""
+def unpack_codes(
+    packed: torch.Tensor, bits: int, cols: int, dtype: torch.dtype = torch.int32
+) -> torch.Tensor:
+    """Inverse of `pack_codes`: int32 (rows, words) → codes (rows, cols) of `dtype`.
+
+    `dtype=torch.uint8` is the cheapest output (every code fits a byte).
+    """
     planes = _planes(bits)
     rows = packed.shape[0]
     pcols = padded_cols(cols)
-    if packed.shape[1] != pcols // WORD_BITS * bits:
+    if packed.dim() != 2 or packed.shape[1] != pcols // WORD_BITS * bits:
         raise ValueError(
-            f"packed has {packed.shape[1]} words per row, expected {pcols // WORD_BITS * bits} "
+            f"packed has shape {tuple(packed.shape)}, expected (rows, {pcols // WORD_BITS * bits}) "
             f"for {cols} columns at {bits} bits"
         )
-    p = packed.to(torch.int32)
+    raw = _bytes_from_words(packed.to(torch.int32))
     codes = None
     start = 0
     for width, offset in planes:
-        n = pcols * width // WORD_BITS
-        words = p[:, start:start + n]
+        n = pcols * width // 8
+        plane = raw[:, start:start + n]
         start += n
-        shifts = torch.arange(0, WORD_BITS, width, dtype=torch.int32, device=p.device)
-        field = (words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
-        field = field.reshape(rows, pcols)
+        if width == 8:
+            field = plane.clone()  # never hand out a view of the packed buffer
+        else:
+            mask = (1 << width) - 1
+            field = torch.cat([(plane >> s) & mask for s in range(0, 8, width)], dim=1)
         if offset:
-            field = field << offset
-        codes = field if codes is None else codes | field
-    return codes[:, :cols]
+            field <<= offset
+        codes = field if codes is None else codes.bitwise_or_(field)
+    codes = codes[:, :cols]
+    return codes if dtype == torch.uint8 else codes.to(dtype)
 
 
 def storage_bits(spec, out_features: int, in_features: int) -> int:

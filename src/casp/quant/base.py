@@ -96,6 +96,16 @@ class StorageFormat:
     name: str
     dequantize: Callable[[QuantizedWeight], torch.Tensor]
     empty_tensors: Callable[[dict], dict[str, torch.Tensor]]
+    # Optional: qw -> read(start, end) giving float32 rows [start, end) of the weight, so that
+    # inference can rebuild a large weight a slice at a time. Without it, dequantize() is sliced.
+    row_reader: Callable[[QuantizedWeight], Callable[[int, int], torch.Tensor]] | None = None
+
+    def rows(self, qw: QuantizedWeight) -> Callable[[int, int], torch.Tensor]:
+        """A function (start, end) -> float32 weight rows [start, end)."""
+        if self.row_reader is not None:
+            return self.row_reader(qw)
+        full = self.dequantize(qw)
+        return lambda start, end: full[start:end]
 
 
 _FORMATS: dict[str, StorageFormat] = {}

@@ -81,12 +81,6 @@ def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (codes.float() - zero) * scale
 
 
-def _expand(t: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
-    """(rows, groups) → (rows, cols) by repeating each group value over its columns."""
-    g = effective_group_size(cols, group_size)
-    return t.repeat_interleave(g, dim=1)[:, :cols]
-
-
 def rtn_codes(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes with per-group min/max grid: (codes (out, in), scale, zero (out, groups))."""
     rows, cols = weight.shape
@@ -125,27 +119,43 @@ def to_quantized_weight(
     return QuantizedWeight(tensors=tensors, meta=meta)
 
 
-def dequantize_scalar(qw: QuantizedWeight) -> torch.Tensor:
-    """Rebuild the float32 weight from the stored scalar format, on the tensors' device."""
+def scalar_row_reader(qw: QuantizedWeight):
+    """read(start, end) -> float32 weight rows [start, end) of the stored scalar format.
+
+    Scales and zeros are unpacked once; each call unpacks only its rows of codes. Works on the
+    tensors' device.
+    """
     m = qw.meta
     bits, gs = m["bits"], m["group_size"]
     out_features, in_features = m["out_features"], m["in_features"]
     ng = num_groups(in_features, gs)
     g = effective_group_size(in_features, gs)
-    codes = unpack_codes(qw.tensors["codes"], bits, in_features)
+    pad = ng * g - in_features
     scale = qw.tensors["scales"].float()
     if m["sym"]:
         zero = torch.full_like(scale, ((1 << bits) - 1) / 2.0)
     else:
         zero = unpack_codes(qw.tensors["zeros"], bits, out_features).t().float()
-    if ng == 1:
-        return dequantize_grid(codes, scale, zero)
-    pad = ng * g - in_features
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
-    w = dequantize_grid(codes.view(out_features, ng, g), scale.unsqueeze(-1), zero.unsqueeze(-1))
-    w = w.view(out_features, ng * g)
-    return w[:, :in_features].contiguous() if pad else w
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    packed = qw.tensors["codes"]
+
+    def read(start: int, end: int) -> torch.Tensor:
+        codes = unpack_codes(packed[start:end], bits, in_features, dtype=torch.uint8)
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        rows = codes.shape[0]
+        # (code - zero) · scale in place on one float32 buffer: the arithmetic of dequantize_grid
+        w = codes.to(torch.float32).view(rows, ng, g)
+        w.sub_(zero[start:end]).mul_(scale[start:end])
+        w = w.view(rows, ng * g)
+        return w[:, :in_features].contiguous() if pad else w
+
+    return read
+
+
+def dequantize_scalar(qw: QuantizedWeight) -> torch.Tensor:
+    """Rebuild the float32 weight from the stored scalar format, on the tensors' device."""
+    return scalar_row_reader(qw)(0, qw.meta["out_features"])
 
 
 def empty_scalar_tensors(meta: dict) -> dict[str, torch.Tensor]:
@@ -162,4 +172,4 @@ def empty_scalar_tensors(meta: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-register_format(StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors))
+register_format(StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors, scalar_row_reader))
