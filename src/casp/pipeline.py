@@ -162,7 +162,8 @@ def _unit_weight_and_xtx(unit: UnitPlan, layer, lowrank: dict, moments: dict):
     """The matrix a unit stores, and the XᵀX of its input."""
     if unit.group == "factor_up":
         lr = lowrank[unit.name.rsplit(".", 1)[0]]
-        return lr.up.weight.data, factor_input_xtx(lr.down.weight.data, moments["attn_in"])
+        down = lr.down.dequantized_weight() if isinstance(lr.down, PackedLinear) else lr.down.weight.data
+        return lr.up.weight.data, factor_input_xtx(down.to(moments["attn_in"].dtype), moments["attn_in"])
     if unit.name.endswith(".down") and unit.name.rsplit(".", 1)[0] in lowrank:
         return lowrank[unit.name.rsplit(".", 1)[0]].down.weight.data, moments["attn_in"]
     return layer.get_submodule(unit.name).weight.data, moments[unit.group]

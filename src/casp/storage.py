@@ -77,9 +77,9 @@ def install_modules(model: nn.Module, specs: dict[str, dict]) -> None:
 def round_through_fp16(model: nn.Module) -> None:
     """Make in-memory float tensors equal to what fp16 storage will give back."""
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
+        for t in model.state_dict(keep_vars=True).values():
             if t.dtype == torch.float32:
-                t.copy_(t.half().float())
+                t.data.copy_(t.data.half().float())
 
 
 def _storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,6 +151,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _modern_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo the legacy key renaming that `save_pretrained` applies for some families (e.g. LLaVA)."""
+    import re
+
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in mapping.items():
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                key = new
+                break
+        out[key] = value
+    return out
+
+
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a casp-compressed model from OUT: config -> empty model -> casp modules -> weights."""
     import transformers
@@ -168,7 +184,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
         del config.quantization_config
     model = cls._from_config(config, dtype=dtype)
     install_modules(model, qcfg["modules"])
-    sd = _read_state_dict(path)
+    sd = _modern_keys(model, _read_state_dict(path))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
                                                 strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
