@@ -144,9 +144,9 @@ def scalar_row_reader(qw: QuantizedWeight):
         if pad:
             codes = torch.nn.functional.pad(codes, (0, pad))
         rows = codes.shape[0]
-        # (code - zero) · scale in place on one float32 buffer: the arithmetic of dequantize_grid
-        w = codes.to(torch.float32).view(rows, ng, g)
-        w.sub_(zero[start:end]).mul_(scale[start:end])
+        # (code - zero) · scale, the arithmetic of dequantize_grid (uint8 - float32 → float32)
+        w = torch.sub(codes.view(rows, ng, g), zero[start:end])
+        w.mul_(scale[start:end])
         w = w.view(rows, ng * g)
         return w[:, :in_features].contiguous() if pad else w
 
