@@ -9,7 +9,8 @@ text; this script records exactly how they were made (see docs/data.md):
   `help("assert")` etc.) followed by the docstrings of the public standard-library modules,
   their public classes and functions, as the running interpreter has them (we used 3.11.7).
 * alice_in_wonderland.txt: the Canterbury-corpus file `alice29.txt` as shipped in the
-  `brotli` sdist on PyPI, with CRLF turned into LF and trailing spaces removed.
+  `brotli` sdist on PyPI, with CRLF turned into LF, trailing spaces and the final DOS
+  end-of-file byte (0x1A) removed.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def python_docs() -> str:
 
 
 def alice(path: Path) -> str:
-    raw = path.read_text(encoding="ascii").replace("\r\n", "\n")
+    raw = path.read_text(encoding="ascii").replace("\r\n", "\n").replace("\x1a", "")  # DOS EOF mark
     return "\n".join(line.rstrip() for line in raw.splitlines()).strip("\n") + "\n"
 
 
