@@ -116,7 +116,7 @@ def choose_ranks(model, adapter, analysis, config) -> list[dict[str, int]]:
         budget = sum(rank_for_ratio(*s[p], base) * sum(s[p]) for s in shapes for p in QK)
         spectra = [a["spectra"][p] for a in analysis for p in QK]
         weights = [a["density"].mean_density for a in analysis for p in QK]
-        flat = auto_ranks(spectra, [s[p] for s in shapes for p in QK], weights, budget)
+        flat = auto_ranks(spectra, [s[p] for s in shapes for p in QK], weights, budget, min_rank=1)
         return [{p: flat[2 * i + j] for j, p in enumerate(QK)} for i in range(len(layers))]
     ranks = []
     for i, s in enumerate(shapes):
