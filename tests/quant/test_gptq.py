@@ -113,6 +113,14 @@ def test_stored_form_reproduces_output_bitwise(act_order, spec):
     assert qw.meta["format"] == "scalar" and qw.meta["method"] == "gptq"
 
 
+@pytest.mark.parametrize("in_f", [1, 20, 129])
+def test_rows_shorter_than_a_group(in_f):
+    w, h = correlated_problem(out_f=5, in_f=in_f)
+    for act_order in (False, True):
+        qw, q = GPTQ(act_order=act_order).quantize(w, h, QuantSpec(2, 128))
+        assert torch.equal(qw.dequantize(), q) and torch.isfinite(q).all()
+
+
 def test_block_size_does_not_change_result():
     w, h = correlated_problem(out_f=16, in_f=160)
     spec = QuantSpec(3, 64)

@@ -103,7 +103,7 @@ def gptq_quantize(
         zero = torch.zeros_like(scale)
 
     if act_order:
-        perm = torch.argsort(h.diagonal(), descending=True)
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w = w[:, perm]
         h = h[perm][:, perm]
         group_of = perm // g
