@@ -41,7 +41,10 @@ log = logging.getLogger("train_embedded")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1500, help="maximum number of optimiser steps")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="training minutes; the LR schedule follows elapsed time and training stops when it "
+                        "is spent (0: schedule by steps only). Keeps the run bounded on a shared CPU.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=16, help="scenes per step")
@@ -53,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-scenes", type=int, default=60, help="validation scenes per periodic eval")
     p.add_argument("--test-scenes", type=int, default=200, help="test scenes for the final report (~5.3 q/scene)")
+    p.add_argument("--init", default=None, help="start from the weights in this model directory (fine-tuning)")
     p.add_argument("--no-final-eval", action="store_true")
     return p.parse_args(argv)
 
@@ -131,10 +135,14 @@ def _swap_relation(q: str, a: str):
     return None
 
 
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine to 5% over whichever runs out first: steps or time budget."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    if args.time_budget > 0:
+        t = max(t, elapsed / (60 * args.time_budget))
+    t = min(t, 1.0)
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -148,7 +156,7 @@ def visual_token_share(processor, records) -> float:
     return float(np.mean(shares))
 
 
-def write_card(out: Path, args, metrics: dict, wall_s: float, n_params: int) -> None:
+def write_card(out: Path, args, metrics: dict, wall_s: float, n_params: int, steps_done: int) -> None:
     per_type = "\n".join(f"| {t} | {acc:.3f} |" for t, acc in metrics["test"]["per_type"].items())
     cfg = {**DEFAULTS}
     card = f"""# casp embedded tiny LLaVA
@@ -186,13 +194,13 @@ disjoint by content (a hash of each scene's object list assigns it to one split)
 
 ## Training
 ```
-python scripts/train_embedded.py --out src/casp/embedded/model --steps {args.steps} --seed {args.seed} --threads {args.threads}
+python scripts/train_embedded.py --out src/casp/embedded/model --steps {args.steps} --time-budget {args.time_budget:g} --seed {args.seed} --threads {args.threads}
 ```
 AdamW (lr {args.lr}, {args.warmup} warm-up steps, cosine to 5%, weight decay {args.weight_decay}),
 {args.batch} scenes per step, each one multi-turn conversation with all its questions
 (relation questions also asked with swapped operands) and a caption turn with probability
-{args.caption_prob}; loss on answer / caption tokens only. Wall time: {wall_s / 60:.1f} min
-on {args.threads} CPU threads.
+{args.caption_prob}; loss on answer / caption tokens only. {steps_done} steps, wall time {wall_s / 60:.1f} min
+on {args.threads} CPU threads (shared machine).
 
 ## Measured on the test split ({metrics['test']['n']} questions, {args.test_scenes} scenes)
 Greedy decoding, normalised exact match (`casp.eval.vqa.vqa_accuracy`), fp16 weights loaded as float32.
@@ -221,6 +229,12 @@ def main(argv=None) -> int:
     processor = build_processor()
     config = build_config(processor.tokenizer)
     model = build_model(config, attn_implementation="sdpa")
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+
+        init = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        log.info("initialised from %s", args.init)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
     builder = SequenceBuilder(processor.tokenizer)
@@ -236,10 +250,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     scene_offset = args.seed * 10_000_000
     smooth = None
+    steps_done = 0
     for step in range(args.steps):
+        elapsed = time.time() - t0
+        if args.time_budget > 0 and elapsed > 60 * args.time_budget:
+            log.info("time budget of %.1f min spent after %d steps", args.time_budget, step)
+            break
         model.train()
+        lr = lr_at(step, args, elapsed)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+            g["lr"] = lr
         idx = [scene_offset + step * args.batch + j for j in range(args.batch)]
         batch = make_batch(builder, idx, rng, args)
         labels = batch.pop("labels")
@@ -249,10 +269,11 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        steps_done = step + 1
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         if step % 25 == 0 or step == args.steps - 1:
             log.info("step %d/%d loss %.4f (avg %.4f) lr %.2e  %.1fs", step, args.steps, loss.item(), smooth,
-                     lr_at(step, args), time.time() - t0)
+                     lr, time.time() - t0)
         if args.eval_every and step > 0 and (step % args.eval_every == 0 or step == args.steps - 1):
             res = vqa_accuracy(model, processor, val_records, batch_size=64, progress=False)
             log.info("step %d val acc %.4f %s", step, res["vqa_accuracy"],
@@ -280,12 +301,12 @@ def main(argv=None) -> int:
         "visual_token_share_caption": visual_token_share(processor, captions),
         "vocab_size": len(processor.tokenizer),
         "train_wall_s": wall,
-        "steps": args.steps,
+        "steps": steps_done,
         "seed": args.seed,
     }
     log.info("test: %s", json.dumps(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_card(out, args, metrics, wall, n_params)
+    write_card(out, args, metrics, wall, n_params, steps_done)
     return 0
 
 
