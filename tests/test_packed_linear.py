@@ -118,3 +118,15 @@ def test_slabbed_forward(chunk_rows):
     assert y.shape == (3, 4, 70)
     torch.testing.assert_close(y, nn.functional.linear(x, deq, lin.bias.data), rtol=1e-5, atol=1e-5)
     assert torch.equal(m.dequantized_weight(), deq)
+
+
+def test_dtype_casts_keep_the_stored_tensors():
+    lin, qw, deq = _quantized()
+    m = PackedLinear.from_quantized(qw, bias=lin.bias.data)
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    m.to(torch.bfloat16)
+    m.float()
+    for n, b in m.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n])
+    assert m.bias.dtype == torch.float32
+    assert torch.equal(m.dequantized_weight(), deq)

@@ -111,9 +111,17 @@ class PackedLinear(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() ...: the cache goes stale
+    def _apply(self, fn, *args, **kwargs):
+        """.to()/.cuda()/.half() move the stored tensors but never change their dtypes (a model-wide
+        .to(bfloat16) must not round the fp16 scales); the bias converts as usual."""
         self._cache = None
-        return super()._apply(fn, *args, **kwargs)
+        before = {n: self._buffers[n] for n in self._tensor_names}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None
