@@ -104,3 +104,24 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_llama_dir):
 def test_debug_shows_traceback(tmp_path):
     p = run_cli("compress", tmp_path / "nope", "-o", tmp_path / "out", "--debug")
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_rank_above_full_rank(tmp_path, tiny_llama_dir):
+    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", "--qk-rank-layer", "0=5000")
+    assert_one_line_error(p, "rank")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_model_without_separate_qk(tmp_path):
+    """A supported family whose attention lost W_q (e.g. a fused checkpoint) is refused with one line."""
+    from casp.config import CompressionConfig
+    from casp.errors import CaspError
+    from casp.adapters import adapter_for
+    from casp.pipeline import choose_ranks
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        del layer.self_attn.q_proj
+    with pytest.raises(CaspError, match="no separate"):
+        choose_ranks(model, adapter_for(model), None, CompressionConfig(qk_rank=0.25))

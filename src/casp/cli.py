@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
                    help="fraction of W_q/W_k parameters kept by the low-rank step; 0 disables; 'auto' (default 0.25)")
     c.add_argument("--qk-rank-layer", type=_layer_ratio, action="append", default=[], metavar="LAYER=RATIO",
-                   help="per-layer override of --qk-rank (repeatable)")
+                   help="per-layer override of --qk-rank: a ratio <= 1 or an integer rank > 1 (repeatable)")
     c.add_argument("--allocation", default="rd", choices=["rd", "paper", "uniform"],
                    help="bit allocation: rate-distortion (default), the paper's rule, or uniform int(--bits)")
     c.add_argument("--candidate-bits", type=_int_list, default=(2, 3, 4), help="bit-widths to allocate from (default 2,3,4)")

@@ -40,8 +40,8 @@ class CompressionConfig:
         elif not (0.0 <= float(self.qk_rank) <= 1.0):
             raise CaspError(f"--qk-rank must be in [0, 1], got {self.qk_rank}")
         for layer, r in self.qk_rank_overrides.items():
-            if not (0.0 <= r <= 1.0):
-                raise CaspError(f"rank override for layer {layer} must be in [0, 1], got {r}")
+            if r < 0 or (r > 1 and r != int(r)):
+                raise CaspError(f"rank override for layer {layer} must be a ratio in [0, 1] or an integer rank, got {r}")
         if self.allocation not in ("rd", "paper", "uniform"):
             raise CaspError(f"--allocation must be rd, paper or uniform, got {self.allocation!r}")
         for b in self.candidate_bits:

@@ -127,17 +127,28 @@ def record_second_moments(layer: nn.Module, groups: dict[str, tuple[str, ...]], 
             h.remove()
 
 
+ATTENTION_TOKENS = 8192
+
+
 @contextmanager
-def record_attention_inputs(layer: nn.Module, adapter: Adapter, sink: list):
-    """Collect (normed attention input, position embeddings) per batch for attention analysis."""
+def record_attention_inputs(layer: nn.Module, adapter: Adapter, sink: list, max_tokens: int = ATTENTION_TOKENS):
+    """Collect (normed attention input, position embeddings) per batch for attention analysis.
+
+    Attention maps cost O(tokens × sequence length), so only the first batches up to
+    `max_tokens` tokens are kept: density is a statistic and needs no more.
+    """
     attn = layer.get_submodule(adapter.attention)
-    state: dict = {}
+    state: dict = {"tokens": 0}
 
     def attn_hook(_m, args, kwargs):
         state["pos"] = kwargs.get("position_embeddings")
 
     def q_hook(_m, args):
-        sink.append((args[0].detach().cpu(), _to(state.get("pos"), "cpu")))
+        x = args[0]
+        if state["tokens"] >= max_tokens:
+            return
+        state["tokens"] += x.shape[0] * x.shape[1]
+        sink.append((x.detach().cpu(), _to(state.get("pos"), "cpu")))
 
     handles = [
         attn.register_forward_pre_hook(attn_hook, with_kwargs=True),

@@ -108,6 +108,11 @@ def analyse(model, adapter, batches, config, *, keep_moments: bool, progress: bo
 def choose_ranks(model, adapter, analysis, config) -> list[dict[str, int]]:
     """Per layer, the rank of W_q and W_k (0 = keep dense)."""
     layers = adapter.decoder_layers(model)
+    for p in QK:
+        name = getattr(adapter, f"{p}_proj")
+        if not isinstance(getattr(layers[0].get_submodule(adapter.attention), name.rsplit(".", 1)[-1], None), nn.Linear):
+            raise CaspError(f"this model has no separate {name} projection; low-rank Q/K needs separate W_q and W_k "
+                            "(use --qk-rank 0)")
     shapes = [
         {p: tuple(layer.get_submodule(getattr(adapter, f"{p}_proj")).weight.shape) for p in QK} for layer in layers
     ]
@@ -120,10 +125,13 @@ def choose_ranks(model, adapter, analysis, config) -> list[dict[str, int]]:
         return [{p: flat[2 * i + j] for j, p in enumerate(QK)} for i in range(len(layers))]
     ranks = []
     for i, s in enumerate(shapes):
-        ratio = config.qk_rank_overrides.get(i, float(config.qk_rank))
-        r = {p: rank_for_ratio(*s[p], ratio) for p in QK}
+        value = config.qk_rank_overrides.get(i, float(config.qk_rank))
+        r = {p: rank_for_ratio(*s[p], value) if value <= 1 else int(value) for p in QK}
         for p in QK:
-            check_rank(*s[p], r[p])
+            try:
+                check_rank(*s[p], r[p])
+            except ValueError as e:
+                raise CaspError(f"layer {i} W_{p}: {e}") from None
         ranks.append(r)
     return ranks
 
@@ -258,8 +266,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
         from .sensitivity import output_fisher
 
         fisher = output_fisher(model, adapter, batches, progress)
+    ranks = None if config.qk_rank == "auto" else choose_ranks(model, adapter, None, config)
     analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
-    ranks = choose_ranks(model, adapter, analysis, config)
+    ranks = ranks or choose_ranks(model, adapter, analysis, config)
     units = plan_units(model, adapter, ranks)
     if measure:
         measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer, fisher, progress)
