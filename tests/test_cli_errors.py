@@ -14,7 +14,7 @@ def run_cli(*args, cwd=None):
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING"))]
+    lines = [l for l in proc.stderr.split("\n") if l.strip() and "\r" not in l and not l.startswith(("INFO", "WARNING"))]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for f in fragments:

@@ -261,12 +261,12 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
     specs = candidate_specs(config)
     measure = quantizer is not None and config.allocation == "rd"
 
+    ranks = None if config.qk_rank == "auto" else choose_ranks(model, adapter, None, config)
     fisher = None
     if measure:
         from .sensitivity import output_fisher
 
         fisher = output_fisher(model, adapter, batches, progress)
-    ranks = None if config.qk_rank == "auto" else choose_ranks(model, adapter, None, config)
     analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
     ranks = ranks or choose_ranks(model, adapter, analysis, config)
     units = plan_units(model, adapter, ranks)
