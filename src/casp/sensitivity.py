@@ -22,8 +22,23 @@ def _labels(batch: dict, image_token_id: int | None) -> torch.Tensor:
     return labels
 
 
-def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progress: bool = True) -> dict[str, torch.Tensor]:
-    """Per linear (dotted name inside the model), the mean squared loss gradient of each output channel."""
+FISHER_TOKENS = 16384
+
+
+def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progress: bool = True,
+                  max_tokens: int = FISHER_TOKENS) -> dict[str, torch.Tensor]:
+    """Per linear (dotted name inside the model), the mean squared loss gradient of each output channel.
+
+    A backward pass costs about three forward passes, so only the first batches up to
+    `max_tokens` tokens are used: the estimate only has to rank layers, not be exact.
+    """
+    used, kept = 0, []
+    for b in batches:
+        if used >= max_tokens:
+            break
+        kept.append(b)
+        used += b["input_ids"].numel()
+    batches = kept
     layers = adapter.decoder_layers(model)
     prefix = adapter.layers
     names = [f"{prefix}.{i}.{n}" for i in range(len(layers)) for n in adapter.linear_names()]
