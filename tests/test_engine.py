@@ -45,7 +45,7 @@ def test_second_moments_match_direct_computation(family):
     with record_second_moments(layer, adapter.linears, moments):
         run_layer(layer, inputs)
     x = torch.cat([layer.input_layernorm(h).reshape(-1, h.shape[-1]) for h in inputs.hidden]).double()
-    torch.testing.assert_close(moments.xtx["attn_in"], x.T @ x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments.xtx["attn_in"], x.T @ x, rtol=1e-5, atol=1e-4)
     assert moments.tokens["attn_in"] == inputs.num_tokens
     assert set(moments.xtx) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
 

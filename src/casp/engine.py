@@ -101,11 +101,12 @@ class SecondMoments:
     tokens: dict[str, int] = field(default_factory=dict)
 
     def add(self, key: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        """Fold one batch in: the batch product in float32, the running sum in float64."""
+        x = x.reshape(-1, x.shape[-1]).float()
         if key not in self.xtx:
             self.xtx[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             self.tokens[key] = 0
-        self.xtx[key] += (x.T @ x).cpu()
+        self.xtx[key] += (x.T @ x).cpu().double()
         self.tokens[key] += x.shape[0]
 
 
