@@ -49,6 +49,7 @@ def main() -> None:
         return text_perplexity(model, tok, text, context_length=args.ctx, progress=False)
 
     rows: list[dict] = []
+    cache: dict = {}
 
     def record(label, model, report, seconds):
         p = ppl(model)
@@ -65,7 +66,7 @@ def main() -> None:
         if args.rows != "all" and label not in args.rows.split(","):
             return None
         t = time.time()
-        res = compress(path, None, CompressionConfig(**common, **cfg), progress=False)
+        res = compress(path, None, CompressionConfig(**common, **cfg), progress=False, cache=cache)
         return record(label, res.model, res.report, time.time() - t)
 
     fp_model = load_model(path)

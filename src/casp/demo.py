@@ -101,9 +101,10 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
                      if ".layers." in n and n.endswith("proj.weight") and "language_model" in n)
     rows = [measure(reference, "FP", None, 16.0, fp_weights * 2, 0.0)]
     casp_reports = {}
+    cache: dict = {}
     for method, cfg in demo_configs(seed):
         t = time.time()
-        result = compress(None, None, cfg, progress=progress)
+        result = compress(None, None, cfg, progress=progress, cache=cache)
         seconds = time.time() - t
         r = result.report
         rows.append(measure(result.model, method, cfg.bits, r["average_bits"], r["stored_bytes"], seconds))

@@ -6,6 +6,7 @@ load -> calibrate -> analyse the original layers (attention density, XᵀX, Q/K 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -237,8 +238,39 @@ def allocate(units, specs, config, num_layers) -> dict[str, QuantSpec]:
 # --------------------------------------------------------------------------- the run
 
 
+def plan_ranks_and_units(model, adapter, batches, config, quantizer, specs, progress, cache=None):
+    """Everything measured on the original model: Q/K ranks, and the units with their distortions.
+
+    Runs the sensitivity and analysis passes only when something needs them (rate-distortion
+    allocation, auto ranks). `cache` (a dict) lets several runs that differ only in the target
+    bits or allocation rule share this work, e.g. in benchmarks.
+    """
+    measure = quantizer is not None and config.allocation == "rd"
+    key = (repr(config.qk_rank), tuple(sorted(config.qk_rank_overrides.items())), measure, config.quantizer,
+           tuple(s.label() for s in specs), config.damp, config.act_order, config.calib_samples, config.calib_seq_len,
+           config.calib_jsonl, config.calib_text, config.seed, config.density_mass)
+    if cache is not None and key in cache:
+        ranks, units = cache[key]
+        return ranks, copy.deepcopy(units)
+    ranks = None if config.qk_rank == "auto" else choose_ranks(model, adapter, None, config)
+    if measure or ranks is None:
+        fisher = None
+        if measure:
+            from .sensitivity import output_fisher
+
+            fisher = output_fisher(model, adapter, batches, progress)
+        analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
+        ranks = ranks or choose_ranks(model, adapter, analysis, config)
+    units = plan_units(model, adapter, ranks)
+    if measure:
+        measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer, fisher, progress)
+    if cache is not None:
+        cache[key] = (ranks, copy.deepcopy(units))
+    return ranks, units
+
+
 def compress(model: str | Path | None = None, out: str | Path | None = None, config: CompressionConfig | None = None,
-             *, overwrite: bool = False, progress: bool = True) -> CompressionResult:
+             *, overwrite: bool = False, progress: bool = True, cache: dict | None = None) -> CompressionResult:
     """Compress a model with CASP; write it to `out` when given. Returns the in-memory model and report."""
     config = (config or CompressionConfig()).validate()
     if out is not None:
@@ -259,21 +291,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
     layers = adapter.decoder_layers(model)
     geometry = adapter.attention_geometry(model)
     specs = candidate_specs(config)
-    measure = quantizer is not None and config.allocation == "rd"
-
-    ranks = None if config.qk_rank == "auto" else choose_ranks(model, adapter, None, config)
-    fisher = None
-    if measure:
-        from .sensitivity import output_fisher
-
-        fisher = output_fisher(model, adapter, batches, progress)
-    analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
-    ranks = ranks or choose_ranks(model, adapter, analysis, config)
-    units = plan_units(model, adapter, ranks)
-    if measure:
-        measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer, fisher, progress)
-    for a in analysis:
-        a["moments"] = None
+    ranks, units = plan_ranks_and_units(model, adapter, batches, config, quantizer, specs, progress, cache)
     plan = allocate(units, specs, config, len(layers)) if quantizer is not None else {}
 
     inputs = capture_layer0_inputs(model, adapter, batches)
