@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sym", action="store_true", help="symmetric quantization grid")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    c.add_argument("--layers", type=_int_list, default=None,
+                   help="compress only these decoder layers (comma-separated indices; default all)")
     c.add_argument("--device", default="cpu", help="device for the layer being compressed (default cpu)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _calib(c)
@@ -141,6 +143,7 @@ def cmd_compress(args) -> None:
         group_size=args.group_size, sym=args.sym, damp=args.damp, act_order=not args.no_act_order,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
         calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,
+        layers=args.layers,
     )
     if cfg.quantizer not in ("none",):
         from .quant.base import available_quantizers

@@ -30,6 +30,7 @@ class CompressionConfig:
     density_mass: float = 0.9
     seed: int = 0
     device: str = "cpu"
+    layers: tuple[int, ...] | None = None
 
     def validate(self) -> "CompressionConfig":
         if not (0 < self.bits <= 16):
@@ -57,11 +58,14 @@ class CompressionConfig:
             raise CaspError(f"--density-mass must be in (0, 1], got {self.density_mass}")
         if not (0.0 <= self.damp < 10):
             raise CaspError(f"--damp must be in [0, 10), got {self.damp}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise CaspError(f"--layers must list decoder layer indices >= 0, got {self.layers}")
         return self
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["candidate_bits"] = list(self.candidate_bits)
         d["candidate_group_sizes"] = list(self.candidate_group_sizes)
+        d["layers"] = list(self.layers) if self.layers is not None else None
         d["qk_rank_overrides"] = {str(k): v for k, v in self.qk_rank_overrides.items()}
         return d

@@ -137,10 +137,13 @@ def choose_ranks(model, adapter, analysis, config) -> list[dict[str, int]]:
     return ranks
 
 
-def plan_units(model, adapter, ranks) -> list[UnitPlan]:
+def plan_units(model, adapter, ranks, layers: tuple[int, ...] | None = None) -> list[UnitPlan]:
+    """The stored matrices of the selected decoder layers (all by default)."""
     groups = _group_of(adapter)
     units = []
     for i, layer in enumerate(adapter.decoder_layers(model)):
+        if layers is not None and i not in layers:
+            continue
         for name in adapter.linear_names():
             m, n = layer.get_submodule(name).weight.shape
             proj = name.rsplit(".", 1)[-1][0]
@@ -248,7 +251,7 @@ def plan_ranks_and_units(model, adapter, batches, config, quantizer, specs, prog
     measure = quantizer is not None and config.allocation == "rd"
     key = (repr(config.qk_rank), tuple(sorted(config.qk_rank_overrides.items())), measure, config.quantizer,
            tuple(s.label() for s in specs), config.damp, config.act_order, config.calib_samples, config.calib_seq_len,
-           config.calib_jsonl, config.calib_text, config.seed, config.density_mass)
+           config.calib_jsonl, config.calib_text, config.seed, config.density_mass, config.layers)
     if cache is not None and key in cache:
         ranks, units = cache[key]
         return ranks, copy.deepcopy(units)
@@ -261,7 +264,7 @@ def plan_ranks_and_units(model, adapter, batches, config, quantizer, specs, prog
             fisher = output_fisher(model, adapter, batches, progress)
         analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
         ranks = ranks or choose_ranks(model, adapter, analysis, config)
-    units = plan_units(model, adapter, ranks)
+    units = plan_units(model, adapter, ranks, config.layers)
     if measure:
         measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer, fisher, progress)
     if cache is not None:
@@ -297,6 +300,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
     inputs = capture_layer0_inputs(model, adapter, batches)
     layer_reports = []
     for i, layer in enumerate(tqdm(layers, desc="compress", disable=not progress)):
+        if config.layers is not None and i not in config.layers:
+            inputs.hidden = run_layer(layer, inputs, config.device)
+            continue
         t_layer = time.time()
         layer.to(config.device)
         moments, attn_inputs = SecondMoments(), []

@@ -37,13 +37,14 @@ def build_report(*, config, source, adapter, model, layer_reports, seconds, peak
 
 
 def _layer_bits(report) -> list[float]:
-    n = len(report["decoder_layers"])
-    bits, weights = [0] * n, [0] * n
+    """Stored bits per original weight of each reported decoder layer, in report order."""
+    bits = {lr["index"]: 0 for lr in report["decoder_layers"]}
+    weights = dict(bits)
     for u in report["layers"]:
-        i = int(u["name"].split(".layers.")[1].split(".")[0]) if ".layers." in u["name"] else 0
+        i = int(u["name"].split(".layers.")[1].split(".")[0])
         bits[i] += u["stored_bits"]
         weights[i] += u["num_weights"]
-    return [b / w if w else 0.0 for b, w in zip(bits, weights)]
+    return [bits[i] / weights[i] if weights[i] else 0.0 for i in bits]
 
 
 def write_plots(report: dict, out: Path) -> list[str]:
