@@ -1,0 +1,43 @@
+"""The real `casp` command on tiny models: JSON contracts of compress, eval, sparsity, info."""
+import json
+import subprocess
+import sys
+
+
+def casp_json(*args):
+    proc = subprocess.run([sys.executable, "-m", "casp", *map(str, args), "--json", "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compress_eval_info_on_text_model(tiny_llama_dir, scene_text, tmp_path):
+    out = tmp_path / "c"
+    res = casp_json("compress", tiny_llama_dir, "-o", out, "--bits", "3", "--calib-text", scene_text,
+                    "--calib-samples", "8", "--calib-seq-len", "32", "--seed", "1")
+    assert res["out"] == str(out) and 2.0 < res["average_bits"] <= 3.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["average_bits"] == res["average_bits"]
+    ev = casp_json("eval", out, "--text", scene_text, "--context-length", "64")
+    assert {"text_ppl", "context_length", "tokens"} <= set(ev)
+    assert ev["context_length"] == 64 and ev["tokens"] > 100 and ev["text_ppl"] > 1
+    info = casp_json("info", out)
+    assert info["compressed"] is True and info["architecture"] == "LlamaForCausalLM"
+    assert abs(info["average_bits"] - res["average_bits"]) < 1e-9
+
+
+def test_sparsity_json_on_vlm(tiny_llava_dir, scene_jsonl):
+    res = casp_json("sparsity", tiny_llava_dir, "--calib-jsonl", scene_jsonl, "--calib-samples", "4", "--qk-rank", "0.25")
+    assert len(res["layers"]) == 2
+    for lr in res["layers"]:
+        assert len(lr["density_per_head"]) == 4
+        assert all(0 < d <= 1 for d in lr["density_per_head"])
+        assert lr["attn_row_l1"] <= lr["attn_bound_l1"] + 1e-9
+        assert lr["attn_map_mse"] <= lr["attn_map_mse_bound"] + 1e-12
+
+
+def test_info_lists_families():
+    info = casp_json("info")
+    assert "LlavaForConditionalGeneration" in info["supported_architectures"]
+    assert "smollm2-135m" in info["builtin_models"]
+    assert {"gptq", "rtn", "none"} <= set(info["quantizers"])

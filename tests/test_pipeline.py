@@ -1,0 +1,45 @@
+"""Pipeline-level behaviour: budgets, allocators, ranks, the bound on a real layer stack."""
+import pytest
+
+from casp.config import CompressionConfig
+from casp.errors import CaspError
+from casp.pipeline import compress, measure_sparsity
+
+
+def _cfg(scene_text, **kw):
+    base = dict(calib_samples=8, calib_seq_len=32, calib_text=str(scene_text))
+    base.update(kw)
+    return CompressionConfig(**base)
+
+
+@pytest.mark.parametrize("allocation", ["rd", "paper"])
+@pytest.mark.parametrize("bits", [2.0, 2.6])
+def test_allocators_meet_the_budget(tiny_llama_dir, scene_text, allocation, bits):
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, bits=bits, allocation=allocation), progress=False)
+    assert res.report["average_bits"] <= bits
+    assert res.report["average_bits"] > bits - 0.5
+
+
+def test_target_below_minimum_names_it(tiny_llama_dir, scene_text):
+    with pytest.raises(CaspError, match=r"minimum feasible average \d\.\d{3}"):
+        compress(tiny_llama_dir, None, _cfg(scene_text, bits=1.0), progress=False)
+
+
+def test_auto_ranks_use_the_uniform_budget(tiny_llama_dir, scene_text):
+    uni = compress(tiny_llama_dir, None, _cfg(scene_text, quantizer="none", qk_rank=0.25), progress=False)
+    auto = compress(tiny_llama_dir, None, _cfg(scene_text, quantizer="none", qk_rank="auto"), progress=False)
+
+    def params(r):
+        return sum(lr["rank_q"] * (128 + 128) + lr["rank_k"] * (128 + 64) for lr in r.report["decoder_layers"])
+
+    assert params(auto) <= params(uni)
+    assert all(lr["rank_q"] >= 1 and lr["rank_k"] >= 1 for lr in auto.report["decoder_layers"])
+
+
+def test_measured_attention_error_respects_our_bound(tiny_llava_dir, scene_jsonl):
+    res = measure_sparsity(tiny_llava_dir, CompressionConfig(calib_jsonl=str(scene_jsonl), calib_samples=4, qk_rank=0.125),
+                           progress=False)
+    for lr in res["layers"]:
+        assert lr["attn_row_l1"] > 0
+        assert lr["attn_row_l1"] <= lr["attn_bound_l1"] + 1e-9
+        assert lr["attn_map_mse"] <= lr["attn_map_mse_bound"] + 1e-12
