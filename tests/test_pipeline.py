@@ -43,3 +43,11 @@ def test_measured_attention_error_respects_our_bound(tiny_llava_dir, scene_jsonl
         assert lr["attn_row_l1"] > 0
         assert lr["attn_row_l1"] <= lr["attn_bound_l1"] + 1e-9
         assert lr["attn_map_mse"] <= lr["attn_map_mse_bound"] + 1e-12
+
+
+def test_layer_granularity_gives_one_setting_per_layer(tiny_llama_dir, scene_text):
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, bits=2.6, granularity="layer", qk_rank=0), progress=False)
+    assert res.report["average_bits"] <= 2.6
+    for i in range(2):
+        settings = {(u["bits"], u["group_size"]) for u in res.report["layers"] if f".layers.{i}." in u["name"]}
+        assert len(settings) == 1

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer override of --qk-rank: a ratio <= 1 or an integer rank > 1 (repeatable)")
     c.add_argument("--allocation", default="rd", choices=["rd", "paper", "uniform"],
                    help="bit allocation: rate-distortion (default), the paper's rule, or uniform int(--bits)")
+    c.add_argument("--granularity", default="matrix", choices=["matrix", "layer"],
+                   help="rd allocation unit: each matrix (default) or each decoder layer")
     c.add_argument("--candidate-bits", type=_int_list, default=(2, 3, 4), help="bit-widths to allocate from (default 2,3,4)")
     c.add_argument("--candidate-group-sizes", type=_int_list, default=(128, -1),
                    help="group sizes to allocate from, -1 = per channel (default 128,-1)")
@@ -139,7 +141,7 @@ def cmd_compress(args) -> None:
 
     cfg = CompressionConfig(
         bits=args.bits, quantizer=args.quantizer, qk_rank=args.qk_rank, qk_rank_overrides=dict(args.qk_rank_layer),
-        allocation=args.allocation, candidate_bits=args.candidate_bits, candidate_group_sizes=args.candidate_group_sizes,
+        allocation=args.allocation, granularity=args.granularity, candidate_bits=args.candidate_bits, candidate_group_sizes=args.candidate_group_sizes,
         group_size=args.group_size, sym=args.sym, damp=args.damp, act_order=not args.no_act_order,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
         calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,

@@ -17,6 +17,7 @@ class CompressionConfig:
     qk_rank: float | str = 0.25
     qk_rank_overrides: dict[int, float] = field(default_factory=dict)
     allocation: str = "rd"
+    granularity: str = "matrix"
     candidate_bits: tuple[int, ...] = DEFAULT_BITS
     group_size: int = 128
     candidate_group_sizes: tuple[int, ...] = (128, -1)
@@ -45,6 +46,8 @@ class CompressionConfig:
                 raise CaspError(f"rank override for layer {layer} must be a ratio in [0, 1] or an integer rank, got {r}")
         if self.allocation not in ("rd", "paper", "uniform"):
             raise CaspError(f"--allocation must be rd, paper or uniform, got {self.allocation!r}")
+        if self.granularity not in ("matrix", "layer"):
+            raise CaspError(f"--granularity must be matrix or layer, got {self.granularity!r}")
         for b in self.candidate_bits:
             if b not in (2, 3, 4, 8):
                 raise CaspError(f"bit-widths must be among 2, 3, 4, 8; got {b}")

@@ -228,6 +228,9 @@ def allocate(units, specs, config, num_layers) -> dict[str, QuantSpec]:
         )
         for u in units
     ]
+    members = {u.name: [u.name] for u in a_units}
+    if config.granularity == "layer" and config.allocation == "rd":
+        a_units, members = _merge_per_layer(a_units)
     try:
         if config.allocation == "paper":
             result = alloc.allocate_paper(a_units, config.bits, num_layers)
@@ -235,7 +238,27 @@ def allocate(units, specs, config, num_layers) -> dict[str, QuantSpec]:
             result = alloc.allocate_rd(a_units, config.bits, solver="best")
     except alloc.InfeasibleBudget as e:
         raise CaspError(str(e)) from None
-    return {name: by_label[key] for name, key in result.choice.items()}
+    return {m: by_label[key] for name, key in result.choice.items() for m in members[name]}
+
+
+def _merge_per_layer(units):
+    """One unit per decoder layer for its dense matrices (factors keep their own unit): same setting for all."""
+    merged, members = {}, {}
+    for u in units:
+        name = u.name if u.kind.endswith("_factor") else f"layer{u.layer_index}"
+        if name not in merged:
+            merged[name] = alloc.Unit(name=name, num_weights=0, cost_bits=dict.fromkeys(u.cost_bits, 0),
+                                      distortion=dict.fromkeys(u.distortion, 0.0), layer_index=u.layer_index,
+                                      kind=u.kind if u.kind.endswith("_factor") else "layer")
+            members[name] = []
+        m = merged[name]
+        m.num_weights += u.num_weights
+        for k, v in u.cost_bits.items():
+            m.cost_bits[k] += v
+        for k, v in u.distortion.items():
+            m.distortion[k] += v
+        members[name].append(u.name)
+    return list(merged.values()), members
 
 
 # --------------------------------------------------------------------------- the run
