@@ -10,6 +10,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .config import CompressionConfig
@@ -102,14 +103,20 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
     rows = [measure(reference, "FP", None, 16.0, fp_weights * 2, 0.0)]
     casp_reports = {}
     cache: dict = {}
-    for method, cfg in demo_configs(seed):
+    configs = demo_configs(seed)
+    while configs:
+        method, cfg = configs.pop(0)
         t = time.time()
         result = compress(None, None, cfg, progress=progress, cache=cache)
         seconds = time.time() - t
         r = result.report
         rows.append(measure(result.model, method, cfg.bits, r["average_bits"], r["stored_bytes"], seconds))
-        if method.startswith("CASP"):
+        if method.startswith("CASP") and cfg.bits in (2.0, 3.0):
             casp_reports[cfg.bits] = r
+        if method.startswith("GPTQ"):
+            # the same honest bits as the uniform GPTQ row just measured
+            equal = round(r["average_bits"], 4)
+            configs.insert(0, ("CASP+GPTQ (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0.25)))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         plot = _accuracy_plot(rows, tmp)
