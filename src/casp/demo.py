@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 from .config import CompressionConfig
 from .embedded import EMBEDDED_MODEL_DIR
 from .errors import CaspError
+from .storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +116,7 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
             # the same honest bits as the uniform GPTQ row just measured
             equal = round(r["average_bits"], 4)
             configs.insert(0, ("CASP+GPTQ (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0.25)))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
-    try:
+    with atomic_dir(out) as tmp:
         plot = _accuracy_plot(rows, tmp)
         detail = casp_reports[2.0]
         plots = write_plots(detail, tmp)
@@ -137,10 +135,4 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
             "Per-layer detail of CASP+GPTQ at 2.0 bits: [casp_2bit_report.md](casp_2bit_report.md)", "",
             *[f"![{p}]({p})" for p in plots], "",
         ]))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"rows": rows, "table": table, "out": str(out), "seconds": time.time() - t0}

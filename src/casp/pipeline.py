@@ -82,15 +82,29 @@ def candidate_specs(config: CompressionConfig) -> list[QuantSpec]:
 # --------------------------------------------------------------------------- analysis
 
 
+def observe_layer(layer, adapter, inputs, groups, device):
+    """Run a layer once on the caught inputs; return its outputs, XᵀX of `groups`, and its attention inputs."""
+    moments, attn_inputs = SecondMoments(), []
+    with record_second_moments(layer, groups, moments), record_attention_inputs(layer, adapter, attn_inputs):
+        outs = run_layer(layer, inputs, device)
+    return outs, moments, attn_inputs
+
+
+def _qk_pair(layer, adapter, lowrank: dict):
+    """(q module, k module) with the low-rank replacements where there are any; None if there are none."""
+    if not lowrank:
+        return None
+    return tuple(lowrank.get(getattr(adapter, f"{p}_proj"), layer.get_submodule(getattr(adapter, f"{p}_proj")))
+                 for p in QK)
+
+
 def analyse(model, adapter, batches, config, *, keep_moments: bool, progress: bool):
     """Run the original layers once: XᵀX per input group, attention density, whitened Q/K spectra."""
     geometry = adapter.attention_geometry(model)
     inputs = capture_layer0_inputs(model, adapter, batches)
     per_layer = []
     for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="analyse", disable=not progress)):
-        moments, attn_inputs = SecondMoments(), []
-        with record_second_moments(layer, adapter.linears, moments), record_attention_inputs(layer, adapter, attn_inputs):
-            outs = run_layer(layer, inputs, config.device)
+        outs, moments, attn_inputs = observe_layer(layer, adapter, inputs, adapter.linears, config.device)
         stats = layer_attention_stats(layer, adapter, geometry, attn_inputs, mass=config.density_mass)
         h = moments.xtx["attn_in"]
         spectra = {
@@ -328,15 +342,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
             continue
         t_layer = time.time()
         layer.to(config.device)
-        moments, attn_inputs = SecondMoments(), []
-        with record_second_moments(layer, adapter.linears, moments), record_attention_inputs(layer, adapter, attn_inputs):
-            run_layer(layer, inputs, config.device)
+        _, moments, attn_inputs = observe_layer(layer, adapter, inputs, adapter.linears, config.device)
         xtx = {k: v.to(config.device) for k, v in moments.xtx.items()}
         lowrank = _factorise(layer, adapter, ranks[i], xtx["attn_in"])
-        qk_pair = None
-        if lowrank:
-            qk_pair = tuple(lowrank.get(getattr(adapter, f"{p}_proj"), layer.get_submodule(getattr(adapter, f"{p}_proj"))) for p in QK)
-        stats: LayerAttentionStats = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass, qk_pair)
+        stats: LayerAttentionStats = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass,
+                                                           _qk_pair(layer, adapter, lowrank))
         for name, module in lowrank.items():
             layer.set_submodule(name, module)
         unit_rows = []
@@ -405,16 +415,11 @@ def measure_sparsity(model: str | Path | None = None, config: CompressionConfig 
     inputs = capture_layer0_inputs(model, adapter, batches)
     layers = []
     for i, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="sparsity", disable=not progress)):
-        moments, attn_inputs = SecondMoments(), []
-        with record_second_moments(layer, {"attn_in": adapter.linears["attn_in"]}, moments), \
-                record_attention_inputs(layer, adapter, attn_inputs):
-            outs = run_layer(layer, inputs, config.device)
-        pair = None
-        if ranks:
-            lowrank = _factorise(layer, adapter, ranks[i], moments.xtx["attn_in"])
-            pair = tuple(lowrank.get(getattr(adapter, f"{p}_proj"), layer.get_submodule(getattr(adapter, f"{p}_proj")))
-                         for p in QK)
-        s = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass, pair)
+        groups = {"attn_in": adapter.linears["attn_in"]}
+        outs, moments, attn_inputs = observe_layer(layer, adapter, inputs, groups, config.device)
+        lowrank = _factorise(layer, adapter, ranks[i], moments.xtx["attn_in"]) if ranks else {}
+        s = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass,
+                                  _qk_pair(layer, adapter, lowrank))
         layers.append({"index": i, "density": s.mean_density, "density_per_head": s.density,
                        "rank_q": ranks[i]["q"] if ranks else 0, "rank_k": ranks[i]["k"] if ranks else 0,
                        "attn_map_mse": s.map_mse, "attn_row_l1": s.row_l1, "attn_bound_l1": s.bound_l1,

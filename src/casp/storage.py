@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +41,25 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise CaspError(f"the parent directory of {str(out)!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise CaspError(f"cannot write into {str(parent)!r}")
+
+
+@contextmanager
+def atomic_dir(out: Path):
+    """Yield a temp dir beside `out`; on success it replaces `out`, on any failure it vanishes."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            out.rename(trash / out.name)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def module_specs(model: nn.Module) -> dict[str, dict]:
@@ -97,8 +117,7 @@ def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
     check_output_dir(out, overwrite)
     model = result.model
     round_through_fp16(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
-    try:
+    with atomic_dir(out) as tmp:
         qcfg = {
             "quant_method": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
@@ -122,16 +141,6 @@ def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
                 shutil.copy2(src, tmp / fname)
         result.report["stored_bytes_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         write_report(result.report, tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -223,16 +232,9 @@ def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> P
                 if module.bias is not None:
                     lin.bias.copy_(module.bias)
                 model.set_submodule(name, lin)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
-    try:
+    with atomic_dir(dst) as tmp:
         model.half().save_pretrained(tmp, safe_serialization=True)
         for fname in PROCESSOR_FILES:
             if (src / fname).is_file() and not (tmp / fname).exists():
                 shutil.copy2(src / fname, tmp / fname)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
