@@ -100,12 +100,13 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         f"{cfg['density_mass']:.0%} of the attention mass, averaged. Map MSE and row L1: error of the attention "
         "map after low-rank Q/K on the calibration inputs; bound: our upper bound on the row L1 error (docs/theory.md).",
         "",
-        "| layer | density | rank q | rank k | map MSE | row L1 | bound L1 | bits/weight |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | density | rank q | rank k | map MSE | MSE bound | row L1 | L1 bound | bits/weight |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for lr, b in zip(report["decoder_layers"], _layer_bits(report)):
         lines.append(f"| {lr['index']} | {lr['density']:.3f} | {lr['rank_q']} | {lr['rank_k']} | "
-                     f"{_fmt(lr['attn_map_mse'], '.2e')} | {_fmt(lr['attn_row_l1'])} | {_fmt(lr['attn_bound_l1'])} | {b:.3f} |")
+                     f"{_fmt(lr['attn_map_mse'], '.3e')} | {_fmt(lr.get('attn_map_mse_bound'), '.3e')} | "
+                     f"{_fmt(lr['attn_row_l1'], '.4e')} | {_fmt(lr['attn_bound_l1'], '.4e')} | {b:.3f} |")
     lines += [
         "",
         "## Per matrix",
