@@ -32,7 +32,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from casp.embedded.build import DEFAULTS, NUM_VISUAL_TOKENS, build_config, build_model, build_processor  # noqa: E402
-from casp.embedded.scenes import CAPTION_PROMPT, generate_caption_records, generate_records, make_scene  # noqa: E402
+from casp.embedded.scenes import (  # noqa: E402
+    CAPTION_PROMPT,
+    COLORS,
+    GRID,
+    SHAPES,
+    SIZES,
+    generate_caption_records,
+    generate_records,
+    make_scene,
+)
 from casp.eval.vqa import build_prompt, caption_perplexity, vqa_accuracy  # noqa: E402
 
 log = logging.getLogger("train_embedded")
@@ -53,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--caption-prob", type=float, default=0.5, help="probability a scene also has a caption turn")
     p.add_argument("--relation-boost", type=int, default=1, help="times each relation question is re-asked with swapped operands")
+    p.add_argument("--curriculum", type=int, default=0,
+                   help="steps of curriculum: scenes hold at most 1, then 2, 3 objects before the full 1-4 mix")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the auxiliary per-visual-token loss (object colour/shape/size and patch "
+                        "row/column predicted from the projector output); the probe is discarded after training")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-scenes", type=int, default=60, help="validation scenes per periodic eval")
     p.add_argument("--test-scenes", type=int, default=200, help="test scenes for the final report (~5.3 q/scene)")
@@ -86,16 +100,77 @@ class SequenceBuilder:
         return ids, labels
 
 
+PATCHES = 8  # patches per side (64 / 8)
+PER_CELL = PATCHES // GRID  # patches per grid cell side
+
+
+class PatchProbe(torch.nn.Module):
+    """Auxiliary linear heads on the projected visual tokens (training only).
+
+    Telling each visual token what lies under it (and where it is) gives the vision
+    tower a direct signal from step one, instead of waiting for the language model
+    to learn to attend to the right patches; this removes the long plateau of
+    from-scratch training.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({
+            "color": torch.nn.Linear(dim, len(COLORS) + 1),
+            "shape": torch.nn.Linear(dim, len(SHAPES) + 1),
+            "size": torch.nn.Linear(dim, len(SIZES) + 1),
+            "row": torch.nn.Linear(dim, PATCHES),
+            "col": torch.nn.Linear(dim, PATCHES),
+        })
+        # every visual token also predicts the whole layout (colour / shape / size of each grid cell),
+        # so scene information is spread over all tokens and reachable before attention has learned to look
+        self.n_cls = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+        self.layout = torch.nn.Linear(dim, GRID * GRID * sum(self.n_cls))
+
+    def loss(self, feats: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = sum(F.cross_entropy(h(feats).flatten(0, 1), targets[k].flatten()) for k, h in self.heads.items())
+        b, t, _ = feats.shape
+        logits = self.layout(feats).view(b, t, GRID * GRID, sum(self.n_cls)).split(self.n_cls, dim=-1)
+        for lg, key in zip(logits, ("cell_color", "cell_shape", "cell_size")):
+            tgt = targets[key][:, None, :].expand(b, t, GRID * GRID)
+            total = total + F.cross_entropy(lg.flatten(0, 2), tgt.flatten())
+        return total
+
+
+def patch_targets(scene) -> dict[str, torch.Tensor]:
+    """Per-patch labels (0 = background): each object's grid cell covers PER_CELL x PER_CELL patches."""
+    grid = {k: torch.zeros(PATCHES, PATCHES, dtype=torch.long) for k in ("color", "shape", "size")}
+    for o in scene.objects:
+        sl = (slice(PER_CELL * o.row, PER_CELL * (o.row + 1)), slice(PER_CELL * o.col, PER_CELL * (o.col + 1)))
+        grid["color"][sl] = 1 + list(COLORS).index(o.color)
+        grid["shape"][sl] = 1 + SHAPES.index(o.shape)
+        grid["size"][sl] = 1 + list(SIZES).index(o.size)
+    out = {k: v.flatten() for k, v in grid.items()}
+    for k in ("color", "shape", "size"):  # one label per grid cell for the layout head
+        out[f"cell_{k}"] = grid[k][::PER_CELL, ::PER_CELL].flatten()
+    idx = torch.arange(PATCHES * PATCHES)
+    out["row"], out["col"] = idx // PATCHES, idx % PATCHES
+    return out
+
+
 def scene_pixels(pixels: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> normalised 3xHxW, identical to the processor (rescale 1/255, mean=std=0.5)."""
     x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
     return (x - 0.5) / 0.5
 
 
-def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random, args) -> dict:
-    seqs, pix = [], []
+def max_objects_at(step: int, args) -> int:
+    """Curriculum: 1 object for the first quarter of --curriculum steps, then 2, then 3, then all (4)."""
+    if step >= args.curriculum:
+        return 4
+    return 1 + (4 * step) // args.curriculum
+
+
+def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random, args, max_objects: int = 4) -> dict:
+    seqs, pix, aux = [], [], []
     for idx in indices:
-        scene = make_scene("train", idx)
+        scene = make_scene("train", idx, max_objects=max_objects)
+        aux.append(patch_targets(scene))
         turns = [(q, a) for q, a, _ in scene.qa]
         # extra relation questions from a sibling scene draw would change the image; instead
         # repeat the scene's relation questions with swapped operands for more relational signal
@@ -118,7 +193,9 @@ def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random,
         ids[i, : len(s)] = torch.tensor(s)
         labels[i, : len(s)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pix), "labels": labels}
+    targets = {k: torch.stack([a[k] for a in aux]) for k in aux[0]}
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pix), "labels": labels,
+            "patch_targets": targets}
 
 
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -187,7 +264,7 @@ the prompt. Captions are requested with the question `{CAPTION_PROMPT}`.
 
 ## Data
 Scenes: 1-4 objects (square, circle, triangle, cross; red, green, blue, yellow, purple,
-white; small or large) on a 4x4 grid of 16-pixel cells. Question types: color, count,
+white; small or large) on a 2x2 grid of 32-pixel cells (one object per cell). Question types: color, count,
 exists, position (quadrant), relation (left of / right of / above / below -> yes/no),
 plus a caption. Train / validation / test use base seeds 1000 / 2000 / 3000 and are
 disjoint by content (a hash of each scene's object list assigns it to one split).
@@ -197,7 +274,11 @@ disjoint by content (a hash of each scene's object list assigns it to one split)
 python scripts/train_embedded.py --out src/casp/embedded/model --steps {args.steps} --time-budget {args.time_budget:g} --seed {args.seed} --threads {args.threads}
 ```
 AdamW (lr {args.lr}, {args.warmup} warm-up steps, cosine to 5%, weight decay {args.weight_decay}),
-{args.batch} scenes per step, each one multi-turn conversation with all its questions
+{args.batch} scenes per step, auxiliary per-visual-token loss (weight {args.aux_weight:g}: colour, shape,
+size of the object under each patch, the patch's row / column, and the whole 2x2 layout from
+every visual token, from the projector output
+through linear heads discarded after training; it shortcuts the from-scratch plateau) ({args.curriculum} curriculum steps growing the object count
+from 1 to 4), each one multi-turn conversation with all its questions
 (relation questions also asked with swapped operands) and a caption turn with probability
 {args.caption_prob}; loss on answer / caption tokens only. {steps_done} steps, wall time {wall_s / 60:.1f} min
 on {args.threads} CPU threads (shared machine).
@@ -239,8 +320,12 @@ def main(argv=None) -> int:
     log.info("model: %.2fM parameters", n_params / 1e6)
     builder = SequenceBuilder(processor.tokenizer)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    probe = PatchProbe(config.text_config.hidden_size)
+    captured = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o))
+    params = list(model.named_parameters()) + list(probe.named_parameters())
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98),
@@ -261,19 +346,25 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         idx = [scene_offset + step * args.batch + j for j in range(args.batch)]
-        batch = make_batch(builder, idx, rng, args)
+        batch = make_batch(builder, idx, rng, args, max_objects_at(step, args))
         labels = batch.pop("labels")
+        targets = batch.pop("patch_targets")
         logits = model(**batch).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if args.aux_weight > 0:
+            aux = probe.loss(captured.pop("feats"), targets)
+            loss_total = loss + args.aux_weight * aux
+        else:
+            aux, loss_total = torch.zeros(()), loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         steps_done = step + 1
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         if step % 25 == 0 or step == args.steps - 1:
-            log.info("step %d/%d loss %.4f (avg %.4f) lr %.2e  %.1fs", step, args.steps, loss.item(), smooth,
-                     lr, time.time() - t0)
+            log.info("step %d/%d loss %.4f (avg %.4f) aux %.3f lr %.2e  %.1fs", step, args.steps, loss.item(),
+                     smooth, aux.item(), lr, time.time() - t0)
         if args.eval_every and step > 0 and (step % args.eval_every == 0 or step == args.steps - 1):
             res = vqa_accuracy(model, processor, val_records, batch_size=64, progress=False)
             log.info("step %d val acc %.4f %s", step, res["vqa_accuracy"],
