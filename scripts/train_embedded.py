@@ -61,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--caption-prob", type=float, default=0.5, help="probability a scene also has a caption turn")
-    p.add_argument("--relation-boost", type=int, default=1, help="times each relation question is re-asked with swapped operands")
+    p.add_argument("--relation-boost", type=int, default=0, help="times each relation question is re-asked with swapped operands (later turns can copy the answer; off by default)")
+    p.add_argument("--max-turns", type=int, default=3,
+                   help="questions per training sequence (a random subset of the scene's): later turns can partly "
+                        "read answers from earlier ones, while evaluation is single-turn")
     p.add_argument("--curriculum", type=int, default=0,
                    help="steps of curriculum: scenes hold at most 1, then 2, 3 objects before the full 1-4 mix")
     p.add_argument("--aux-weight", type=float, default=1.0,
@@ -181,8 +184,10 @@ def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random,
                 if swapped:
                     turns.append(swapped)
         rng.shuffle(turns)
+        turns = turns[: args.max_turns]
         if rng.random() < args.caption_prob:
-            turns.insert(rng.randrange(len(turns) + 1), (CAPTION_PROMPT, scene.caption))
+            # last, so no question can be answered by copying from the caption text
+            turns.append((CAPTION_PROMPT, scene.caption))
         seqs.append(builder.build(turns))
         pix.append(scene_pixels(scene.pixels))
     L = max(len(s[0]) for s in seqs)
@@ -236,6 +241,7 @@ def visual_token_share(processor, records) -> float:
 def write_card(out: Path, args, metrics: dict, wall_s: float, n_params: int, steps_done: int) -> None:
     per_type = "\n".join(f"| {t} | {acc:.3f} |" for t, acc in metrics["test"]["per_type"].items())
     cfg = {**DEFAULTS}
+    init_note = f" Initialised from the weights in `{args.init}` (a previous stage)." if args.init else ""
     card = f"""# casp embedded tiny LLaVA
 
 A `LlavaForConditionalGeneration` trained from scratch on CPU on synthetic 64x64 shape
@@ -278,9 +284,8 @@ AdamW (lr {args.lr}, {args.warmup} warm-up steps, cosine to 5%, weight decay {ar
 size of the object under each patch, the patch's row / column, and the whole 2x2 layout from
 every visual token, from the projector output
 through linear heads discarded after training; it shortcuts the from-scratch plateau) ({args.curriculum} curriculum steps growing the object count
-from 1 to 4), each one multi-turn conversation with all its questions
-(relation questions also asked with swapped operands) and a caption turn with probability
-{args.caption_prob}; loss on answer / caption tokens only. {steps_done} steps, wall time {wall_s / 60:.1f} min
+from 1 to 4), each one multi-turn conversation with up to {args.max_turns} of its questions
+and a final caption turn with probability {args.caption_prob}; loss on answer / caption tokens only.{init_note} {steps_done} steps, wall time {wall_s / 60:.1f} min
 on {args.threads} CPU threads (shared machine).
 
 ## Measured on the test split ({metrics['test']['n']} questions, {args.test_scenes} scenes)
