@@ -241,6 +241,9 @@ def visual_token_share(processor, records) -> float:
 def write_card(out: Path, args, metrics: dict, wall_s: float, n_params: int, steps_done: int) -> None:
     per_type = "\n".join(f"| {t} | {acc:.3f} |" for t, acc in metrics["test"]["per_type"].items())
     cfg = {**DEFAULTS}
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+             if k not in ("out", "no_final_eval") and v is not None and v is not False]
+    command = "python scripts/train_embedded.py --out src/casp/embedded/model " + " ".join(flags)
     init_note = f" Initialised from the weights in `{args.init}` (a previous stage)." if args.init else ""
     card = f"""# casp embedded tiny LLaVA
 
@@ -277,7 +280,7 @@ disjoint by content (a hash of each scene's object list assigns it to one split)
 
 ## Training
 ```
-python scripts/train_embedded.py --out src/casp/embedded/model --steps {args.steps} --time-budget {args.time_budget:g} --seed {args.seed} --threads {args.threads}
+{command}
 ```
 AdamW (lr {args.lr}, {args.warmup} warm-up steps, cosine to 5%, weight decay {args.weight_decay}),
 {args.batch} scenes per step, auxiliary per-visual-token loss (weight {args.aux_weight:g}: colour, shape,
