@@ -278,6 +278,19 @@ def _merge_per_layer(units):
 # --------------------------------------------------------------------------- the run
 
 
+def load_with_calibration(model, config):
+    """Resolve and load the (uncompressed) model, its processor, adapter and calibration batches."""
+    source = resolve_model_path(model)
+    if is_compressed(source):
+        raise CaspError(f"{source} is already compressed by casp; use the original model")
+    loaded = load_model(source)
+    processor = load_processor(source)
+    adapter = adapter_for(loaded)
+    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
+                                seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
+    return source, loaded, processor, adapter, batches
+
+
 def plan_ranks_and_units(model, adapter, batches, config, quantizer, specs, progress, cache=None):
     """Everything measured on the original model: Q/K ranks, and the units with their distortions.
 
@@ -319,15 +332,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
         check_output_dir(Path(out), overwrite)
     torch.manual_seed(config.seed)
     t_start = time.time()
-    source = resolve_model_path(model)
-    if is_compressed(source):
-        raise CaspError(f"{source} is already compressed by casp; compress the original model")
-    model = load_model(source)
-    processor = load_processor(source)
-    adapter = adapter_for(model)
+    source, model, processor, adapter, batches = load_with_calibration(model, config)
     quantizer = quantizer_for(config)
-    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                                seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
     layers = adapter.decoder_layers(model)
     geometry = adapter.attention_geometry(model)
     specs = candidate_specs(config)
@@ -403,12 +409,7 @@ def measure_sparsity(model: str | Path | None = None, config: CompressionConfig 
     """`casp sparsity`: per layer and head, attention density; with a rank ratio, low-rank error and our bound."""
     config = (config or CompressionConfig()).validate()
     torch.manual_seed(config.seed)
-    source = resolve_model_path(model)
-    model = load_model(source)
-    processor = load_processor(source)
-    adapter = adapter_for(model)
-    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                                seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
+    source, model, processor, adapter, batches = load_with_calibration(model, config)
     geometry = adapter.attention_geometry(model)
     analysis = analyse(model, adapter, batches, config, keep_moments=False, progress=progress) if config.qk_rank == "auto" else None
     ranks = choose_ranks(model, adapter, analysis, config) if config.qk_rank and config.qk_rank != 0 else None
