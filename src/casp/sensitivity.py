@@ -25,6 +25,21 @@ def _labels(batch: dict, image_token_id: int | None) -> torch.Tensor:
 FISHER_TOKENS = 16384
 
 
+BACKWARD_TOKENS = 1024
+
+
+def _small_batches(batches: list[dict]):
+    """Split text batches into pieces of about BACKWARD_TOKENS tokens: a backward pass keeps every activation."""
+    for b in batches:
+        rows = b["input_ids"].shape[0]
+        step = max(1, BACKWARD_TOKENS // b["input_ids"].shape[1])
+        if rows <= step or any(k not in ("input_ids", "attention_mask") for k in b):
+            yield b
+            continue
+        for i in range(0, rows, step):
+            yield {k: v[i:i + step] for k, v in b.items()}
+
+
 def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progress: bool = True,
                   max_tokens: int = FISHER_TOKENS) -> dict[str, torch.Tensor]:
     """Per linear (dotted name inside the model), the mean squared loss gradient of each output channel.
@@ -70,7 +85,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progr
     if image_token is None:
         image_token = getattr(model.config, "image_token_index", None)
     try:
-        for batch in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
+        for batch in tqdm(_small_batches(batches), desc="sensitivity", disable=not progress, leave=False):
             out = model(**batch, labels=_labels(batch, image_token), use_cache=False)
             out.loss.backward()
     finally:
