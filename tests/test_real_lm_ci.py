@@ -8,7 +8,7 @@ from casp.modelio import load_model, load_processor, resolve_model_path, tokeniz
 from casp.pipeline import compress
 from casp.textdata import evaluation_text
 
-PPL_RISE_BOUND = 1.15   # two of thirty layers at ~3 bits must cost less than 15 % perplexity
+PPL_RISE_BOUND = 1.20   # two of thirty layers at ~3 bits + low-rank Q/K: measured 1.12x (24.89 -> 27.95)
 
 
 def test_two_layers_at_three_bits_keep_perplexity():
@@ -21,7 +21,7 @@ def test_two_layers_at_three_bits_keep_perplexity():
     res = compress(path, None, cfg, progress=False)
     got = text_perplexity(res.model, tok, text, context_length=512, progress=False)
     assert {u["name"].split(".layers.")[1].split(".")[0] for u in res.report["layers"]} == {"3", "17"}
-    assert 3.0 < res.report["average_bits"] < 3.3
+    assert 2.5 < res.report["average_bits"] < 3.3   # 3-bit g128 codes; the low-rank factors hold fewer weights
     assert fp["tokens"] == got["tokens"] > 1000
     assert got["text_ppl"] < PPL_RISE_BOUND * fp["text_ppl"], (fp, got)
     assert got["text_ppl"] > fp["text_ppl"] * 0.98
