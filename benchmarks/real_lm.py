@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-chars", type=int, default=None, help="evaluate on the first N characters only")
     ap.add_argument("--rows", default="all", help="comma-separated row labels to run (default all)")
+    ap.add_argument("--granularity", default="matrix", choices=["matrix", "layer"],
+                    help="allocation unit of the rd rows (the table in the README used matrix)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -85,10 +87,13 @@ def main() -> None:
                 uniform[(q, b)] = r["average_bits"]
     for b in (2, 3):
         avg = uniform.get(("gptq", b), b + 0.14)
-        run(f"GPTQ + allocation @ {avg:.3f}", quantizer="gptq", bits=avg, allocation="rd", qk_rank=0)
-        run(f"CASP+GPTQ @ {avg:.3f}", quantizer="gptq", bits=avg, allocation="rd", qk_rank=0.25)
+        run(f"GPTQ + allocation @ {avg:.3f}", quantizer="gptq", bits=avg, allocation="rd", qk_rank=0,
+            granularity=args.granularity)
+        run(f"CASP+GPTQ @ {avg:.3f}", quantizer="gptq", bits=avg, allocation="rd", qk_rank=0.25,
+            granularity=args.granularity)
     for target in (2.0, 2.5, 3.25, 4.25):
-        run(f"CASP+GPTQ @ {target}", quantizer="gptq", bits=target, allocation="rd", qk_rank=0.25)
+        run(f"CASP+GPTQ @ {target}", quantizer="gptq", bits=target, allocation="rd", qk_rank=0.25,
+            granularity=args.granularity)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

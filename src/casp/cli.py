@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer override of --qk-rank: a ratio <= 1 or an integer rank > 1 (repeatable)")
     c.add_argument("--allocation", default="rd", choices=["rd", "paper", "uniform"],
                    help="bit allocation: rate-distortion (default), the paper's rule, or uniform int(--bits)")
-    c.add_argument("--granularity", default="matrix", choices=["matrix", "layer"],
-                   help="rd allocation unit: each matrix (default) or each decoder layer")
+    c.add_argument("--granularity", default="layer", choices=["matrix", "layer"],
+                   help="rd allocation unit: each decoder layer (default; measured better on the embedded model) or each matrix")
     c.add_argument("--candidate-bits", type=_int_list, default=(2, 3, 4), help="bit-widths to allocate from (default 2,3,4)")
     c.add_argument("--candidate-group-sizes", type=_int_list, default=(128, -1),
                    help="group sizes to allocate from, -1 = per channel (default 128,-1)")

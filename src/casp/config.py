@@ -17,7 +17,7 @@ class CompressionConfig:
     qk_rank: float | str = 0.25
     qk_rank_overrides: dict[int, float] = field(default_factory=dict)
     allocation: str = "rd"
-    granularity: str = "matrix"
+    granularity: str = "layer"
     candidate_bits: tuple[int, ...] = DEFAULT_BITS
     group_size: int = 128
     candidate_group_sizes: tuple[int, ...] = (128, -1)
