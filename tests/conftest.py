@@ -56,3 +56,12 @@ def scene_jsonl(tmp_path_factory) -> Path:
     from casp.embedded.scenes import write_jsonl
 
     return write_jsonl("validation", 8, tmp_path_factory.mktemp("jsonl"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a shared 2-core machine, two torch threads stall each other badly; one does not."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

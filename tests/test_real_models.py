@@ -28,13 +28,7 @@ from casp.real_models import (
 NAME = "smollm2-135m"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a shared 2-core machine, two torch threads stall each other badly; one does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _package_present() -> bool:

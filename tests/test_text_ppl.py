@@ -12,13 +12,7 @@ from casp.eval.text_ppl import split_windows, text_perplexity
 MAX_POS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a shared 2-core machine, two torch threads stall each other badly; one does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def byte_tokenizer(text, add_special_tokens=False, verbose=True):
