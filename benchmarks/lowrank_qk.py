@@ -19,7 +19,7 @@ from casp.adapters import adapter_for
 from casp.calibration import embedded_batches
 from casp.config import CompressionConfig
 from casp.embedded import EMBEDDED_MODEL_DIR
-from casp.engine import SecondMoments, capture_layer0_inputs, record_attention_inputs, record_second_moments, run_layer
+from casp.engine import capture_layer0_inputs, record_attention_inputs, run_layer
 from casp.evaluate import embedded_eval_records
 from casp.eval.vqa import vqa_accuracy
 from casp.lowrank import plain_lowrank, rank_for_ratio, whitened_lowrank

@@ -100,7 +100,6 @@ def unpack_codes(
     `dtype=torch.uint8` is the cheapest output (every code fits a byte).
     """
     planes = _planes(bits)
-    rows = packed.shape[0]
     pcols = padded_cols(cols)
     if packed.dim() != 2 or packed.shape[1] != pcols // WORD_BITS * bits:
         raise ValueError(

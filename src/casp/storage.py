@@ -7,7 +7,6 @@ is rounded through fp16 before saving, so a reload gives identical logits.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -208,7 +207,6 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
 def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
     """Write a plain fp16 checkpoint: low-rank factors multiplied back and packed weights dequantized."""
     from .lowrank import LowRankLinear
-    from .modelio import load_processor  # noqa: F401  (processor files are copied verbatim)
     from .packed_linear import PackedLinear
 
     src, dst = Path(src), Path(dst)
