@@ -51,6 +51,10 @@ class Adapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
+    def qk_name(self, p: str) -> str:
+        """Dotted path of W_q ("q") or W_k ("k") inside a decoder layer."""
+        return {"q": self.q_proj, "k": self.k_proj}[p]
+
     def linear_names(self) -> list[str]:
         return [name for group in self.linears.values() for name in group]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +59,7 @@ class UnitPlan:
     in_features: int
     num_weights: int     # weights of the original (pre-low-rank) matrix attributed to this unit
     kind: str
+    distortion: dict[str, float] = field(default_factory=dict)   # candidate label -> measured distortion
 
 
 def _group_of(adapter: Adapter) -> dict[str, str]:
@@ -94,7 +95,7 @@ def _qk_pair(layer, adapter, lowrank: dict):
     """(q module, k module) with the low-rank replacements where there are any; None if there are none."""
     if not lowrank:
         return None
-    return tuple(lowrank.get(getattr(adapter, f"{p}_proj"), layer.get_submodule(getattr(adapter, f"{p}_proj")))
+    return tuple(lowrank.get(adapter.qk_name(p), layer.get_submodule(adapter.qk_name(p)))
                  for p in QK)
 
 
@@ -108,7 +109,7 @@ def analyse(model, adapter, batches, config, *, keep_moments: bool, progress: bo
         stats = layer_attention_stats(layer, adapter, geometry, attn_inputs, mass=config.density_mass)
         h = moments.xtx["attn_in"]
         spectra = {
-            p: whitened_singular_values(layer.get_submodule(getattr(adapter, f"{p}_proj")).weight.data, h)
+            p: whitened_singular_values(layer.get_submodule(adapter.qk_name(p)).weight.data, h)
             for p in QK
         }
         per_layer.append({
@@ -124,12 +125,12 @@ def choose_ranks(model, adapter, analysis, config) -> list[dict[str, int]]:
     """Per layer, the rank of W_q and W_k (0 = keep dense)."""
     layers = adapter.decoder_layers(model)
     for p in QK:
-        name = getattr(adapter, f"{p}_proj")
+        name = adapter.qk_name(p)
         if not isinstance(getattr(layers[0].get_submodule(adapter.attention), name.rsplit(".", 1)[-1], None), nn.Linear):
             raise CaspError(f"this model has no separate {name} projection; low-rank Q/K needs separate W_q and W_k "
                             "(use --qk-rank 0)")
     shapes = [
-        {p: tuple(layer.get_submodule(getattr(adapter, f"{p}_proj")).weight.shape) for p in QK} for layer in layers
+        {p: tuple(layer.get_submodule(adapter.qk_name(p)).weight.shape) for p in QK} for layer in layers
     ]
     if config.qk_rank == "auto":
         base = 0.25
@@ -177,10 +178,10 @@ def _factorise(layer, adapter, ranks_i, xtx_attn) -> dict[str, LowRankLinear]:
         r = ranks_i.get(p, 0)
         if not r:
             continue
-        lin = layer.get_submodule(getattr(adapter, f"{p}_proj"))
+        lin = layer.get_submodule(adapter.qk_name(p))
         a, b = whitened_lowrank(lin.weight.data.float(), xtx_attn, r)
         bias = lin.bias.data.clone() if lin.bias is not None else None
-        out[getattr(adapter, f"{p}_proj")] = LowRankLinear.from_factors(a, b, bias)
+        out[adapter.qk_name(p)] = LowRankLinear.from_factors(a, b, bias)
     return out
 
 
@@ -222,7 +223,6 @@ def measure_distortions(model, adapter, units, analysis, ranks, specs, quantizer
             base = u.name.rsplit(".", 1)[0] if u.kind.endswith("_factor") else u.name
             f = fisher.get(f"{adapter.layers}.{i}.{base}") if fisher else None
             lift = lowrank[base].up.weight.data if u.name.endswith(".down") and base in lowrank else None
-            u.distortion = {}
             for spec in specs:
                 _, wq = quantizer.quantize(w.float(), xtx.float(), spec)
                 u.distortion[spec.label()] = _weighted_distortion(wq - w.float(), xtx, f, lift)
@@ -238,7 +238,7 @@ def allocate(units, specs, config, num_layers) -> dict[str, QuantSpec]:
         alloc.Unit(
             name=f"{u.layer}:{u.name}", num_weights=u.num_weights,
             cost_bits={s.label(): storage_bits(s, u.out_features, u.in_features) for s in specs},
-            distortion=getattr(u, "distortion", {}) or {}, layer_index=u.layer, kind=u.kind,
+            distortion=u.distortion, layer_index=u.layer, kind=u.kind,
         )
         for u in units
     ]
@@ -371,7 +371,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
                 "name": f"{adapter.layers}.{i}.{u.name}", "bits": spec.bits, "group_size": spec.group_size,
                 "sym": spec.sym, "stored_bits": qw.stored_bits(), "num_weights": u.num_weights,
                 "bits_per_weight": qw.stored_bits() / max(u.num_weights, 1),
-                "distortion": getattr(u, "distortion", {}).get(spec.label()) if getattr(u, "distortion", None) else None,
+                "distortion": u.distortion.get(spec.label()),
             })
         inputs.hidden = run_layer(layer, inputs, config.device)
         layer.to("cpu")
@@ -379,12 +379,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
             "index": i,
             "rank_q": ranks[i].get("q", 0),
             "rank_k": ranks[i].get("k", 0),
-            "density_per_head": stats.density,
-            "density": stats.mean_density,
-            "attn_map_mse": stats.map_mse,
-            "attn_row_l1": stats.row_l1,
-            "attn_bound_l1": stats.bound_l1,
-            "attn_map_mse_bound": stats.map_mse_bound,
+            **stats.as_report(),
             "units": unit_rows,
             "seconds": time.time() - t_layer,
         })
@@ -421,10 +416,8 @@ def measure_sparsity(model: str | Path | None = None, config: CompressionConfig 
         lowrank = _factorise(layer, adapter, ranks[i], moments.xtx["attn_in"]) if ranks else {}
         s = layer_attention_stats(layer, adapter, geometry, attn_inputs, config.density_mass,
                                   _qk_pair(layer, adapter, lowrank))
-        layers.append({"index": i, "density": s.mean_density, "density_per_head": s.density,
-                       "rank_q": ranks[i]["q"] if ranks else 0, "rank_k": ranks[i]["k"] if ranks else 0,
-                       "attn_map_mse": s.map_mse, "attn_row_l1": s.row_l1, "attn_bound_l1": s.bound_l1,
-                       "attn_map_mse_bound": s.map_mse_bound})
+        layers.append({"index": i, "rank_q": ranks[i]["q"] if ranks else 0, "rank_k": ranks[i]["k"] if ranks else 0,
+                       **s.as_report()})
         inputs.hidden = outs
     tokens = sum(b["input_ids"].numel() for b in batches)
     return {

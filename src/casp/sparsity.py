@@ -28,6 +28,11 @@ class LayerAttentionStats:
     def mean_density(self) -> float:
         return float(sum(self.density) / len(self.density))
 
+    def as_report(self) -> dict:
+        """The per-layer fields of report.json and `casp sparsity --json`."""
+        return {"density_per_head": self.density, "density": self.mean_density, "attn_map_mse": self.map_mse,
+                "attn_row_l1": self.row_l1, "attn_bound_l1": self.bound_l1, "attn_map_mse_bound": self.map_mse_bound}
+
 
 def _qk(x, q_mod: nn.Module, k_mod: nn.Module, attention: nn.Module, adapter: Adapter, geometry, pos):
     heads, kv, hd = geometry
