@@ -6,7 +6,6 @@ model's own processor (no padding, so every token is real); text is cut into win
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -20,36 +19,16 @@ log = logging.getLogger(__name__)
 TEXT_BATCH = 8
 
 
-def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise CaspError(f"cannot read image {str(path)!r}: {e}") from None
-
-
 def read_calibration_jsonl(path: str | Path) -> list[dict]:
     """Records `{"image", "text"}` or `{"image", "question", "answer"}`; image paths relative to the file."""
-    path = Path(path)
+    from .eval.vqa import read_image_jsonl
+
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaspError(f"cannot read calibration file {str(path)!r}: {e}") from None
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CaspError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or "image" not in rec or not ({"text"} <= rec.keys() or {"question", "answer"} <= rec.keys()):
-            raise CaspError(f"{path}:{i}: a record needs 'image' and either 'text' or 'question'+'answer'")
-        img = Path(rec["image"])
-        rec = dict(rec, image=_open_image(img if img.is_absolute() else path.parent / img))
-        records.append(rec)
+        records = read_image_jsonl(path, (("text",), ("question", "answer")))
+    except OSError as e:
+        raise CaspError(f"cannot read calibration file {str(path)!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CaspError(str(e)) from None
     if not records:
         raise CaspError(f"calibration file {str(path)!r} holds no records")
     return records

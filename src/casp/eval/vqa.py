@@ -48,11 +48,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def load_vqa_jsonl(path: str | Path) -> list[dict]:
-    """Read ``{"image", "question", "answer"[, "type"]}`` lines; images are opened as RGB PIL images.
+def read_image_jsonl(path: str | Path, layouts: tuple[tuple[str, ...], ...]) -> list[dict]:
+    """Read JSON lines holding "image" plus the fields of one of `layouts`; images opened as RGB PIL images.
 
-    Relative image paths are resolved against the JSONL's folder. Records without
-    "type" get type "all". A missing field or unreadable image raises ``ValueError``.
+    Relative image paths are resolved against the JSONL's folder. A malformed line, a record
+    matching no layout, or an unreadable image raises ``ValueError`` naming the line.
     """
     path = Path(path)
     records = []
@@ -62,11 +62,12 @@ def load_vqa_jsonl(path: str | Path) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-                image_path, question, answer = row["image"], row["question"], row["answer"]
+                image_path = row["image"]
+                if not any(all(k in row for k in layout) for layout in layouts):
+                    raise KeyError(" or ".join("+".join(layout) for layout in layouts))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with image, question, answer ({e})"
-                ) from None
+                fields = " or ".join(", ".join(layout) for layout in layouts)
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with image and {fields} ({e})") from None
             image_file = Path(image_path)
             if not image_file.is_absolute():
                 image_file = path.parent / image_file
@@ -75,10 +76,16 @@ def load_vqa_jsonl(path: str | Path) -> list[dict]:
                     image = im.convert("RGB")
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"cannot read image {image_file} ({path}:{lineno}): {e}") from None
-            records.append(
-                {"image": image, "question": str(question), "answer": str(answer), "type": row.get("type", "all")}
-            )
+            records.append(dict(row, image=image))
     return records
+
+
+def load_vqa_jsonl(path: str | Path) -> list[dict]:
+    """Read ``{"image", "question", "answer"[, "type"]}`` lines; records without "type" get type "all"."""
+    return [
+        {"image": r["image"], "question": str(r["question"]), "answer": str(r["answer"]), "type": r.get("type", "all")}
+        for r in read_image_jsonl(path, (("question", "answer"),))
+    ]
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
