@@ -20,12 +20,14 @@ def test_train_three_steps(tmp_path):
     mod = _load_script()
     out = tmp_path / "model"
     rc = mod.main(["--out", str(out), "--steps", "3", "--batch", "2", "--eval-every", "0", "--test-scenes", "2",
-                   "--threads", "1"])
+                   "--threads", "1", "--vision-steps", "2", "--vision-batch", "2", "--freeze-vision",
+                   "--question-draws", "2", "--question-aux-weight", "1"])
     assert rc == 0
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["test"]["n"] > 0
+    assert "--freeze-vision --question-draws 2" in (out / "README.md").read_text()
     LlavaForConditionalGeneration.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
 
@@ -48,3 +50,77 @@ def test_sequence_builder_matches_processor():
     pix = mod.scene_pixels(scene.pixels)
     ref = proc.image_processor(scene.image, return_tensors="pt")["pixel_values"][0]
     assert (pix - ref).abs().max() < 1e-5
+
+
+def test_question_read_back_targets_point_at_the_answer_position():
+    """The read-back loss sees each turn's last prompt token and that turn's question words."""
+    mod = _load_script()
+    from casp.embedded.build import build_processor
+
+    tok = build_processor().tokenizer
+    builder = mod.SequenceBuilder(tok)
+    turns = [("what color is the circle ?", "red"), ("how many squares are there ?", "2")]
+    ids, labels, questions = builder.build_with_questions(turns)
+    assert len(questions) == 2
+    for (pos, words), (q, a) in zip(questions, turns):
+        assert tok.convert_ids_to_tokens(ids[pos - 1 : pos + 1]) == ["assistant", ":"]
+        assert labels[pos] == -100 and labels[pos + 1] == builder.vocab[a]  # next token is the answer
+        assert tok.convert_ids_to_tokens(words) == q.split()
+        assert ids[pos - 2 - len(words) + 1 : pos - 1] == words
+
+
+def test_question_draws_add_distinct_questions():
+    import random
+
+    mod = _load_script()
+    from casp.embedded.build import build_processor
+
+    builder = mod.SequenceBuilder(build_processor().tokenizer)
+    one = mod.parse_args(["--out", "x", "--max-turns", "99", "--caption-prob", "0"])
+    two = mod.parse_args(["--out", "x", "--max-turns", "99", "--caption-prob", "0", "--question-draws", "3"])
+    b1 = mod.make_batch(builder, [5, 6], random.Random(0), one)
+    b3 = mod.make_batch(builder, [5, 6], random.Random(0), two)
+    n1 = int((b1["question_pos"] >= 0).sum())
+    n3 = int((b3["question_pos"] >= 0).sum())
+    assert n3 > n1
+    for i in range(2):  # no question repeated within a sequence
+        pos = [p for p in b3["question_pos"][i].tolist() if p >= 0]
+        qs = [tuple(w for w in b3["question_words"][i, t].tolist() if w != -100) for t in range(len(pos))]
+        assert len(set(qs)) == len(qs)
+
+
+def test_referent_is_the_object_a_question_names():
+    mod = _load_script()
+    from casp.embedded.scenes import make_scene
+
+    checked = 0
+    for i in range(60):
+        scene = make_scene("train", i)
+        for q, a, kind in scene.qa:
+            o = mod.referent(scene.objects, q)
+            if kind == "color":
+                assert o is not None and o.color == a
+            elif kind == "position":
+                assert o is not None and o.quadrant == a
+            elif kind == "exists":
+                assert (o is not None) == (a == "yes")
+            elif kind == "relation":  # the first object named
+                assert o is not None and q.startswith(f"is the {o.color} {o.shape} ")
+            else:
+                assert o is None
+            checked += 1
+    assert checked > 200
+
+
+def test_scene_counts_answer_every_count_question():
+    mod = _load_script()
+    from casp.embedded.scenes import make_scene
+
+    for i in range(60):
+        scene = make_scene("train", i)
+        counts = dict(zip(mod.COUNT_KEYS, mod.scene_counts(scene.objects)))
+        for q, a, kind in scene.qa:
+            if kind == "count":
+                key = q.split()[2]
+                key = {"squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross"}.get(key, key)
+                assert counts[key] == int(a), (q, a)
