@@ -91,6 +91,8 @@ def parse_args(argv=None):
                    help="weight of the auxiliary loss naming the queried object's attributes at the answer position")
     p.add_argument("--referent-aux-layer", type=int, default=4,
                    help="decoder layer whose output feeds the referent heads")
+    p.add_argument("--referent-second", action="store_true",
+                   help="the referent heads also give the grid cell of a relation question's second object")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-scenes", type=int, default=60, help="validation scenes per periodic eval")
     p.add_argument("--test-scenes", type=int, default=200, help="test scenes for the final report (~5.3 q/scene)")
@@ -163,10 +165,13 @@ class ReferentProbe(torch.nn.Module):
     answer position: the scene statistics that counting questions select from.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, second: bool = False):
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in REFERENT_FIELDS.items()})
         self.counts = torch.nn.Linear(dim, len(COUNT_KEYS) * 5)
+        if second:
+            for k in SECOND_FIELDS:
+                self.heads[f"second_{k}"] = torch.nn.Linear(dim, len(REFERENT_FIELDS[k]))
 
     def loss(self, hidden: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """targets (B, T, fields) class ids, -100 where a turn has no referent; counts (B, len(COUNT_KEYS))."""
@@ -186,11 +191,26 @@ def scene_counts(objects) -> list[int]:
     return [sum(1 for o in objects if key in (o.shape, o.color)) for key in COUNT_KEYS]
 
 
+def second_referent(objects, question: str):
+    """The second object a relation question names ("... left of the blue square ?"), or None."""
+    words = question.split()
+    if not any(w in ("left", "right", "above", "below") for w in words):
+        return None
+    named = set(words[max(i for i, w in enumerate(words) if w == "the") + 1 : -1])
+    hits = [o for o in objects if named <= {o.color, o.shape, o.size}]
+    return hits[0] if len(hits) == 1 else None
+
+
+SECOND_FIELDS = ("row", "col")  # of the second object of a relation question
+
+
 def referent_targets(objects, question: str) -> list[int]:
-    o = referent(objects, question)
-    if o is None:
-        return [-100] * len(REFERENT_FIELDS)
-    return [vals.index(getattr(o, k)) for k, vals in REFERENT_FIELDS.items()]
+    """Class ids of REFERENT_FIELDS for the named object, then SECOND_FIELDS for the second one (-100: none)."""
+    out = []
+    for o, fields in ((referent(objects, question), REFERENT_FIELDS), (second_referent(objects, question),
+                                                                       SECOND_FIELDS)):
+        out += [-100] * len(fields) if o is None else [REFERENT_FIELDS[k].index(getattr(o, k)) for k in fields]
+    return out
 
 
 class QuestionProbe(torch.nn.Module):
@@ -341,9 +361,10 @@ def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random,
     n_turns = max(len(s[2]) for s in seqs)
     q_pos = torch.full((len(seqs), n_turns), -1, dtype=torch.long)
     q_words = torch.full((len(seqs), n_turns, QUESTION_SLOTS), -100, dtype=torch.long)
-    q_ref = torch.full((len(seqs), n_turns, len(REFERENT_FIELDS)), -100, dtype=torch.long)
+    n_ref = len(REFERENT_FIELDS) + len(SECOND_FIELDS)
+    q_ref = torch.full((len(seqs), n_turns, n_ref), -100, dtype=torch.long)
     for i, (s, lab, questions, refs) in enumerate(seqs):
-        q_ref[i, : len(refs)] = torch.tensor(refs, dtype=torch.long).view(len(refs), len(REFERENT_FIELDS))
+        q_ref[i, : len(refs)] = torch.tensor(refs, dtype=torch.long).view(len(refs), n_ref)
         ids[i, : len(s)] = torch.tensor(s)
         labels[i, : len(s)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
@@ -398,6 +419,7 @@ def write_card(out: Path, args, metrics: dict, wall_s: float, n_params: int, ste
              if k not in ("out", "no_final_eval") and v is not None and v is not False]
     command = "python scripts/train_embedded.py --out src/casp/embedded/model " + " ".join(flags)
     frozen = "frozen" if args.freeze_vision else "trained too"
+    second_note = " (and the cell of a relation's second object)" if args.referent_second else ""
     init_note = f" Initialised from the weights in `{args.init}` (a previous stage)." if args.init else ""
     card = f"""# casp embedded tiny LLaVA
 
@@ -449,7 +471,7 @@ Two stages, {wall_s / 60:.1f} min wall time in all on {args.threads} CPU threads
    the same per-patch labels from the projector output (weight {args.aux_weight:g}); every question read back
    word by word from the last prompt token's hidden state after decoder layer {args.question_aux_layer} (weight
    {args.question_aux_weight:g}); and, from the same position after layer {args.referent_aux_layer} (weight
-   {args.referent_aux_weight:g}), the colour, shape, size and cell of the object the question names plus the
+   {args.referent_aux_weight:g}), the colour, shape, size and cell of the object the question names{second_note} plus the
    number of objects of every shape and colour. Answering needs the question gathered at the answer
    position *and* a lookup of the matching visual tokens; neither step gets a gradient until the other
    works, and without these losses from-scratch runs sat at chance on most question types for the whole
@@ -497,7 +519,7 @@ def main(argv=None) -> int:
 
     probe = PatchProbe(config.text_config.hidden_size)
     qprobe = QuestionProbe(config.text_config.hidden_size, config.text_config.vocab_size)
-    rprobe = ReferentProbe(config.text_config.hidden_size)
+    rprobe = ReferentProbe(config.text_config.hidden_size, second=args.referent_second)
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o))
     if args.freeze_vision:

@@ -124,3 +124,25 @@ def test_scene_counts_answer_every_count_question():
                 key = q.split()[2]
                 key = {"squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross"}.get(key, key)
                 assert counts[key] == int(a), (q, a)
+
+
+def test_second_referent_of_relation_questions():
+    mod = _load_script()
+    from casp.embedded.scenes import make_scene
+
+    n = 0
+    for i in range(60):
+        scene = make_scene("train", i)
+        for q, a, kind in scene.qa:
+            o = mod.second_referent(scene.objects, q)
+            if kind != "relation":
+                assert o is None
+                continue
+            assert o is not None and q.endswith(f"the {o.color} {o.shape} ?")
+            first = mod.referent(scene.objects, q)
+            rel = "left of" if "left of" in q else "right of" if "right of" in q else "above" if "above" in q else "below"
+            truth = {"left of": first.col < o.col, "right of": first.col > o.col,
+                     "above": first.row < o.row, "below": first.row > o.row}[rel]
+            assert truth == (a == "yes")
+            n += 1
+    assert n > 50
