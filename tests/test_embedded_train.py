@@ -89,60 +89,60 @@ def test_question_draws_add_distinct_questions():
         assert len(set(qs)) == len(qs)
 
 
-def test_referent_is_the_object_a_question_names():
-    mod = _load_script()
+def _train_questions(n_scenes=60):
+    """(scene, question, answer, type) over the first training scenes."""
     from casp.embedded.scenes import make_scene
 
-    checked = 0
-    for i in range(60):
+    for i in range(n_scenes):
         scene = make_scene("train", i)
         for q, a, kind in scene.qa:
-            o = mod.referent(scene.objects, q)
-            if kind == "color":
-                assert o is not None and o.color == a
-            elif kind == "position":
-                assert o is not None and o.quadrant == a
-            elif kind == "exists":
-                assert (o is not None) == (a == "yes")
-            elif kind == "relation":  # the first object named
-                assert o is not None and q.startswith(f"is the {o.color} {o.shape} ")
-            else:
-                assert o is None
-            checked += 1
+            yield scene, q, a, kind
+
+
+def test_referent_is_the_object_a_question_names():
+    mod = _load_script()
+    checked = 0
+    for scene, q, a, kind in _train_questions():
+        o = mod.referent(scene.objects, q)
+        if kind == "color":
+            assert o is not None and o.color == a
+        elif kind == "position":
+            assert o is not None and o.quadrant == a
+        elif kind == "exists":
+            assert (o is not None) == (a == "yes")
+        elif kind == "relation":  # the first object named
+            assert o is not None and q.startswith(f"is the {o.color} {o.shape} ")
+        else:
+            assert o is None
+        checked += 1
     assert checked > 200
 
 
 def test_scene_counts_answer_every_count_question():
     mod = _load_script()
-    from casp.embedded.scenes import make_scene
+    from casp.embedded.scenes import PLURALS
 
-    for i in range(60):
-        scene = make_scene("train", i)
-        counts = dict(zip(mod.COUNT_KEYS, mod.scene_counts(scene.objects)))
-        for q, a, kind in scene.qa:
-            if kind == "count":
-                key = q.split()[2]
-                key = {"squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross"}.get(key, key)
-                assert counts[key] == int(a), (q, a)
+    singular = {v: k for k, v in PLURALS.items()}
+    for scene, q, a, kind in _train_questions():
+        if kind == "count":
+            counts = dict(zip(mod.COUNT_KEYS, mod.scene_counts(scene.objects)))
+            key = q.split()[2]
+            assert counts[singular.get(key, key)] == int(a), (q, a)
 
 
 def test_second_referent_of_relation_questions():
     mod = _load_script()
-    from casp.embedded.scenes import make_scene
-
     n = 0
-    for i in range(60):
-        scene = make_scene("train", i)
-        for q, a, kind in scene.qa:
-            o = mod.second_referent(scene.objects, q)
-            if kind != "relation":
-                assert o is None
-                continue
-            assert o is not None and q.endswith(f"the {o.color} {o.shape} ?")
-            first = mod.referent(scene.objects, q)
-            rel = "left of" if "left of" in q else "right of" if "right of" in q else "above" if "above" in q else "below"
-            truth = {"left of": first.col < o.col, "right of": first.col > o.col,
-                     "above": first.row < o.row, "below": first.row > o.row}[rel]
-            assert truth == (a == "yes")
-            n += 1
+    for scene, q, a, kind in _train_questions():
+        o = mod.second_referent(scene.objects, q)
+        if kind != "relation":
+            assert o is None
+            continue
+        assert o is not None and q.endswith(f"the {o.color} {o.shape} ?")
+        first = mod.referent(scene.objects, q)
+        rel = "left of" if "left of" in q else "right of" if "right of" in q else "above" if "above" in q else "below"
+        truth = {"left of": first.col < o.col, "right of": first.col > o.col,
+                 "above": first.row < o.row, "below": first.row > o.row}[rel]
+        assert truth == (a == "yes")
+        n += 1
     assert n > 50

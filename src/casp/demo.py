@@ -1,7 +1,8 @@
 """`casp demo`: the main job end to end on the embedded model, measured in one run.
 
-FP, RTN, GPTQ and CASP+GPTQ at 2.0 and 3.0 target bits, each evaluated on the same
-held-out questions; writes report.md, report.json and plots into the output directory.
+FP, RTN, GPTQ and CASP+GPTQ at 2.0 and 3.0 target bits, plus, at the uniform GPTQ row's
+measured bits, the allocation alone (no low-rank Q/K) and full CASP, each evaluated on the
+same held-out questions; writes report.md, report.json and plots into the output directory.
 """
 from __future__ import annotations
 
@@ -115,7 +116,10 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
         if method.startswith("GPTQ"):
             # the same honest bits as the uniform GPTQ row just measured
             equal = round(r["average_bits"], 4)
-            configs.insert(0, ("CASP+GPTQ (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0.25)))
+            configs[:0] = [
+                ("GPTQ + allocation (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0)),
+                ("CASP+GPTQ (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0.25)),
+            ]
     with atomic_dir(out) as tmp:
         plot = _accuracy_plot(rows, tmp)
         detail = casp_reports[2.0]
