@@ -87,7 +87,5 @@ def test_accuracy_matches_model_card(accuracy_200):
     assert abs(accuracy_200["vqa_accuracy"] - card["test"]["vqa_accuracy"]) < 0.06, accuracy_200
 
 
-@pytest.mark.xfail(reason="the shipped model is below the 95% target (see its README); retraining is pending",
-                   strict=False)
 def test_accuracy_reaches_target(accuracy_200):
     assert accuracy_200["vqa_accuracy"] >= TARGET_ACCURACY, accuracy_200
