@@ -113,7 +113,7 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
         rows.append(measure(result.model, method, cfg.bits, r["average_bits"], r["stored_bytes"], seconds))
         if method.startswith("CASP") and cfg.bits in (2.0, 3.0):
             casp_reports[cfg.bits] = r
-        if method.startswith("GPTQ"):
+        if cfg.quantizer == "gptq" and cfg.allocation == "uniform":
             # the same honest bits as the uniform GPTQ row just measured
             equal = round(r["average_bits"], 4)
             configs[:0] = [
