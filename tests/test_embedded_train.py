@@ -146,3 +146,16 @@ def test_second_referent_of_relation_questions():
         assert truth == (a == "yes")
         n += 1
     assert n > 50
+
+
+def test_defaults_are_the_shipped_models_training_command():
+    """`python scripts/train_embedded.py --out DIR` reproduces the settings the model card reports."""
+    import shlex
+
+    from casp.embedded import EMBEDDED_MODEL_DIR
+
+    mod = _load_script()
+    card = (EMBEDDED_MODEL_DIR / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("python scripts/train_embedded.py"))
+    argv = shlex.split(command)[2:]
+    assert vars(mod.parse_args(argv)) == vars(mod.parse_args(["--out", "src/casp/embedded/model"]))
