@@ -8,8 +8,8 @@ with auxiliary losses that supervise the two steps of answering (--question-aux-
 
 Each training sequence is one scene as a multi-turn LLaVA-1.5 conversation:
     <s> USER: <image>x64 q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...
-with every question of the scene (shuffled) and, half the time, the caption
-request as one of the turns. The loss is on answer / caption tokens and their
+with every question of the scene (shuffled) and, with probability --caption-prob,
+the caption request as the last turn. The loss is on answer / caption tokens and their
 </s> only. Scenes are generated on the fly (train split, disjoint from test).
 
 At the end the model is saved in fp16 with its processor, evaluated on the
@@ -40,6 +40,7 @@ from casp.embedded.build import DEFAULTS, NUM_VISUAL_TOKENS, build_config, build
 from casp.embedded.scenes import (  # noqa: E402
     CAPTION_PROMPT,
     COLORS,
+    COUNT_WORDS,
     GRID,
     SHAPES,
     SIZES,
@@ -125,20 +126,28 @@ class SequenceBuilder:
         labels = [-100] * len(ids)
         questions = []
         for k, (q, a) in enumerate(turns):
-            prompt = ([] if k == 0 else self.user) + self.words(q) + self.assistant
+            question = self.words(q)
+            prompt = ([] if k == 0 else self.user) + question + self.assistant
             answer = self.words(a) + [self.eos]
             ids += prompt
-            questions.append((len(ids) - 1, self.words(q)))
+            questions.append((len(ids) - 1, question))
             ids += answer
             labels += [-100] * len(prompt) + answer
         return ids, labels, questions
 
 
 QUESTION_SLOTS = 12  # longest question, in words
-
-
 REFERENT_FIELDS = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES),
                    "row": list(range(GRID)), "col": list(range(GRID))}
+SECOND_FIELDS = ("row", "col")  # of the second object of a relation question
+COUNT_KEYS = list(SHAPES) + list(COLORS)
+_RELATION_WORDS = ("left", "right", "above", "below")
+
+
+def _the_object(objects, named: set[str]):
+    """The one object whose colour / shape / size words include all of `named`, or None."""
+    hits = [o for o in objects if named <= {o.color, o.shape, o.size}]
+    return hits[0] if len(hits) == 1 else None
 
 
 def referent(objects, question: str):
@@ -150,58 +159,17 @@ def referent(objects, question: str):
     words = question.split()
     if "how" in words:
         return None
-    rel = next((i for i, w in enumerate(words) if w in ("left", "right", "above", "below")), len(words) - 1)
+    rel = next((i for i, w in enumerate(words) if w in _RELATION_WORDS), len(words) - 1)
     start = max(i for i, w in enumerate(words[:rel]) if w in ("the", "a")) + 1
-    named = set(words[start:rel])
-    hits = [o for o in objects if named <= {o.color, o.shape, o.size}]
-    return hits[0] if len(hits) == 1 else None
-
-
-class ReferentProbe(torch.nn.Module):
-    """Auxiliary heads naming the queried object's attributes from the answer position (training only).
-
-    Supervises the second step of answering (finding the visual tokens the question points at) directly.
-    A second set of heads gives the number of objects of every shape and every colour, from every
-    answer position: the scene statistics that counting questions select from.
-    """
-
-    def __init__(self, dim: int, second: bool = False):
-        super().__init__()
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in REFERENT_FIELDS.items()})
-        self.counts = torch.nn.Linear(dim, len(COUNT_KEYS) * 5)
-        if second:
-            for k in SECOND_FIELDS:
-                self.heads[f"second_{k}"] = torch.nn.Linear(dim, len(REFERENT_FIELDS[k]))
-
-    def loss(self, hidden: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """targets (B, T, fields) class ids, -100 where a turn has no referent; counts (B, len(COUNT_KEYS))."""
-        b_idx, t_idx = (pos >= 0).nonzero(as_tuple=True)
-        h = hidden[b_idx, pos[b_idx, t_idx]]
-        tgt = targets[b_idx, t_idx]
-        total = sum(F.cross_entropy(head(h), tgt[:, j], ignore_index=-100) for j, head in enumerate(self.heads.values()))
-        count_logits = self.counts(h).view(-1, len(COUNT_KEYS), 5)
-        return total + F.cross_entropy(count_logits.flatten(0, 1), counts[b_idx].flatten())
-
-
-COUNT_KEYS = list(SHAPES) + list(COLORS)
-
-
-def scene_counts(objects) -> list[int]:
-    """How many objects have each shape, then each colour (the COUNT_KEYS order)."""
-    return [sum(1 for o in objects if key in (o.shape, o.color)) for key in COUNT_KEYS]
+    return _the_object(objects, set(words[start:rel]))
 
 
 def second_referent(objects, question: str):
     """The second object a relation question names ("... left of the blue square ?"), or None."""
     words = question.split()
-    if not any(w in ("left", "right", "above", "below") for w in words):
+    if not any(w in _RELATION_WORDS for w in words):
         return None
-    named = set(words[max(i for i, w in enumerate(words) if w == "the") + 1 : -1])
-    hits = [o for o in objects if named <= {o.color, o.shape, o.size}]
-    return hits[0] if len(hits) == 1 else None
-
-
-SECOND_FIELDS = ("row", "col")  # of the second object of a relation question
+    return _the_object(objects, set(words[max(i for i, w in enumerate(words) if w == "the") + 1 : -1]))
 
 
 def referent_targets(objects, question: str) -> list[int]:
@@ -211,6 +179,17 @@ def referent_targets(objects, question: str) -> list[int]:
                                                                        SECOND_FIELDS)):
         out += [-100] * len(fields) if o is None else [REFERENT_FIELDS[k].index(getattr(o, k)) for k in fields]
     return out
+
+
+def scene_counts(objects) -> list[int]:
+    """How many objects have each shape, then each colour (the COUNT_KEYS order)."""
+    return [sum(1 for o in objects if key in (o.shape, o.color)) for key in COUNT_KEYS]
+
+
+def _answer_states(hidden: torch.Tensor, pos: torch.Tensor):
+    """Hidden states at every turn's last prompt token: (states [N, D], batch index [N], turn index [N])."""
+    b_idx, t_idx = (pos >= 0).nonzero(as_tuple=True)
+    return hidden[b_idx, pos[b_idx, t_idx]], b_idx, t_idx
 
 
 class QuestionProbe(torch.nn.Module):
@@ -228,10 +207,34 @@ class QuestionProbe(torch.nn.Module):
 
     def loss(self, hidden: torch.Tensor, pos: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, D); pos (B, T) positions (-1 = none); words (B, T, SLOTS) ids (-100 = none)."""
-        b_idx, t_idx = (pos >= 0).nonzero(as_tuple=True)
-        h = hidden[b_idx, pos[b_idx, t_idx]]
+        h, b_idx, t_idx = _answer_states(hidden, pos)
         logits = self.head(h).view(-1, QUESTION_SLOTS, self.vocab)
         return F.cross_entropy(logits.flatten(0, 1), words[b_idx, t_idx].flatten(), ignore_index=-100)
+
+
+class ReferentProbe(torch.nn.Module):
+    """Auxiliary heads naming the queried object's attributes from the answer position (training only).
+
+    Supervises the second step of answering (finding the visual tokens the question points at) directly.
+    A second set of heads gives the number of objects of every shape and every colour, from every
+    answer position: the scene statistics that counting questions select from.
+    """
+
+    def __init__(self, dim: int, second: bool = False):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in REFERENT_FIELDS.items()})
+        self.counts = torch.nn.Linear(dim, len(COUNT_KEYS) * len(COUNT_WORDS))
+        if second:
+            for k in SECOND_FIELDS:
+                self.heads[f"second_{k}"] = torch.nn.Linear(dim, len(REFERENT_FIELDS[k]))
+
+    def loss(self, hidden: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """targets (B, T, fields) class ids, -100 where a turn has no referent; counts (B, len(COUNT_KEYS))."""
+        h, b_idx, t_idx = _answer_states(hidden, pos)
+        tgt = targets[b_idx, t_idx]
+        total = sum(F.cross_entropy(head(h), tgt[:, j], ignore_index=-100) for j, head in enumerate(self.heads.values()))
+        count_logits = self.counts(h).view(-1, len(COUNT_KEYS), len(COUNT_WORDS))
+        return total + F.cross_entropy(count_logits.flatten(0, 1), counts[b_idx].flatten())
 
 
 PATCHES = 8  # patches per side (64 / 8)
@@ -275,27 +278,25 @@ def patch_targets(scene) -> dict[str, torch.Tensor]:
     return out
 
 
-def pretrain_vision(model, args) -> float:
+def pretrain_vision(model, args) -> None:
     """Stage 1: train the vision tower alone to label every patch with its cell's object.
 
     Cheap (64 tokens, no language model) and it hands stage 2 visual tokens that already
     separate objects by colour, shape, size and place, so the language model only has to
-    learn which tokens a question points at. Returns the final per-patch label accuracy.
+    learn which tokens a question points at.
     """
     tower = model.model.vision_tower
     probe = PatchProbe(tower.config.hidden_size)
     params = list(tower.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    acc = float("nan")
     for step in range(args.vision_steps):
-        lr = args.vision_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.vision_steps)))
+        lr = args.vision_lr * min(1.0, (step + 1) / 20) * _cosine(step, args.vision_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         scenes = [make_scene("train", 50_000_000 + args.seed * 10_000_000 + step * args.vision_batch + j)
                   for j in range(args.vision_batch)]
         pix = torch.stack([scene_pixels(s.pixels) for s in scenes])
-        aux = [patch_targets(s) for s in scenes]
-        targets = {k: torch.stack([a[k] for a in aux]) for k in aux[0]}
+        targets = stack_patch_targets(scenes)
         feats = tower(pix, output_hidden_states=True).hidden_states[-1][:, 1:]
         loss = probe.loss(feats, targets)
         opt.zero_grad(set_to_none=True)
@@ -306,10 +307,14 @@ def pretrain_vision(model, args) -> float:
             with torch.no_grad():
                 hits = [(probe.heads[k](feats).argmax(-1) == targets[k]).float().mean().item()
                         for k in ("color", "shape", "size")]
-            acc = float(np.mean(hits))
             log.info("vision step %d/%d loss %.4f patch acc colour/shape/size %s", step, args.vision_steps,
                      loss.item(), [round(h, 3) for h in hits])
-    return acc
+
+
+def stack_patch_targets(scenes) -> dict[str, torch.Tensor]:
+    """patch_targets of each scene, stacked into (batch, patches) tensors per label."""
+    aux = [patch_targets(s) for s in scenes]
+    return {k: torch.stack([a[k] for a in aux]) for k in aux[0]}
 
 
 def scene_pixels(pixels: np.ndarray) -> torch.Tensor:
@@ -326,10 +331,10 @@ def max_objects_at(step: int, args) -> int:
 
 
 def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random, args, max_objects: int = 4) -> dict:
-    seqs, pix, aux, counts = [], [], [], []
+    seqs, pix, scenes = [], [], []
     for idx in indices:
         scene = make_scene("train", idx, max_objects=max_objects)
-        aux.append(patch_targets(scene))
+        scenes.append(scene)
         turns = [(q, a) for q, a, _ in scene.qa]
         seen = {q for q, _ in turns}
         for draw in range(1, args.question_draws):  # more questions about the same image, no repeats
@@ -352,7 +357,6 @@ def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random,
             # last, so no question can be answered by copying from the caption text
             turns.append((CAPTION_PROMPT, scene.caption))
         seqs.append(builder.build_with_questions(turns) + ([referent_targets(scene.objects, q) for q, _ in turns],))
-        counts.append(scene_counts(scene.objects))
         pix.append(scene_pixels(scene.pixels))
     L = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), L), builder.pad, dtype=torch.long)
@@ -371,9 +375,9 @@ def make_batch(builder: SequenceBuilder, indices: list[int], rng: random.Random,
         for t, (pos, words) in enumerate(questions):
             q_pos[i, t] = pos
             q_words[i, t, : len(words)] = torch.tensor(words[:QUESTION_SLOTS])
-    targets = {k: torch.stack([a[k] for a in aux]) for k in aux[0]}
+    counts = [scene_counts(sc.objects) for sc in scenes]
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pix), "labels": labels,
-            "patch_targets": targets, "question_pos": q_pos, "question_words": q_words,
+            "patch_targets": stack_patch_targets(scenes), "question_pos": q_pos, "question_words": q_words,
             "question_referent": q_ref, "scene_counts": torch.tensor(counts, dtype=torch.long)}
 
 
@@ -398,8 +402,12 @@ def lr_at(step: int, args, elapsed: float = 0.0, budget_s: float = 0.0) -> float
     t = (step - args.warmup) / max(1, args.steps - args.warmup)
     if budget_s > 0:
         t = max(t, elapsed / budget_s)
-    t = min(t, 1.0)
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+    return args.lr * _cosine(min(t, 1.0))
+
+
+def _cosine(done: float, total: float = 1.0) -> float:
+    """Cosine decay from 1 at done=0 to 5% at done=total."""
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done / total))
 
 
 def visual_token_share(processor, records) -> float:
