@@ -50,6 +50,7 @@ from casp.embedded.scenes import (  # noqa: E402
     questions_for,
 )
 from casp.eval.vqa import build_prompt, caption_perplexity, vqa_accuracy  # noqa: E402
+from casp.storage import atomic_dir  # noqa: E402
 
 log = logging.getLogger("train_embedded")
 
@@ -99,7 +100,11 @@ def parse_args(argv=None):
     p.add_argument("--test-scenes", type=int, default=250, help="test scenes for the final report (~5.3 q/scene)")
     p.add_argument("--init", default=None, help="start from the weights in this model directory (fine-tuning)")
     p.add_argument("--no-final-eval", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("question_aux_layer", "referent_aux_layer"):
+        if not 1 <= getattr(args, flag) <= DEFAULTS["lm_layers"]:
+            p.error(f"--{flag.replace('_', '-')} must name a decoder layer, 1..{DEFAULTS['lm_layers']}")
+    return args
 
 
 class SequenceBuilder:
@@ -508,7 +513,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
@@ -587,11 +592,16 @@ def main(argv=None) -> int:
     wall = time.time() - t_start
     log.info("training done in %.1f min", wall / 60)
 
-    model.half().save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    if args.no_final_eval:
-        return 0
+    with atomic_dir(out) as tmp:  # OUT appears only complete: weights, processor, and (unless skipped) card
+        model.half().save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if not args.no_final_eval:
+            evaluate_and_describe(tmp, args, wall, n_params, steps_done)
+    return 0
 
+
+def evaluate_and_describe(out: Path, args, wall: float, n_params: int, steps_done: int) -> None:
+    """Reload the saved fp16 weights, measure them on the test split, write metrics.json and the card."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
@@ -613,7 +623,6 @@ def main(argv=None) -> int:
     log.info("test: %s", json.dumps(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_card(out, args, metrics, wall, n_params, steps_done)
-    return 0
 
 
 if __name__ == "__main__":

@@ -159,3 +159,29 @@ def test_defaults_are_the_shipped_models_training_command():
     command = next(line for line in card.splitlines() if line.startswith("python scripts/train_embedded.py"))
     argv = shlex.split(command)[2:]
     assert vars(mod.parse_args(argv)) == vars(mod.parse_args(["--out", "src/casp/embedded/model"]))
+
+
+def test_bad_layer_is_one_line_and_writes_nothing(tmp_path, capsys):
+    import pytest
+
+    mod = _load_script()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--out", str(tmp_path / "m"), "--question-aux-layer", "9"])
+    assert e.value.code == 2
+    assert "--question-aux-layer must name a decoder layer, 1..6" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_final_evaluation_leaves_no_output(tmp_path, monkeypatch):
+    import pytest
+
+    mod = _load_script()
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(mod, "caption_perplexity", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        mod.main(["--out", str(tmp_path / "m"), "--steps", "1", "--batch", "2", "--eval-every", "0",
+                  "--test-scenes", "1", "--threads", "1", "--vision-steps", "1", "--vision-batch", "2"])
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temp dir beside it
