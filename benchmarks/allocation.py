@@ -12,8 +12,8 @@ import time
 
 from casp.config import CompressionConfig
 from casp.embedded import EMBEDDED_MODEL_DIR
-from casp.evaluate import embedded_eval_records, evaluate_vlm
-from casp.modelio import load_model, load_processor
+from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
+from casp.io.modelio import load_model, load_processor
 from casp.pipeline import compress
 
 

@@ -6,7 +6,7 @@
 
 Losses are shown relative to tr(W H Wᵀ) (the layer's output energy), so 0.01 means the layer
 output error is 1% of its energy. For a model, H is collected from the built-in calibration text
-when a tokenizer and `casp.textdata` are available, otherwise from random token ids.
+when a tokenizer and `casp.data.textdata` are available, otherwise from random token ids.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _calibration_ids(model: nn.Module, path: str, n_tokens: int) -> torch.Tensor
     try:
         from transformers import AutoTokenizer
 
-        from casp.textdata import calibration_text
+        from casp.data.textdata import calibration_text
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         ids = tok(calibration_text(), return_tensors="pt").input_ids[:, :n_tokens]

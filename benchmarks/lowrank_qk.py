@@ -15,15 +15,15 @@ import time
 
 import torch
 
-from casp.adapters import adapter_for
-from casp.calibration import embedded_batches
+from casp.models.adapters import adapter_for
+from casp.data.calibration import embedded_batches
 from casp.config import CompressionConfig
 from casp.embedded import EMBEDDED_MODEL_DIR
-from casp.engine import capture_layer0_inputs, record_attention_inputs, run_layer
-from casp.evaluate import embedded_eval_records
+from casp.models.engine import capture_layer0_inputs, record_attention_inputs, run_layer
+from casp.eval.evaluate import embedded_eval_records
 from casp.eval.vqa import vqa_accuracy
-from casp.lowrank import plain_lowrank, rank_for_ratio, whitened_lowrank
-from casp.modelio import load_model, load_processor
+from casp.algorithms.lowrank import plain_lowrank, rank_for_ratio, whitened_lowrank
+from casp.io.modelio import load_model, load_processor
 from casp.pipeline import compress
 
 

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from casp.packed_linear import PackedLinear
-from casp.packing import pack_codes
+from casp.nn.packed_linear import PackedLinear
+from casp.quant.packing import pack_codes
 from casp.quant import QuantizedWeight
-from casp.quant.grid import num_groups
+from casp.quant.scalar import num_groups
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): q/k/v/o, gate/up, down
 GROUP = 128

@@ -20,11 +20,11 @@ import time
 import torch
 
 from casp.config import CompressionConfig
-from casp.engine import peak_rss_mb
+from casp.models.engine import peak_rss_mb
 from casp.eval.text_ppl import text_perplexity
-from casp.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
+from casp.io.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
 from casp.pipeline import compress
-from casp.textdata import evaluation_text
+from casp.data.textdata import evaluation_text
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ from casp.embedded.scenes import (  # noqa: E402
     questions_for,
 )
 from casp.eval.vqa import build_prompt, caption_perplexity, vqa_accuracy  # noqa: E402
-from casp.storage import atomic_dir  # noqa: E402
+from casp.io.storage import atomic_dir  # noqa: E402
 
 log = logging.getLogger("train_embedded")
 

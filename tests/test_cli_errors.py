@@ -116,7 +116,7 @@ def test_model_without_separate_qk(tmp_path):
     """A supported family whose attention lost W_q (e.g. a fused checkpoint) is refused with one line."""
     from casp.config import CompressionConfig
     from casp.errors import CaspError
-    from casp.adapters import adapter_for
+    from casp.models.adapters import adapter_for
     from casp.pipeline import choose_ranks
     from tiny_models import tiny_model
 

@@ -4,9 +4,9 @@ import torch
 
 from casp.config import CompressionConfig
 from casp.eval.text_ppl import text_perplexity
-from casp.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
+from casp.io.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
 from casp.pipeline import compress
-from casp.textdata import evaluation_text
+from casp.data.textdata import evaluation_text
 
 PPL_RISE_BOUND = 1.20   # two of thirty layers at ~3 bits + low-rank Q/K: measured 1.12x (24.89 -> 27.95)
 

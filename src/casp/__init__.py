@@ -7,13 +7,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import CompressionConfig  # noqa: E402
-from .errors import CaspError  # noqa: E402
+from casp.config import CompressionConfig  # noqa: E402
+from casp.errors import CaspError  # noqa: E402
 
 
 def compress(model=None, out=None, config: CompressionConfig | None = None, **kwargs):
     """Compress `model` (a local HF directory, a built-in name, or None for the embedded model)."""
-    from .pipeline import compress as _compress
+    from casp.pipeline import compress as _compress
 
     return _compress(model, out, config, **kwargs)
 
@@ -22,21 +22,21 @@ def load(path, dtype=None):
     """Load a casp-compressed (or dense) model directory as a transformers model."""
     import torch
 
-    from .modelio import load_model, resolve_model_path
+    from casp.io.modelio import load_model, resolve_model_path
 
     return load_model(resolve_model_path(path), dtype=dtype or torch.float32)
 
 
 def _register() -> None:
     try:
-        from . import hf_integration  # noqa: F401
+        from casp.io import hf_integration  # noqa: F401
     except Exception:  # registration is a convenience; casp.load works without it
         import logging
 
         logging.getLogger(__name__).debug("transformers registration failed", exc_info=True)
 
 
-from .quant import rtn as _rtn, gptq as _gptq  # noqa: E402,F401  (register quantizers)
+from casp.quant import rtn as _rtn, gptq as _gptq  # noqa: E402,F401  (register quantizers)
 
 _register()
 

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 
@@ -136,8 +136,8 @@ def _emit(args, payload: dict, text: str) -> None:
 
 
 def cmd_compress(args) -> None:
-    from .config import CompressionConfig
-    from .pipeline import compress
+    from casp.config import CompressionConfig
+    from casp.pipeline import compress
 
     cfg = CompressionConfig(
         bits=args.bits, quantizer=args.quantizer, qk_rank=args.qk_rank, qk_rank_overrides=dict(args.qk_rank_layer),
@@ -148,7 +148,7 @@ def cmd_compress(args) -> None:
         layers=args.layers,
     )
     if cfg.quantizer not in ("none",):
-        from .quant.base import available_quantizers
+        from casp.quant.base import available_quantizers
 
         if cfg.quantizer not in available_quantizers():
             raise CaspError(f"unknown --quantizer {cfg.quantizer!r}; choose from none, {', '.join(available_quantizers())}")
@@ -161,7 +161,7 @@ def cmd_compress(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate
+    from casp.eval.evaluate import evaluate
 
     res = evaluate(args.model, reference=args.reference, vqa_jsonl=args.vqa_jsonl, text=args.text,
                    context_length=args.context_length, limit=args.limit, progress=not args.quiet)
@@ -181,8 +181,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sparsity(args) -> None:
-    from .config import CompressionConfig
-    from .pipeline import measure_sparsity
+    from casp.config import CompressionConfig
+    from casp.pipeline import measure_sparsity
 
     cfg = CompressionConfig(qk_rank=args.qk_rank, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                             calib_jsonl=args.calib_jsonl, calib_text=args.calib_text, density_mass=args.density_mass,
@@ -201,21 +201,21 @@ def cmd_sparsity(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from casp.demo import run_demo
 
     res = run_demo(args.out, seed=args.seed, progress=not args.quiet)
     _emit(args, res, res["table"])
 
 
 def cmd_info(args) -> None:
-    from .info import describe
+    from casp.info import describe
 
     res = describe(args.model)
     _emit(args, res, "\n".join(f"{k}: {v}" for k, v in res.items()))
 
 
 def cmd_export_dense(args) -> None:
-    from .storage import export_dense
+    from casp.io.storage import export_dense
 
     out = export_dense(args.src, args.dst, overwrite=args.overwrite)
     _emit(args, {"out": str(out)}, f"wrote dense fp16 checkpoint {out}")

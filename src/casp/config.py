@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 DEFAULT_BITS = (2, 3, 4)
 

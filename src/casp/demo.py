@@ -12,10 +12,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import CompressionConfig
-from .embedded import EMBEDDED_MODEL_DIR
-from .errors import CaspError
-from .storage import atomic_dir
+from casp.config import CompressionConfig
+from casp.embedded import EMBEDDED_MODEL_DIR
+from casp.errors import CaspError
+from casp.io.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ def _accuracy_plot(rows, out: Path) -> str:
 
 
 def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True) -> dict:
-    from .evaluate import embedded_eval_records, evaluate_vlm
-    from .modelio import load_model, load_processor
-    from .pipeline import compress
-    from .report import render_markdown, write_plots
+    from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
+    from casp.io.modelio import load_model, load_processor
+    from casp.pipeline import compress
+    from casp.report import render_markdown, write_plots
 
     out = Path(out)
     if out.exists() and not (out / "demo.json").exists():

@@ -11,9 +11,9 @@ def describe(model=None) -> dict:
 
     import casp
 
-    from .adapters import SUPPORTED_ARCHITECTURES
-    from .modelio import architecture_of, builtin_names, read_config, resolve_model_path
-    from .quant.base import available_quantizers
+    from casp.models.adapters import SUPPORTED_ARCHITECTURES
+    from casp.io.modelio import architecture_of, builtin_names, read_config, resolve_model_path
+    from casp.quant.base import available_quantizers
 
     if model is None:
         return {

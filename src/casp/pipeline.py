@@ -16,21 +16,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocate as alloc
-from .adapters import Adapter, adapter_for
-from .calibration import build_calibration
-from .config import CompressionConfig
-from .engine import (
+from casp.algorithms import allocate as alloc
+from casp.models.adapters import Adapter, adapter_for
+from casp.data.calibration import build_calibration
+from casp.config import CompressionConfig
+from casp.models.engine import (
     SecondMoments, capture_layer0_inputs, peak_device_mb, peak_rss_mb, record_attention_inputs,
     record_second_moments, run_layer,
 )
-from .errors import CaspError
-from .lowrank import LowRankLinear, auto_ranks, check_rank, factor_input_xtx, rank_for_ratio, whitened_lowrank, whitened_singular_values
-from .modelio import is_compressed, load_model, load_processor, resolve_model_path
-from .packed_linear import PackedLinear
-from .packing import storage_bits
-from .quant.base import QuantSpec, get_quantizer_class
-from .sparsity import LayerAttentionStats, layer_attention_stats
+from casp.errors import CaspError
+from casp.algorithms.lowrank import LowRankLinear, auto_ranks, check_rank, factor_input_xtx, rank_for_ratio, whitened_lowrank, whitened_singular_values
+from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
+from casp.nn.packed_linear import PackedLinear
+from casp.quant.packing import storage_bits
+from casp.quant.base import QuantSpec, get_quantizer_class
+from casp.analysis.attention_stats import LayerAttentionStats, layer_attention_stats
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def plan_ranks_and_units(model, adapter, batches, config, quantizer, specs, prog
     if measure or ranks is None:
         fisher = None
         if measure:
-            from .sensitivity import output_fisher
+            from casp.analysis.sensitivity import output_fisher
 
             fisher = output_fisher(model, adapter, batches, progress)
         analysis = analyse(model, adapter, batches, config, keep_moments=measure, progress=progress)
@@ -327,7 +327,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
     """Compress a model with CASP; write it to `out` when given. Returns the in-memory model and report."""
     config = (config or CompressionConfig()).validate()
     if out is not None:
-        from .storage import check_output_dir
+        from casp.io.storage import check_output_dir
 
         check_output_dir(Path(out), overwrite)
     torch.manual_seed(config.seed)
@@ -384,7 +384,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
             "seconds": time.time() - t_layer,
         })
 
-    from .report import build_report
+    from casp.report import build_report
 
     report = build_report(
         config=config, source=source, adapter=adapter, model=model, layer_reports=layer_reports,
@@ -393,7 +393,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, con
     )
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
     if out is not None:
-        from .storage import save_compressed
+        from casp.io.storage import save_compressed
 
         result.out = save_compressed(result, Path(out), overwrite=overwrite)
     return result

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from casp.quant import GPTQ, QuantSpec, get_quantizer_class, quant_loss
-from casp.quant.grid import grid_params
+from casp.quant.scalar import grid_params
 
 
 @pytest.fixture(autouse=True)

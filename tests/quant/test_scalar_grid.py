@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from casp.quant import QuantizedWeight, QuantSpec, get_format, get_quantizer_class
-from casp.quant.grid import empty_scalar_tensors, grid_params, num_groups, quantize_to_grid
+from casp.quant.scalar import empty_scalar_tensors, grid_params, num_groups, quantize_to_grid
 
 
 def test_num_groups():

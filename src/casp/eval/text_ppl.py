@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..textdata import tokenize_text
+from casp.data.textdata import tokenize_text
 
 
 def max_positions(model) -> int | None:

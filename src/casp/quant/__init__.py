@@ -11,7 +11,7 @@ from casp.quant.base import (
     register,
     register_format,
 )
-from casp.quant import grid as grid  # noqa: E402  (registers the "scalar" format)
+from casp.quant import scalar as scalar  # noqa: E402  (registers the "scalar" format)
 from casp.quant.rtn import RTN
 from casp.quant.gptq import GPTQ, gptq_quantize
 

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from casp.quant.base import QuantizedWeight, Quantizer, QuantSpec, register
-from casp.quant.grid import (
+from casp.quant.scalar import (
     dequantize_grid,
     dequantize_scalar,
     effective_group_size,

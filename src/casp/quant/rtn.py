@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from casp.quant.base import QuantizedWeight, Quantizer, QuantSpec, register
-from casp.quant.grid import (
+from casp.quant.scalar import (
     dequantize_scalar,
     empty_scalar_tensors,
     rtn_codes,

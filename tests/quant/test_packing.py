@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from casp.packing import pack_codes, packed_words, storage_bits, unpack_codes
+from casp.quant.packing import pack_codes, packed_words, storage_bits, unpack_codes
 from casp.quant import QuantSpec, get_quantizer_class
 
 
@@ -58,7 +58,7 @@ def test_known_layout_3bit_planes():
 
 
 def test_portable_byte_order_path(monkeypatch):
-    import casp.packing as packing
+    import casp.quant.packing as packing
 
     gen = torch.Generator().manual_seed(5)
     for bits in (2, 3, 4, 8):

@@ -5,9 +5,9 @@ import json
 import logging
 from pathlib import Path
 
-from .adapters import adapter_for
-from .errors import CaspError
-from .modelio import is_compressed, load_model, load_processor, resolve_model_path, tokenizer_of
+from casp.models.adapters import adapter_for
+from casp.errors import CaspError
+from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path, tokenizer_of
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def default_reference(path: Path) -> Path | None:
 
 
 def _is_embedded(path: Path) -> bool:
-    from .embedded import EMBEDDED_MODEL_DIR
+    from casp.embedded import EMBEDDED_MODEL_DIR
 
     if Path(path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve():
         return True
@@ -38,7 +38,7 @@ def _is_embedded(path: Path) -> bool:
 
 
 def embedded_eval_records(limit: int | None = None):
-    from .embedded.scenes import generate_caption_records, generate_records
+    from casp.embedded.scenes import generate_caption_records, generate_records
 
     vqa = generate_records("test", EMBEDDED_TEST_SCENES)
     captions = generate_caption_records("test", EMBEDDED_CAPTION_SCENES)
@@ -49,7 +49,7 @@ def embedded_eval_records(limit: int | None = None):
 
 def evaluate_vlm(model, processor, *, reference=None, vqa_records, caption_records=None, kl_records=None,
                  progress=True) -> dict:
-    from .eval.vqa import caption_perplexity, kl_vs_reference, vqa_accuracy
+    from casp.eval.vqa import caption_perplexity, kl_vs_reference, vqa_accuracy
 
     res = vqa_accuracy(model, processor, vqa_records, progress=progress)
     res["caption_ppl"] = caption_perplexity(model, processor, caption_records, progress=progress) if caption_records else None
@@ -73,8 +73,8 @@ def evaluate(model=None, *, reference=None, vqa_jsonl=None, text=None, context_l
     ref_path = resolve_model_path(reference) if reference else default_reference(path)
     res: dict = {"model": str(path), "reference": str(ref_path) if ref_path else None}
     if text or not adapter.is_multimodal:
-        from .eval.text_ppl import text_perplexity
-        from .textdata import evaluation_text, read_text_file
+        from casp.eval.text_ppl import text_perplexity
+        from casp.data.textdata import evaluation_text, read_text_file
 
         try:
             body = read_text_file(text) if text else evaluation_text()
@@ -85,7 +85,7 @@ def evaluate(model=None, *, reference=None, vqa_jsonl=None, text=None, context_l
     if adapter.is_multimodal and (vqa_jsonl or not text):
         reference_model = load_model(ref_path) if ref_path else None
         if vqa_jsonl:
-            from .eval.vqa import load_vqa_jsonl
+            from casp.eval.vqa import load_vqa_jsonl
 
             try:
                 vqa = load_vqa_jsonl(vqa_jsonl)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from casp.attention import (
+from casp.algorithms.attention import (
     AttentionErrorStats,
     DensityAccumulator,
     attention_error_stats,

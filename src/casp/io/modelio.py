@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for_architecture
-from .errors import CaspError
+from casp.models.adapters import adapter_for_architecture
+from casp.errors import CaspError
 
 log = logging.getLogger(__name__)
 
 
 def builtin_names() -> list[str]:
-    from .real_models import BUILTIN_MODELS
+    from casp.models.real_models import BUILTIN_MODELS
 
     return sorted(BUILTIN_MODELS)
 
@@ -22,11 +22,11 @@ def builtin_names() -> list[str]:
 def resolve_model_path(model: str | Path | None) -> Path:
     """None -> the embedded model; a built-in name -> its cached conversion; else a local directory."""
     if model is None:
-        from .embedded import EMBEDDED_MODEL_DIR
+        from casp.embedded import EMBEDDED_MODEL_DIR
 
         return Path(EMBEDDED_MODEL_DIR)
     if isinstance(model, str) and model in builtin_names():
-        from .real_models import resolve_builtin
+        from casp.models.real_models import resolve_builtin
 
         return Path(resolve_builtin(model))
     path = Path(model)
@@ -68,7 +68,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     arch = architecture_of(path)
     adapter_for_architecture(arch)
     if is_compressed(path):
-        from .storage import load_compressed
+        from casp.io.storage import load_compressed
 
         return load_compressed(path, dtype=dtype)
     cls = getattr(transformers, arch)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from casp import real_models
-from casp.real_models import (
+from casp.models import real_models
+from casp.models.real_models import (
     BUILTIN_MODELS,
     MARKER,
     BuiltinModel,
@@ -102,7 +102,7 @@ def test_chat_answer_is_sensible(smollm):
 @needs_package
 def test_fp_perplexity_on_evaluation_slice(smollm):
     from casp.eval.text_ppl import text_perplexity
-    from casp.textdata import evaluation_text
+    from casp.data.textdata import evaluation_text
 
     model, tok = smollm
     res = text_perplexity(model, tok, evaluation_text(), context_length=256, max_tokens=513, progress=False)

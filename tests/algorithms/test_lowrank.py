@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from casp import lowrank
-from casp.lowrank import (
+from casp.algorithms import lowrank
+from casp.algorithms.lowrank import (
     LowRankLinear,
     auto_ranks,
     check_rank,

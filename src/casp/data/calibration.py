@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ TEXT_BATCH = 8
 
 def read_calibration_jsonl(path: str | Path) -> list[dict]:
     """Records `{"image", "text"}` or `{"image", "question", "answer"}`; image paths relative to the file."""
-    from .eval.vqa import read_image_jsonl
+    from casp.eval.vqa import read_image_jsonl
 
     try:
         records = read_image_jsonl(path, (("text",), ("question", "answer")))
@@ -35,7 +35,7 @@ def read_calibration_jsonl(path: str | Path) -> list[dict]:
 
 
 def image_text_batches(processor, records: list[dict]) -> list[dict]:
-    from .eval.vqa import build_prompt
+    from casp.eval.vqa import build_prompt
 
     batches = []
     for rec in records:
@@ -49,7 +49,7 @@ def image_text_batches(processor, records: list[dict]) -> list[dict]:
 
 
 def text_batches(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) -> list[dict]:
-    from .textdata import text_calibration_batches
+    from casp.data.textdata import text_calibration_batches
 
     ids = text_calibration_batches(tokenizer, text, n_samples, seq_len, seed)
     return [{"input_ids": chunk} for chunk in torch.split(ids, TEXT_BATCH)]
@@ -57,7 +57,7 @@ def text_batches(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) 
 
 def embedded_batches(processor, n_samples: int, seed: int) -> list[dict]:
     """Calibration scenes from the embedded model's training distribution (a dedicated seed)."""
-    from .embedded.scenes import generate_records
+    from casp.embedded.scenes import generate_records
 
     records = generate_records("train", max(1, n_samples))
     random.Random(seed).shuffle(records)
@@ -67,8 +67,8 @@ def embedded_batches(processor, n_samples: int, seed: int) -> list[dict]:
 def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, seq_len: int, seed: int,
                       jsonl: str | None = None, text_file: str | None = None) -> list[dict]:
     """Pick the calibration source: explicit JSONL / text file, else the model's natural default."""
-    from .embedded import EMBEDDED_MODEL_DIR
-    from .modelio import tokenizer_of
+    from casp.embedded import EMBEDDED_MODEL_DIR
+    from casp.io.modelio import tokenizer_of
 
     if jsonl and text_file:
         raise CaspError("give either --calib-jsonl or --calib-text, not both")
@@ -79,7 +79,7 @@ def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, s
         random.Random(seed).shuffle(records)
         batches = image_text_batches(processor, records[:n_samples])
     elif text_file:
-        from .textdata import read_text_file
+        from casp.data.textdata import read_text_file
 
         try:
             text = read_text_file(text_file)
@@ -89,7 +89,7 @@ def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, s
     elif adapter.is_multimodal and Path(model_path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve():
         batches = embedded_batches(processor, n_samples, seed)
     else:
-        from .textdata import calibration_text
+        from casp.data.textdata import calibration_text
 
         log.info("calibrating on casp's built-in text (give --calib-jsonl for image calibration)")
         batches = text_batches(tokenizer_of(processor), calibration_text(), n_samples, seq_len, seed)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from casp.packed_linear import PackedLinear, register_matmul_kernel, unregister_matmul_kernel
-from casp.packing import storage_bits
+from casp.nn.packed_linear import PackedLinear, register_matmul_kernel, unregister_matmul_kernel
+from casp.quant.packing import storage_bits
 from casp.quant import QuantizedWeight, QuantSpec, get_quantizer_class, register_format, StorageFormat
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from casp.adapters import SUPPORTED_ARCHITECTURES, adapter_for, adapter_for_architecture
-from casp.engine import (
+from casp.models.adapters import SUPPORTED_ARCHITECTURES, adapter_for, adapter_for_architecture
+from casp.models.engine import (
     SecondMoments, capture_layer0_inputs, final_hidden_states, record_second_moments, run_layer,
 )
 from casp.errors import CaspError

@@ -129,9 +129,9 @@ def storage_bits(spec, out_features: int, in_features: int) -> int:
     """Exact `QuantizedWeight.stored_bits()` of the scalar-grid format (RTN, GPTQ) for a shape.
 
     codes: packed (out, in) at `bits`; scales: fp16 (out, groups); zeros (asymmetric only):
-    packed (groups, out) at `bits`. See `casp.quant.grid` for the format.
+    packed (groups, out) at `bits`. See `casp.quant.scalar` for the format.
     """
-    from casp.quant.grid import num_groups
+    from casp.quant.scalar import num_groups
 
     groups = num_groups(in_features, spec.group_size)
     total = packed_bits(out_features, in_features, spec.bits)

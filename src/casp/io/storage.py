@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def atomic_dir(out: Path):
 
 def module_specs(model: nn.Module) -> dict[str, dict]:
     """Every casp module in the model, as JSON: what `load_compressed` must rebuild before loading weights."""
-    from .lowrank import LowRankLinear
-    from .packed_linear import PackedLinear
+    from casp.algorithms.lowrank import LowRankLinear
+    from casp.nn.packed_linear import PackedLinear
 
     specs = {}
     for name, module in model.named_modules():
@@ -78,8 +78,8 @@ def module_specs(model: nn.Module) -> dict[str, dict]:
 
 def install_modules(model: nn.Module, specs: dict[str, dict]) -> None:
     """Replace dense linears by empty casp modules of the recorded shapes (parents before children)."""
-    from .lowrank import LowRankLinear
-    from .packed_linear import PackedLinear
+    from casp.algorithms.lowrank import LowRankLinear
+    from casp.nn.packed_linear import PackedLinear
 
     for name in sorted(specs, key=lambda n: n.count(".")):
         spec = specs[name]
@@ -110,7 +110,7 @@ def _storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
     """Write model, processor files, report and plots into a temp dir beside OUT, then rename it into place."""
-    from .report import write_report
+    from casp.report import write_report
 
     out = Path(out)
     check_output_dir(out, overwrite)
@@ -179,7 +179,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     """Rebuild a casp-compressed model from OUT: config -> empty model -> casp modules -> weights."""
     import transformers
 
-    from .modelio import architecture_of, read_config
+    from casp.io.modelio import architecture_of, read_config
 
     path = Path(path)
     cfg_dict = read_config(path)
@@ -206,8 +206,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
 
 def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
     """Write a plain fp16 checkpoint: low-rank factors multiplied back and packed weights dequantized."""
-    from .lowrank import LowRankLinear
-    from .packed_linear import PackedLinear
+    from casp.algorithms.lowrank import LowRankLinear
+    from casp.nn.packed_linear import PackedLinear
 
     src, dst = Path(src), Path(dst)
     check_output_dir(dst, overwrite)

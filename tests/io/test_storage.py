@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 import casp
 from casp.config import CompressionConfig
-from casp.lowrank import LowRankLinear
-from casp.packed_linear import PackedLinear
+from casp.algorithms.lowrank import LowRankLinear
+from casp.nn.packed_linear import PackedLinear
 from casp.pipeline import compress
 
 
@@ -110,7 +110,7 @@ def test_lowrank_only_keeps_quarter_of_qk(tiny_llama_dir, scene_text, tmp_path):
 def test_export_dense_loads_in_plain_transformers(compressed, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from casp.storage import export_dense
+    from casp.io.storage import export_dense
 
     res, out = compressed
     export_dense(out, tmp_path / "dense")
@@ -124,8 +124,8 @@ def test_export_dense_loads_in_plain_transformers(compressed, tmp_path):
 def test_vlm_roundtrip_with_jsonl_calibration(tiny_llava_dir, scene_jsonl, tmp_path):
     res = compress(tiny_llava_dir, tmp_path / "v", _cfg(calib_jsonl=str(scene_jsonl), bits=2.5), progress=False)
     loaded = casp.load(tmp_path / "v")
-    from casp.calibration import image_text_batches, read_calibration_jsonl
-    from casp.modelio import load_processor
+    from casp.data.calibration import image_text_batches, read_calibration_jsonl
+    from casp.io.modelio import load_processor
 
     batch = image_text_batches(load_processor(tiny_llava_dir), read_calibration_jsonl(scene_jsonl)[:1])[0]
     with torch.no_grad():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 LLAMA_LINEARS = {
     "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

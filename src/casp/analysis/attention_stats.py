@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import attention as attn_math
-from .adapters import Adapter
+from casp.algorithms import attention as attn_math
+from casp.models.adapters import Adapter
 
 
 @dataclass

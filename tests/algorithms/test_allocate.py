@@ -1,4 +1,4 @@
-"""Tests for casp.allocate: budget accounting, the paper rule, the rate-distortion solvers."""
+"""Tests for casp.algorithms.allocate: budget accounting, the paper rule, the rate-distortion solvers."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from casp.allocate import (
+from casp.algorithms.allocate import (
     Allocation,
     Candidate,
     InfeasibleBudget,

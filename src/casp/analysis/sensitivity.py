@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from casp.models.adapters import Adapter
 
 
 def _labels(batch: dict, image_token_id: int | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .storage import QUANT_METHOD, install_modules
+from casp.io.storage import QUANT_METHOD, install_modules
 
 
 @register_quantization_config(QUANT_METHOD)

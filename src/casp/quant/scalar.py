@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from casp.packing import pack_codes, packed_words, unpack_codes
+from casp.quant.packing import pack_codes, packed_words, unpack_codes
 from casp.quant.base import QuantizedWeight, QuantSpec, StorageFormat, register_format
 
 FORMAT = "scalar"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from casp.models.adapters import Adapter
 
 
 class _Caught(Exception):

@@ -8,7 +8,7 @@ from importlib import resources
 import pytest
 import torch
 
-from casp.textdata import (
+from casp.data.textdata import (
     calibration_text,
     evaluation_text,
     read_text_file,
@@ -67,7 +67,7 @@ def test_windows_of_real_calibration_text_avoid_evaluation_text():
 
 
 def test_short_text_gives_fewer_windows_with_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="casp.textdata"):
+    with caplog.at_level(logging.WARNING, logger="casp.data.textdata"):
         out = text_calibration_batches(byte_tokenizer, "x" * 1000, 5, 300, seed=0)
     assert out.shape == (3, 300)
     assert "only 3 of the 5" in caplog.text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_embedded.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_embedded.py"
 
 
 def _load_script():
