@@ -71,3 +71,19 @@ def tiny_batches(model, n: int = 2, seq: int = 12, seed: int = 0) -> list[dict]:
         ids = torch.cat([torch.tensor([[1]]), torch.full((1, n_img), 127), torch.randint(0, 120, (1, 5), generator=g)], 1)
         batches.append({"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32, generator=g)})
     return batches
+
+
+def tiny_qwen_vl_image_batch(seed: int = 0) -> dict:
+    """One Qwen2(.5)-VL batch with a 4×4-patch image (4 merged tokens), so M-RoPE positions differ per axis."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.tensor([[1, 125]]), torch.full((1, 4), 127), torch.randint(0, 120, (1, 6), generator=g)], 1)
+    return {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 4 * 4, generator=g),
+            "image_grid_thw": torch.tensor([[1, 4, 4]])}
+
+
+def tiny_padded_batch(seq: int = 12, pad: int = 3, seed: int = 0) -> dict:
+    """Two text rows, the second left-padded by `pad` tokens (attention_mask 0 there)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, :pad] = 0
+    return {"input_ids": torch.randint(0, 120, (2, seq), generator=g), "attention_mask": mask}

@@ -66,6 +66,35 @@ def test_key_validity_alignment_and_errors():
         key_validity(3, 3, mask=torch.ones(1, 4))
 
 
+def test_key_validity_sliding_window():
+    v = key_validity(5, 5, window=2)[0, 0]  # each query sees itself and the key before it
+    want = [[j in (i - 1, i) for j in range(5)] for i in range(5)]
+    assert v.tolist() == want
+    v = key_validity(2, 5, window=3)[0, 0]  # queries sit at key positions 3 and 4
+    assert v.tolist() == [[False, True, True, True, False], [False, False, True, True, True]]
+    assert torch.equal(key_validity(4, 4, window=4), key_validity(4, 4))
+    mask = torch.tensor([[False, True, True, True, True]])
+    assert not key_validity(5, 5, mask=mask, window=2)[0, 0, 1, 0]
+    with pytest.raises(ValueError):
+        key_validity(3, 3, window=0)
+
+
+def test_window_and_scale_reach_the_maps_and_the_error_stats():
+    q, k = qk(t=8)
+    p = attention_probs(q, k, scale=0.3, window=3)
+    kr = k.repeat_interleave(2, dim=2)
+    z = torch.einsum("bqhd,bkhd->bhqk", q, kr) * 0.3
+    far = ~key_validity(8, 8, window=3)
+    assert torch.allclose(p, z.masked_fill(far, float("-inf")).softmax(-1), atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    q2, k2 = q + 0.2 * torch.randn(q.shape, generator=g), k + 0.2 * torch.randn(k.shape, generator=g)
+    s = attention_error_stats(q, k, q2, k2, scale=0.3, window=3)
+    p2 = attention_probs(q2, k2, scale=0.3, window=3)
+    assert math.isclose(s.mse, attention_map_error(p, p2), rel_tol=1e-4)
+    assert torch.allclose(s.head_density(), density(p, valid=~far), atol=1e-6)
+    assert s.mean_row_l1 <= s.mean_row_l1_bound
+
+
 # ---------------------------------------------------------------- density
 
 

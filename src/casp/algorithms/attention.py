@@ -68,10 +68,12 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = Non
 
 
 def key_validity(q_len: int, k_len: int, causal: bool = True, mask: torch.Tensor | None = None,
-                 device=None) -> torch.Tensor:
+                 device=None, window: int | None = None) -> torch.Tensor:
     """Bool [b or 1, 1, q_len, k_len]: which keys each query row may attend to.
 
     Causal rows are aligned at the end (query i sits at key position i + k_len − q_len).
+    With a sliding `window`, a query sees only keys less than `window` positions behind it
+    (the last `window` keys when causal, itself included), as in HF's sliding-window masks.
     """
     if q_len > k_len:
         raise ValueError(f"q_len {q_len} exceeds k_len {k_len}")
@@ -79,6 +81,10 @@ def key_validity(q_len: int, k_len: int, causal: bool = True, mask: torch.Tensor
     if causal:
         valid = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
         valid = valid[None, None]
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        valid = valid & torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(k_len - q_len - window + 1)
     if mask is not None:
         if mask.ndim != 2 or mask.shape[1] != k_len:
             raise ValueError(f"mask must be [batch, {k_len}], got {tuple(mask.shape)}")
@@ -100,10 +106,11 @@ def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
-                    mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, scale: float | None = None,
+                    window: int | None = None) -> torch.Tensor:
     """Float32 softmax attention maps [b, h, q_len, k_len] from post-RoPE q and k."""
     logits = attention_logits(q, k, scale)
-    valid = key_validity(q.shape[1], k.shape[1], causal, mask, device=logits.device)
+    valid = key_validity(q.shape[1], k.shape[1], causal, mask, device=logits.device, window=window)
     return _masked_softmax(logits, valid)
 
 
@@ -377,7 +384,8 @@ class AttentionErrorStats:
 
 def attention_error_stats(q: torch.Tensor, k: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
                           causal: bool = True, mask: torch.Tensor | None = None,
-                          scale: float | None = None, mass: float = 0.9) -> AttentionErrorStats:
+                          scale: float | None = None, mass: float = 0.9,
+                          window: int | None = None) -> AttentionErrorStats:
     """Measured map error of (q2, k2) against (q, k), our bound on it, and density, per head.
 
     δ = (q′k′ᵀ − qkᵀ)·scale. Works head-chunk by head-chunk in float64, keeping no maps.
@@ -388,7 +396,7 @@ def attention_error_stats(q: torch.Tensor, k: torch.Tensor, q2: torch.Tensor, k2
     b, tq, h, _ = q.shape
     tk = k.shape[1]
     kr, k2r = repeat_kv(k, h), repeat_kv(k2, h)
-    valid = key_validity(tq, tk, causal, mask, device=q.device)
+    valid = key_validity(tq, tk, causal, mask, device=q.device, window=window)
     rows = _query_rows(tq, tk, mask, b, device=q.device)  # [b, tq]
     rows = rows & valid.expand(b, 1, tq, tk).any(-1)[:, 0]
     n_rows = int(rows.sum())

@@ -1,12 +1,14 @@
 """Attention statistics of a decoder layer, measured from its own q/k projections.
 
 Given the normed attention inputs caught while a layer runs, rebuild q and k (original
-and, optionally, low-rank), apply the family's RoPE, and measure per-head density, the
-error of the attention map after compressing W_q/W_k, and our bound on that error.
+and, optionally, low-rank) exactly as the layer's attention does — through the family's
+`Adapter.attention_qk`: projections, q/k norms, RoPE, score scale and sliding window — and
+measure per-head density, the error of the attention map after compressing W_q/W_k, and
+our bound on that error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,7 +24,6 @@ class LayerAttentionStats:
     map_mse_bound: float | None = None   # our bound on that MSE
     row_l1: float | None = None          # mean row L1 error
     bound_l1: float | None = None        # our bound on the mean row L1 error
-    extra: dict = field(default_factory=dict)
 
     @property
     def mean_density(self) -> float:
@@ -34,14 +35,11 @@ class LayerAttentionStats:
                 "attn_row_l1": self.row_l1, "attn_bound_l1": self.bound_l1, "attn_map_mse_bound": self.map_mse_bound}
 
 
-def _qk(x, q_mod: nn.Module, k_mod: nn.Module, attention: nn.Module, adapter: Adapter, geometry, pos):
+def _check_geometry(qk, geometry) -> None:
     heads, kv, hd = geometry
-    b, t, _ = x.shape
-    q = q_mod(x).view(b, t, heads, hd).transpose(1, 2)
-    k = k_mod(x).view(b, t, kv, hd).transpose(1, 2)
-    if pos is not None:
-        q, k = adapter.apply_rope(attention, q, k, pos)
-    return q.transpose(1, 2), k.transpose(1, 2)
+    if qk.q.shape[2:] != (heads, hd) or qk.k.shape[2:] != (kv, hd):
+        raise ValueError(f"attention gives q {tuple(qk.q.shape)}, k {tuple(qk.k.shape)}; "
+                         f"expected {heads} query and {kv} kv heads of size {hd}")
 
 
 @torch.no_grad()
@@ -55,19 +53,22 @@ def layer_attention_stats(
 ) -> LayerAttentionStats:
     """Density per head; with `lowrank=(q', k')` also the map error and our bound, on the same inputs."""
     attention = layer.get_submodule(adapter.attention)
-    q_mod = layer.get_submodule(adapter.q_proj)
-    k_mod = layer.get_submodule(adapter.k_proj)
     if lowrank is None:
         acc = attn_math.DensityAccumulator(mass=mass)
         for x, pos in attn_inputs:
-            q, k = _qk(x.float(), q_mod, k_mod, attention, adapter, geometry, pos)
-            acc.add(0, attn_math.attention_probs(q, k))
+            qk = adapter.attention_qk(attention, x.float(), pos)
+            _check_geometry(qk, geometry)
+            probs = attn_math.attention_probs(qk.q, qk.k, scale=qk.scale, window=qk.window)
+            valid = attn_math.key_validity(qk.q.shape[1], qk.k.shape[1], device=probs.device, window=qk.window)
+            acc.add(0, probs, valid)
         return LayerAttentionStats(density=acc.head_density(0).tolist())
     total = attn_math.AttentionErrorStats()
     for x, pos in attn_inputs:
-        q, k = _qk(x.float(), q_mod, k_mod, attention, adapter, geometry, pos)
-        q2, k2 = _qk(x.float(), lowrank[0], lowrank[1], attention, adapter, geometry, pos)
-        total = total + attn_math.attention_error_stats(q, k, q2, k2, mass=mass)
+        qk = adapter.attention_qk(attention, x.float(), pos)
+        _check_geometry(qk, geometry)
+        qk2 = adapter.attention_qk(attention, x.float(), pos, q_proj=lowrank[0], k_proj=lowrank[1])
+        total = total + attn_math.attention_error_stats(qk.q, qk.k, qk2.q, qk2.k, mass=mass,
+                                                        scale=qk.scale, window=qk.window)
     return LayerAttentionStats(density=total.head_density().tolist(), map_mse=total.mse,
                                map_mse_bound=total.mse_bound, row_l1=total.mean_row_l1,
                                bound_l1=total.mean_row_l1_bound)

@@ -80,7 +80,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progr
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers:
-        layer.input_layernorm.weight.requires_grad_(True)
+        layer.get_submodule(adapter.input_norm).weight.requires_grad_(True)
     image_token = getattr(model.config, "image_token_id", None)
     if image_token is None:
         image_token = getattr(model.config, "image_token_index", None)

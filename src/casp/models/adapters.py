@@ -1,11 +1,14 @@
 """Model families described by data: where the decoder layers and their linears live.
 
-Each family is one `Adapter` row. Nothing here runs a model; the engine and the
-pipeline read these tables to find the modules they work on.
+Each family is one `Adapter` row. The engine and the pipeline read these tables to find
+the modules they work on; no other module names a family's modules. The one piece of
+attention maths that depends on the family — the exact queries, keys, score scale and
+sliding window the model's attention uses — is `Adapter.attention_qk`.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +25,37 @@ LLAMA_LINEARS = {
 
 
 @dataclass(frozen=True)
+class AttentionQK:
+    """What one attention layer scores: softmax(q·kᵀ·scale) over causal keys within `window`.
+
+    q is [batch, seq, heads, head_dim] and k [batch, seq, kv_heads, head_dim], both after
+    the q/k norms and RoPE; `window` is the layer's sliding window (a query sees the last
+    `window` keys, itself included), None for full causal attention.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    window: int | None = None
+
+
+def sliding_window(attention: nn.Module) -> int | None:
+    """The sliding window of one HF attention module, None if it attends to every earlier key.
+
+    Qwen2(-VL), Qwen3 and Gemma 3 set `sliding_window` on the module (None on full layers);
+    Mistral reads `config.sliding_window` for every layer; others have `config.layer_types`.
+    """
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    cfg = getattr(attention, "config", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and getattr(attention, "layer_idx", None) is not None:
+        if types[attention.layer_idx] != "sliding_attention":
+            return None
+    return getattr(cfg, "sliding_window", None)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Where things are in one model family (dotted paths from the top-level model)."""
 
@@ -35,10 +69,16 @@ class Adapter:
     projector: str | None = None
     text_config_attr: str | None = None
     linears: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(LLAMA_LINEARS))
+    # dotted paths inside a decoder layer
     q_proj: str = "self_attn.q_proj"
     k_proj: str = "self_attn.k_proj"
     attention: str = "self_attn"
+    input_norm: str = "input_layernorm"   # the norm whose output the attention reads
+    q_norm: str = "self_attn.q_norm"      # per-head norms of q and k, used where present (Qwen3, Gemma 3)
+    k_norm: str = "self_attn.k_norm"
     multimodal_rope: bool = False
+    # optional family hook: attention module → its sliding window (None: full causal)
+    window: Callable[[nn.Module], int | None] = sliding_window
 
     @property
     def is_multimodal(self) -> bool:
@@ -74,6 +114,51 @@ class Adapter:
             section = attention.rope_scaling["mrope_section"]
             return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
         return module.apply_rotary_pos_emb(q, k, cos, sin)
+
+    def _in_attention(self, attention: nn.Module, path: str, required: bool = True) -> nn.Module | None:
+        """The module at `path` (a path inside the decoder layer), found from the attention module."""
+        prefix = self.attention + "."
+        if not path.startswith(prefix):
+            raise CaspError(f"{self.family}: {path!r} is not inside the attention module {self.attention!r}")
+        try:
+            return attention.get_submodule(path[len(prefix):])
+        except AttributeError:
+            if required:
+                raise CaspError(f"{self.family}: {type(attention).__name__} has no {path!r}") from None
+            return None
+
+    def attention_qk(self, attention: nn.Module, x: torch.Tensor, position_embeddings,
+                     q_proj: nn.Module | None = None, k_proj: nn.Module | None = None) -> AttentionQK:
+        """The exact queries, keys, score scale and window of `attention` on its input `x` [b, t, hidden].
+
+        `x` is the attention module's input (the output of the layer's input norm) and
+        `position_embeddings` the (cos, sin) the model passed to it (None: no RoPE). `q_proj` /
+        `k_proj` replace the layer's own projections (e.g. low-rank ones being measured); the
+        q/k norms, RoPE, scale and window are always the layer's own.
+        """
+        softcap = getattr(attention, "attn_logit_softcapping", None) or getattr(
+            getattr(attention, "config", None), "attn_logit_softcapping", None)
+        if softcap:
+            raise CaspError(f"{self.family}: attention logit soft-capping is not supported")
+        scale = getattr(attention, "scaling", None)
+        if scale is None:
+            raise CaspError(f"{self.family}: {type(attention).__name__} has no `scaling`; its score scale is unknown")
+        head_dim = attention.head_dim
+        q_proj = q_proj if q_proj is not None else self._in_attention(attention, self.q_proj)
+        k_proj = k_proj if k_proj is not None else self._in_attention(attention, self.k_proj)
+        b, t, _ = x.shape
+        q = q_proj(x).view(b, t, -1, head_dim)
+        k = k_proj(x).view(b, t, -1, head_dim)
+        q_norm = self._in_attention(attention, self.q_norm, required=False)
+        k_norm = self._in_attention(attention, self.k_norm, required=False)
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        if position_embeddings is not None:
+            qt, kt = self.apply_rope(attention, q.transpose(1, 2), k.transpose(1, 2), position_embeddings)
+            q, k = qt.transpose(1, 2), kt.transpose(1, 2)
+        return AttentionQK(q=q, k=k, scale=float(scale), window=self.window(attention))
 
 
 def _vlm(family, archs, *, vision="model.vision_tower", projector="model.multi_modal_projector", mrope=False):

@@ -1,0 +1,79 @@
+"""`output_fisher`: the mean squared loss gradient of every decoder linear's outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from casp.analysis.sensitivity import output_fisher
+from casp.models.adapters import adapter_for
+from tiny_models import tiny_batches, tiny_model, tiny_padded_batch
+
+
+def _decoder_linears(model, adapter) -> list[str]:
+    return [f"{adapter.layers}.{i}.{name}"
+            for i, layer in enumerate(adapter.decoder_layers(model))
+            for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _reference(model, batches, names, image_token=None) -> dict[str, torch.Tensor]:
+    """Autograd on the full model: mean over every token position of (dL/dy)², y each linear's output."""
+    sums = {n: 0.0 for n in names}
+    counts = {n: 0 for n in names}
+    for batch in batches:
+        outs, handles = {}, []
+        for n in names:
+            def keep(_m, _a, out, n=n):
+                out.retain_grad()
+                outs[n] = out
+            handles.append(model.get_submodule(n).register_forward_hook(keep))
+        labels = batch["input_ids"].clone()
+        if image_token is not None:
+            labels[labels == image_token] = -100
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        model(**batch, labels=labels, use_cache=False).loss.backward()
+        for h in handles:
+            h.remove()
+        for n in names:
+            g = outs[n].grad.reshape(-1, outs[n].shape[-1])
+            sums[n] = sums[n] + g.pow(2).sum(0)
+            counts[n] += g.shape[0]
+        model.zero_grad(set_to_none=True)
+    return {n: sums[n] / counts[n] for n in names}
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_output_fisher_is_the_mean_squared_output_gradient(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    batches = tiny_batches(model) + [tiny_padded_batch()]
+    names = _decoder_linears(model, adapter)
+    assert set(names) == {f"{adapter.layers}.{i}.{n}" for i in range(len(adapter.decoder_layers(model)))
+                          for n in adapter.linear_names()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    fisher = output_fisher(model, adapter, batches, progress=False)
+
+    assert sorted(fisher) == sorted(names)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    image_token = getattr(model.config, "image_token_index", None)
+    ref = _reference(model, batches, names, image_token)
+    for n in names:
+        assert fisher[n].shape == (model.get_submodule(n).out_features,)
+        assert bool((fisher[n] > 0).any())
+        torch.testing.assert_close(fisher[n], ref[n], rtol=1e-4, atol=1e-12)
+
+
+def test_output_fisher_stops_after_max_tokens():
+    model = tiny_model("qwen2")
+    adapter = adapter_for(model)
+    batches = tiny_batches(model, n=3)
+    first = output_fisher(model, adapter, batches, progress=False, max_tokens=batches[0]["input_ids"].numel())
+    names = _decoder_linears(model, adapter)
+    ref = _reference(model, batches[:1], names)
+    for n in names:
+        torch.testing.assert_close(first[n], ref[n], rtol=1e-4, atol=1e-12)
+    everything = output_fisher(model, adapter, batches, progress=False)
+    assert not torch.allclose(everything[names[0]], first[names[0]])
