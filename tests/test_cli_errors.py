@@ -114,14 +114,13 @@ def test_rank_above_full_rank(tmp_path, tiny_llama_dir):
 
 def test_model_without_separate_qk(tmp_path):
     """A supported family whose attention lost W_q (e.g. a fused checkpoint) is refused with one line."""
-    from casp.config import CompressionConfig
     from casp.errors import CaspError
     from casp.models.adapters import adapter_for
-    from casp.pipeline import choose_ranks
+    from casp.steps.ranks import choose_ranks
     from tiny_models import tiny_model
 
     model = tiny_model("llama")
     for layer in model.model.layers:
         del layer.self_attn.q_proj
     with pytest.raises(CaspError, match="no separate"):
-        choose_ranks(model, adapter_for(model), None, CompressionConfig(qk_rank=0.25))
+        choose_ranks(model.model.layers, adapter_for(model), 0.25, {})

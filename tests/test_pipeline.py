@@ -3,7 +3,8 @@ import pytest
 
 from casp.config import CompressionConfig
 from casp.errors import CaspError
-from casp.pipeline import compress, measure_sparsity
+from casp.analysis.sparsity import measure_sparsity
+from casp.pipeline import compress
 
 
 def _cfg(scene_text, **kw):

@@ -16,7 +16,7 @@ def test_two_layers_at_three_bits_keep_perplexity():
     tok = tokenizer_of(load_processor(path))
     text = evaluation_text()[:6000]
     fp = text_perplexity(load_model(path), tok, text, context_length=512, progress=False)
-    cfg = CompressionConfig(bits=3.0, quantizer="gptq", allocation="uniform", group_size=128, qk_rank=0.25,
+    cfg = CompressionConfig(bits=3.0, quantizer="gptq", allocation="uniform", quantizer_options={"group_size": 128}, qk_rank=0.25,
                             calib_samples=8, calib_seq_len=256, layers=(3, 17))
     res = compress(path, None, cfg, progress=False)
     got = text_perplexity(res.model, tok, text, context_length=512, progress=False)

@@ -42,6 +42,37 @@ def _int_list(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+_OPTION = "option_"
+
+
+def _quantizer_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per option that a registered quantizer declares (field metadata "flag")."""
+    import dataclasses
+
+    from casp.quant.base import available_quantizers, get_quantizer_class
+
+    seen = set()
+    for name in available_quantizers():
+        for f in dataclasses.fields(get_quantizer_class(name).Config):
+            meta = f.metadata
+            if "flag" not in meta or f.name in seen:
+                continue
+            seen.add(f.name)
+            kw = {"dest": _OPTION + f.name, "default": argparse.SUPPRESS,
+                  "help": f"{meta.get('help', '')} [{name}]"}
+            if "action" in meta:
+                kw["action"] = meta["action"]
+            elif isinstance(f.default, bool):
+                kw["action"] = "store_true"
+            else:
+                kw["type"] = _int_list if meta.get("type") == "ints" else meta.get("type", str)
+            p.add_argument(meta["flag"], **kw)
+
+
+def _quantizer_options(args) -> dict:
+    return {k[len(_OPTION):]: v for k, v in vars(args).items() if k.startswith(_OPTION)}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, everything else)")
     p.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
@@ -72,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", help="local HF model directory or built-in name (default: embedded model)")
     c.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
     c.add_argument("--bits", type=float, default=2.0, help="target average bits per original weight (default 2.0)")
-    c.add_argument("--quantizer", default="gptq", help="gptq, rtn or none (default gptq)")
+    c.add_argument("--quantizer", default="gptq", help="a registered quantizer (gptq, rtn, ...) or none (default gptq)")
+    c.add_argument("--transform", default=None, help="a registered weight transform applied before quantizing")
     c.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
                    help="fraction of W_q/W_k parameters kept by the low-rank step; 0 disables; 'auto' (default 0.25)")
     c.add_argument("--qk-rank-layer", type=_layer_ratio, action="append", default=[], metavar="LAYER=RATIO",
@@ -81,13 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bit allocation: rate-distortion (default), the paper's rule, or uniform int(--bits)")
     c.add_argument("--granularity", default="layer", choices=["matrix", "layer"],
                    help="rd allocation unit: each decoder layer (default; measured better on the embedded model) or each matrix")
-    c.add_argument("--candidate-bits", type=_int_list, default=(2, 3, 4), help="bit-widths to allocate from (default 2,3,4)")
-    c.add_argument("--candidate-group-sizes", type=_int_list, default=(128, -1),
-                   help="group sizes to allocate from, -1 = per channel (default 128,-1)")
-    c.add_argument("--group-size", type=int, default=128, help="group size for --allocation uniform (default 128)")
-    c.add_argument("--sym", action="store_true", help="symmetric quantization grid")
-    c.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
-    c.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    _quantizer_flags(c)
     c.add_argument("--layers", type=_int_list, default=None,
                    help="compress only these decoder layers (comma-separated indices; default all)")
     c.add_argument("--device", default="cpu", help="device for the layer being compressed (default cpu)")
@@ -141,17 +167,12 @@ def cmd_compress(args) -> None:
 
     cfg = CompressionConfig(
         bits=args.bits, quantizer=args.quantizer, qk_rank=args.qk_rank, qk_rank_overrides=dict(args.qk_rank_layer),
-        allocation=args.allocation, granularity=args.granularity, candidate_bits=args.candidate_bits, candidate_group_sizes=args.candidate_group_sizes,
-        group_size=args.group_size, sym=args.sym, damp=args.damp, act_order=not args.no_act_order,
+        quantizer_options=_quantizer_options(args), transform=args.transform,
+        allocation=args.allocation, granularity=args.granularity,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
         calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,
         layers=args.layers,
     )
-    if cfg.quantizer not in ("none",):
-        from casp.quant.base import available_quantizers
-
-        if cfg.quantizer not in available_quantizers():
-            raise CaspError(f"unknown --quantizer {cfg.quantizer!r}; choose from none, {', '.join(available_quantizers())}")
     result = compress(args.model, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
     r = result.report
     summary = {k: r[k] for k in ("average_bits", "stored_bytes", "original_weights", "seconds", "peak_rss_mb")}
@@ -182,7 +203,7 @@ def cmd_eval(args) -> None:
 
 def cmd_sparsity(args) -> None:
     from casp.config import CompressionConfig
-    from casp.pipeline import measure_sparsity
+    from casp.analysis.sparsity import measure_sparsity
 
     cfg = CompressionConfig(qk_rank=args.qk_rank, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                             calib_jsonl=args.calib_jsonl, calib_text=args.calib_text, density_mass=args.density_mass,

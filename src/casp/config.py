@@ -5,8 +5,6 @@ from dataclasses import asdict, dataclass, field
 
 from casp.errors import CaspError
 
-DEFAULT_BITS = (2, 3, 4)
-
 
 @dataclass
 class CompressionConfig:
@@ -14,16 +12,13 @@ class CompressionConfig:
 
     bits: float = 2.0
     quantizer: str = "gptq"
+    quantizer_options: dict = field(default_factory=dict)   # the quantizer's own Config fields
+    transform: str | None = None                            # a registered weight transform, or None
+    transform_options: dict = field(default_factory=dict)
     qk_rank: float | str = 0.25
     qk_rank_overrides: dict[int, float] = field(default_factory=dict)
     allocation: str = "rd"
     granularity: str = "layer"
-    candidate_bits: tuple[int, ...] = DEFAULT_BITS
-    group_size: int = 128
-    candidate_group_sizes: tuple[int, ...] = (128, -1)
-    sym: bool = False
-    damp: float = 0.01
-    act_order: bool = True
     calib_samples: int = 128
     calib_seq_len: int = 512
     calib_jsonl: str | None = None
@@ -48,27 +43,52 @@ class CompressionConfig:
             raise CaspError(f"--allocation must be rd, paper or uniform, got {self.allocation!r}")
         if self.granularity not in ("matrix", "layer"):
             raise CaspError(f"--granularity must be matrix or layer, got {self.granularity!r}")
-        for b in self.candidate_bits:
-            if b not in (2, 3, 4, 8):
-                raise CaspError(f"bit-widths must be among 2, 3, 4, 8; got {b}")
-        if self.group_size == 0 or self.group_size < -1:
-            raise CaspError(f"--group-size must be positive or -1 (per channel), got {self.group_size}")
         if self.calib_samples < 1:
             raise CaspError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib_seq_len < 2:
             raise CaspError(f"--calib-seq-len must be >= 2, got {self.calib_seq_len}")
         if not (0.0 < self.density_mass <= 1.0):
             raise CaspError(f"--density-mass must be in (0, 1], got {self.density_mass}")
-        if not (0.0 <= self.damp < 10):
-            raise CaspError(f"--damp must be in [0, 10), got {self.damp}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise CaspError(f"--layers must list decoder layer indices >= 0, got {self.layers}")
+        self.build_quantizer()
+        self.build_transform()
         return self
+
+    def build_quantizer(self):
+        """The quantizer with its own options, or None for `quantizer="none"` (fp16 storage)."""
+        if self.quantizer == "none":
+            if self.quantizer_options:
+                raise CaspError(f"quantizer options {sorted(self.quantizer_options)} need a quantizer, not 'none'")
+            return None
+        from casp.quant.base import available_quantizers, get_quantizer_class
+
+        try:
+            cls = get_quantizer_class(self.quantizer)
+        except KeyError:
+            raise CaspError(f"unknown --quantizer {self.quantizer!r}; choose from none, "
+                            f"{', '.join(available_quantizers())}") from None
+        try:
+            return cls.from_options(self.quantizer_options)
+        except (TypeError, ValueError) as e:
+            raise CaspError(str(e)) from None
+
+    def build_transform(self):
+        """The weight transform applied before quantization, or None."""
+        if self.transform is None:
+            return None
+        from casp.transforms.base import get_transform_class
+
+        try:
+            return get_transform_class(self.transform).from_options(self.transform_options)
+        except KeyError as e:
+            raise CaspError(str(e).strip("'\"")) from None
+        except (TypeError, ValueError) as e:
+            raise CaspError(str(e)) from None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["candidate_bits"] = list(self.candidate_bits)
-        d["candidate_group_sizes"] = list(self.candidate_group_sizes)
+        d["quantizer_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.quantizer_options.items()}
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["qk_rank_overrides"] = {str(k): v for k, v in self.qk_rank_overrides.items()}
         return d

@@ -75,6 +75,7 @@ def _accuracy_plot(rows, out: Path) -> str:
 def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True) -> dict:
     from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
     from casp.io.modelio import load_model, load_processor
+    from casp.models.adapters import adapter_for
     from casp.pipeline import compress
     from casp.report import render_markdown, write_plots
 
@@ -98,8 +99,9 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
                  row["vqa_accuracy"], row["caption_ppl"], row["kl"], seconds)
         return row
 
-    fp_weights = sum(p.numel() for n, p in reference.named_parameters()
-                     if ".layers." in n and n.endswith("proj.weight") and "language_model" in n)
+    adapter = adapter_for(reference)
+    fp_weights = sum(layer.get_submodule(name).weight.numel()
+                     for layer in adapter.decoder_layers(reference) for name in adapter.linear_names())
     rows = [measure(reference, "FP", None, 16.0, fp_weights * 2, 0.0)]
     casp_reports = {}
     cache: dict = {}

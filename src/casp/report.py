@@ -5,16 +5,11 @@ import json
 from pathlib import Path
 
 
-def build_report(*, config, source, adapter, model, layer_reports, seconds, peak_rss_mb, peak_device_mb,
+def build_report(*, config, source, adapter, layer_reports, seconds, peak_rss_mb, peak_device_mb,
                  calibration_batches, calibration_tokens) -> dict:
     units = [u for lr in layer_reports for u in lr["units"]]
     stored_bits = sum(u["stored_bits"] for u in units)
     weights = sum(u["num_weights"] for u in units)
-    rank_of = {}
-    for lr in layer_reports:
-        for u in lr["units"]:
-            proj = u["name"].split(".")[-2] if u["name"].endswith((".down", ".up")) else None
-            rank_of[u["name"]] = lr["rank_q"] if proj == "q_proj" else lr["rank_k"] if proj == "k_proj" else 0
     return {
         "casp_version": __import__("casp").__version__,
         "source": str(source),
@@ -24,14 +19,14 @@ def build_report(*, config, source, adapter, model, layer_reports, seconds, peak
         "stored_bits": stored_bits,
         "stored_bytes": stored_bits // 8,
         "original_weights": weights,
-        "layers": [dict(u, rank=rank_of[u["name"]]) for u in units],
+        "layers": units,
         "decoder_layers": [{k: v for k, v in lr.items() if k != "units"} for lr in layer_reports],
         "seconds": seconds,
         "peak_rss_mb": peak_rss_mb,
         "peak_device_mb": peak_device_mb,
         "calibration": {"batches": calibration_batches, "tokens": calibration_tokens},
         "accounting": "average_bits = stored bits of every compressed language-model linear (packed codes, "
-                      "fp16 scales, packed zeros, low-rank factors) / weights those linears had before compression; "
+                      "fp16 scales, packed zeros, codebooks, transform parameters, low-rank factors) / weights those linears had before compression; "
                       "biases, norms, embeddings, lm_head, vision tower and projector are kept in fp16 and not counted",
     }
 
@@ -41,7 +36,7 @@ def _layer_bits(report) -> list[float]:
     bits = {lr["index"]: 0 for lr in report["decoder_layers"]}
     weights = dict(bits)
     for u in report["layers"]:
-        i = int(u["name"].split(".layers.")[1].split(".")[0])
+        i = u["layer"]
         bits[i] += u["stored_bits"]
         weights[i] += u["num_weights"]
     return [bits[i] / weights[i] if weights[i] else 0.0 for i in bits]

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from casp.algorithms import lowrank
+from casp.nn.lowrank_linear import LowRankLinear
 from casp.algorithms.lowrank import (
-    LowRankLinear,
     auto_ranks,
     check_rank,
     dropped_energy,

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import casp
 from casp.config import CompressionConfig
-from casp.algorithms.lowrank import LowRankLinear
+from casp.nn.lowrank_linear import LowRankLinear
 from casp.nn.packed_linear import PackedLinear
 from casp.pipeline import compress
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from casp.nn.packed_linear import PackedLinear, register_matmul_kernel, unregister_matmul_kernel
-from casp.quant.packing import storage_bits
+from casp.quant.scalar import scalar_stored_bits as storage_bits
 from casp.quant import QuantizedWeight, QuantSpec, get_quantizer_class, register_format, StorageFormat
 
 
@@ -95,6 +95,7 @@ def test_any_registered_format():
         "fp16-test",
         dequantize=lambda qw: qw.tensors["w"].float(),
         empty_tensors=lambda meta: {"w": torch.zeros(meta["out_features"], meta["in_features"], dtype=torch.float16)},
+        stored_bits=lambda setting, out_features, in_features: 16 * out_features * in_features,
     ))
     w = torch.randn(6, 10)
     qw = QuantizedWeight({"w": w.half()}, {"format": "fp16-test", "out_features": 6, "in_features": 10})

@@ -6,8 +6,8 @@ The factorisation minimises the error of the layer's *outputs* on calibration da
 by S⁻¹ (Eckart–Young in the whitened space). The dropped energy is the sum of the squared
 singular values of W·S past r, which is what `auto_ranks` trades off between matrices.
 
-Everything here is plain tensors in, tensors out; the only module is `LowRankLinear`, the
-drop-in replacement for a projection that holds the two factors as ordinary `nn.Linear`s.
+Everything here is plain tensors in, tensors out; the module that holds the two factors is
+`casp.nn.lowrank_linear.LowRankLinear`.
 Biases (Qwen2 has q/k biases) stay on the output side; GQA only means W_k has fewer rows;
 RoPE acts after the projection and is not touched.
 """
@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from itertools import accumulate, product
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,6 @@ __all__ = [
     "check_rank",
     "auto_ranks",
     "factor_input_xtx",
-    "LowRankLinear",
 ]
 
 
@@ -274,64 +272,3 @@ def _greedy(gains, costs, floor, budget):
         if ranks[i] == len(gains[i]):
             open_.discard(i)
     return ranks
-
-
-# --------------------------------------------------------------------------------------------
-# the module
-
-
-class LowRankLinear(nn.Module):
-    """y = up(down(x)): a rank-r stand-in for an m×n `nn.Linear`, bias (if any) on `up`.
-
-    `down` (n→r) holds B and `up` (r→m) holds A. Both are plain `nn.Linear`s and `forward` only
-    calls them, so a quantizer can swap either child for a packed module.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__()
-        check_rank(out_features, in_features, rank)
-        kw = {"device": device, "dtype": dtype}
-        self.down = nn.Linear(in_features, rank, bias=False, **kw)
-        self.up = nn.Linear(rank, out_features, bias=bias, **kw)
-
-    @classmethod
-    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                     dtype: torch.dtype | None = None) -> LowRankLinear:
-        """Module with up.weight = A (m×r), down.weight = B (r×n) and the given output bias."""
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise ValueError(f"factors A {tuple(a.shape)} and B {tuple(b.shape)} do not chain")
-        m, r = a.shape
-        n = b.shape[1]
-        if bias is not None and tuple(bias.shape) != (m,):
-            raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit {m} outputs")
-        dtype = dtype or a.dtype
-        mod = cls(n, m, r, bias=bias is not None, device=a.device, dtype=dtype)
-        with torch.no_grad():
-            mod.up.weight.copy_(a.to(dtype))
-            mod.down.weight.copy_(b.to(dtype))
-            if bias is not None:
-                mod.up.bias.copy_(bias.to(dtype))
-        return mod
-
-    @property
-    def in_features(self) -> int:
-        return self.down.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.up.out_features
-
-    @property
-    def rank(self) -> int:
-        return self.down.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def dense_weight(self) -> torch.Tensor:
-        """A·B (m×n), while both children are still plain `nn.Linear`s."""
-        return self.up.weight @ self.down.weight
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

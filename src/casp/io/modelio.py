@@ -9,6 +9,7 @@ import torch
 
 from casp.models.adapters import adapter_for_architecture
 from casp.errors import CaspError
+from casp.io.checkpoint import architecture_of, is_compressed, read_config
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,6 @@ def resolve_model_path(model: str | Path | None) -> Path:
         raise CaspError(f"model path {str(path)!r} is not a directory")
     read_config(path)
     return path
-
-
-def read_config(path: Path) -> dict:
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise CaspError(f"{str(path)!r} has no config.json: not a Hugging Face model directory")
-    try:
-        return json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CaspError(f"cannot read {cfg_file}: {e}") from None
-
-
-def architecture_of(path: Path) -> str:
-    archs = read_config(path).get("architectures") or []
-    if not archs:
-        raise CaspError(f"{path}/config.json names no architecture")
-    return archs[0]
-
-
-def is_compressed(path: Path) -> bool:
-    q = read_config(path).get("quantization_config") or {}
-    return q.get("quant_method") == "casp"
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):

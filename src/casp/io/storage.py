@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from casp.errors import CaspError
+from casp.io.checkpoint import QUANT_METHOD, architecture_of, read_config
 
 log = logging.getLogger(__name__)
 
-QUANT_METHOD = "casp"
 FORMAT_VERSION = 1
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -61,36 +61,26 @@ def atomic_dir(out: Path):
         raise
 
 
+def _is_casp_module(module: nn.Module) -> bool:
+    from casp.nn import MODULE_TYPES
+
+    return isinstance(module, tuple(MODULE_TYPES.values()))
+
+
 def module_specs(model: nn.Module) -> dict[str, dict]:
     """Every casp module in the model, as JSON: what `load_compressed` must rebuild before loading weights."""
-    from casp.algorithms.lowrank import LowRankLinear
-    from casp.nn.packed_linear import PackedLinear
-
-    specs = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            specs[name] = {"type": "lowrank", "rank": module.rank, "in_features": module.in_features,
-                           "out_features": module.out_features, "bias": module.up.bias is not None}
-        elif isinstance(module, PackedLinear):
-            specs[name] = {"type": "packed", "bias": module.bias is not None, **module.meta}
-    return specs
+    return {name: m.casp_spec() for name, m in model.named_modules() if _is_casp_module(m)}
 
 
 def install_modules(model: nn.Module, specs: dict[str, dict]) -> None:
     """Replace dense linears by empty casp modules of the recorded shapes (parents before children)."""
-    from casp.algorithms.lowrank import LowRankLinear
-    from casp.nn.packed_linear import PackedLinear
+    from casp.nn import MODULE_TYPES
 
     for name in sorted(specs, key=lambda n: n.count(".")):
         spec = specs[name]
-        if spec["type"] == "lowrank":
-            module = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"])
-        elif spec["type"] == "packed":
-            meta = {k: v for k, v in spec.items() if k not in ("type", "bias")}
-            module = PackedLinear.from_meta(meta, has_bias=spec["bias"], dtype=torch.float32)
-        else:
-            raise CaspError(f"unknown casp module type {spec['type']!r} for {name}")
-        model.set_submodule(name, module)
+        if spec.get("type") not in MODULE_TYPES:
+            raise CaspError(f"unknown casp module type {spec.get('type')!r} for {name}")
+        model.set_submodule(name, MODULE_TYPES[spec["type"]].from_spec(spec))
 
 
 def round_through_fp16(model: nn.Module) -> None:
@@ -179,8 +169,6 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     """Rebuild a casp-compressed model from OUT: config -> empty model -> casp modules -> weights."""
     import transformers
 
-    from casp.io.modelio import architecture_of, read_config
-
     path = Path(path)
     cfg_dict = read_config(path)
     qcfg = cfg_dict.get("quantization_config") or {}
@@ -204,32 +192,31 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     return model
 
 
-def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
-    """Write a plain fp16 checkpoint: low-rank factors multiplied back and packed weights dequantized."""
-    from casp.algorithms.lowrank import LowRankLinear
-    from casp.nn.packed_linear import PackedLinear
+@torch.no_grad()
+def dense_equivalent(module: nn.Module) -> nn.Linear:
+    """The plain linear a casp module computes: its weight read off by probing with the identity."""
+    bias = getattr(module, "bias", None)
+    if bias is None and hasattr(module, "up"):
+        bias = module.up.bias
+    eye = torch.eye(module.in_features)
+    out = module(eye).float()
+    lin = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
+    if bias is not None:
+        lin.bias.copy_(bias.float())
+        out = out - bias.float()
+    lin.weight.copy_(out.t())
+    return lin
 
+
+def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write a plain fp16 checkpoint: every casp module replaced by the dense linear it computes."""
     src, dst = Path(src), Path(dst)
     check_output_dir(dst, overwrite)
     model = load_compressed(src)
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LowRankLinear):
-                up, down = module.up, module.down
-                w_up = up.dequantized_weight() if isinstance(up, PackedLinear) else up.weight
-                w_down = down.dequantized_weight() if isinstance(down, PackedLinear) else down.weight
-                lin = nn.Linear(module.in_features, module.out_features, bias=up.bias is not None)
-                lin.weight.copy_(w_up.float() @ w_down.float())
-                if up.bias is not None:
-                    lin.bias.copy_(up.bias)
-                model.set_submodule(name, lin)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, PackedLinear):
-                lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                lin.weight.copy_(module.dequantized_weight().float())
-                if module.bias is not None:
-                    lin.bias.copy_(module.bias)
-                model.set_submodule(name, lin)
+    outer = [n for n, m in model.named_modules() if _is_casp_module(m)]
+    outer = [n for n in outer if not any(n.startswith(o + ".") for o in outer)]
+    for name in outer:
+        model.set_submodule(name, dense_equivalent(model.get_submodule(name)))
     with atomic_dir(dst) as tmp:
         model.half().save_pretrained(tmp, safe_serialization=True)
         for fname in PROCESSOR_FILES:

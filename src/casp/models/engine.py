@@ -171,3 +171,40 @@ def peak_device_mb(device) -> float | None:
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer during a walk: its index, module and inputs. Set `outputs` to the layer's
+    outputs on `inputs` when already computed, so the walker does not run the layer again."""
+
+    index: int
+    layer: nn.Module
+    inputs: LayerInputs
+    outputs: list[torch.Tensor] | None = None
+
+
+def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, device="cpu", only=None,
+                desc: str = "layers", progress: bool = True):
+    """Yield a `LayerStep` per decoder layer (those in `only`, all by default), on `device`.
+
+    The caller observes or modifies the layer inside its loop body; when it asks for the next
+    layer, this layer is run (as modified) on its inputs to produce the next one's inputs. Layers
+    not in `only` are just run. The one walker behind every layer-by-layer pass.
+    """
+    from tqdm.auto import tqdm
+
+    inputs = capture_layer0_inputs(model, adapter, batches)
+    layers = adapter.decoder_layers(model)
+    last = len(layers) - 1
+    for i, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        if only is not None and i not in only:
+            if i < last:
+                inputs.hidden = run_layer(layer, inputs, device)
+            continue
+        step = LayerStep(i, layer, inputs)
+        layer.to(device)
+        yield step
+        if i < last:
+            inputs.hidden = step.outputs if step.outputs is not None else run_layer(layer, inputs, device)
+        layer.to("cpu")

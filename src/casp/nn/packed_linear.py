@@ -6,35 +6,31 @@ and calls `F.linear` in the input dtype; nothing is cached unless `cache_dequant
 On CPU the weight is rebuilt a slab of output rows at a time (`chunk_rows`), so the full dense
 matrix never exists and the scratch buffers stay small enough to be reused by the allocator.
 
-Extension point for fused kernels: `register_matmul_kernel(format, device_type, fn)`. Before the
-generic path, `forward` offers the call to the kernel registered for (meta["format"], x.device.type);
+Extension point for fused kernels: a format's `kernels` (or `register_matmul_kernel(format,
+device_type, fn)`). Before the generic path, `forward` offers the call to the format's kernel for
+x.device.type;
 `fn(module, x)` returns the output, or None to decline (unsupported shape, dtype or batch), in
 which case the generic dequantize + F.linear path runs. A batch-1 dequantize-matmul (e.g. Triton
 on CUDA) plugs in here without touching this module.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casp.quant.base import QuantizedWeight, get_format
+from casp.quant.base import MatmulKernel, QuantizedWeight, get_format
 
 _CPU_CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 weight per slab
-
-MatmulKernel = Callable[["PackedLinear", torch.Tensor], "torch.Tensor | None"]
-_KERNELS: dict[tuple[str, str], MatmulKernel] = {}
 
 
 def register_matmul_kernel(fmt: str, device_type: str, fn: MatmulKernel) -> None:
     """Use `fn(module, x)` for layers of format `fmt` on inputs on `device_type` ("cuda", "cpu")."""
-    _KERNELS[(fmt, device_type)] = fn
+    get_format(fmt).kernels[device_type] = fn
 
 
 def unregister_matmul_kernel(fmt: str, device_type: str) -> None:
-    _KERNELS.pop((fmt, device_type), None)
+    get_format(fmt).kernels.pop(device_type, None)
 
 
 class PackedLinear(nn.Module):
@@ -87,6 +83,15 @@ class PackedLinear(nn.Module):
         bias = torch.zeros(int(meta["out_features"]), dtype=dtype) if has_bias else None
         return cls(meta, tensors, bias=bias)
 
+    def casp_spec(self) -> dict:
+        """What loading needs to rebuild this module before its weights are read."""
+        return {"type": "packed", "bias": self.bias is not None, **self.meta}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> PackedLinear:
+        meta = {k: v for k, v in spec.items() if k not in ("type", "bias")}
+        return cls.from_meta(meta, has_bias=spec["bias"], dtype=torch.float32)
+
     def quantized_weight(self) -> QuantizedWeight:
         """The stored form as a `QuantizedWeight` (shares the buffers)."""
         return QuantizedWeight({n: getattr(self, n) for n in self._tensor_names}, dict(self.meta))
@@ -135,7 +140,7 @@ class PackedLinear(nn.Module):
         return self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _KERNELS.get((self.meta["format"], x.device.type))
+        kernel = get_format(self.meta["format"]).kernels.get(x.device.type)
         if kernel is not None:
             y = kernel(self, x)
             if y is not None:

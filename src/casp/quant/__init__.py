@@ -2,7 +2,6 @@
 from casp.quant.base import (
     QuantizedWeight,
     Quantizer,
-    QuantSpec,
     StorageFormat,
     available_quantizers,
     get_format,
@@ -11,7 +10,7 @@ from casp.quant.base import (
     register,
     register_format,
 )
-from casp.quant import scalar as scalar  # noqa: E402  (registers the "scalar" format)
+from casp.quant.scalar import QuantSpec
 from casp.quant.rtn import RTN
 from casp.quant.gptq import GPTQ, gptq_quantize
 

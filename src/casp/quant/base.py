@@ -1,30 +1,30 @@
-"""The quantizer plug-in interface: one small protocol, one registry.
+"""The quantizer plug-in interface: a quantizer, its settings, its stored format, and two registries.
 
-A quantizer turns a weight W (out x in) and the calibration second moment XᵀX of its
-input into a `QuantizedWeight`: the exact tensors that will be stored, plus JSON-able
-metadata from which the weight can be rebuilt. A new method is one new file that
-subclasses `Quantizer` and decorates itself with `@register`.
+A quantizer is one module. It declares
+- `Config`: a dataclass of its own options (GPTQ's damping stays GPTQ's), built from
+  `CompressionConfig.quantizer_options`; fields with `metadata={"flag": ...}` become CLI flags;
+- `candidates()`: the settings the allocator may choose from, and `uniform_setting(bits)`;
+- `format`: the `StorageFormat` it writes, which owns the exact stored bits of a setting for a
+  shape (the allocator's cost), the empty tensors used for loading, dequantization and an
+  optional matmul kernel.
+The pipeline, the allocator and the report only talk to these methods; none names a quantizer.
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Protocol
 
 import torch
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    """One candidate setting: bit-width, group size along the input dim (-1: whole row), symmetry."""
+class Setting(Protocol):
+    """One candidate setting of a quantizer (a frozen dataclass): a label and its report fields."""
 
-    bits: int
-    group_size: int = 128
-    sym: bool = False
+    def label(self) -> str: ...
 
-    def label(self) -> str:
-        g = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.bits}b-{g}{'-sym' if self.sym else ''}"
+    def describe(self) -> dict: ...
 
 
 @dataclass
@@ -41,33 +41,91 @@ class QuantizedWeight:
         return get_format(self.meta["format"]).dequantize(self)
 
 
+MatmulKernel = Callable[[object, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How one stored layout (`meta["format"]`) is costed, rebuilt and read.
+
+    `stored_bits(setting, out_features, in_features)` must equal `QuantizedWeight.stored_bits()` of
+    what the quantizer writes for that setting and shape: it is the allocator's cost.
+    `row_reader(qw)` (optional) gives read(start, end) -> float32 rows, so inference can rebuild a
+    large weight a slice at a time. `kernels` (optional) maps a device type ("cpu", "cuda") to a
+    fused `fn(module, x)` returning the output, or None to decline.
+    """
+
+    name: str
+    dequantize: Callable[[QuantizedWeight], torch.Tensor]
+    empty_tensors: Callable[[dict], dict[str, torch.Tensor]]
+    stored_bits: Callable[[object, int, int], int]
+    row_reader: Callable[[QuantizedWeight], Callable[[int, int], torch.Tensor]] | None = None
+    kernels: dict[str, MatmulKernel] = field(default_factory=dict)
+
+    def rows(self, qw: QuantizedWeight) -> Callable[[int, int], torch.Tensor]:
+        """A function (start, end) -> float32 weight rows [start, end)."""
+        if self.row_reader is not None:
+            return self.row_reader(qw)
+        full = self.dequantize(qw)
+        return lambda start, end: full[start:end]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a quantizer that has none."""
+
+
 class Quantizer(ABC):
     """Base class. `quantize` returns the stored form and the dequantized float32 weight."""
 
     name: ClassVar[str]
+    Config: ClassVar[type] = NoOptions
+    format: ClassVar[StorageFormat]
+
+    def __init__(self, config=None, **options):
+        config = config if config is not None else self.Config()
+        self.config = dataclasses.replace(config, **options) if options else config
+
+    @classmethod
+    def from_options(cls, options: dict) -> "Quantizer":
+        """Build from a plain dict of option names (unknown names raise ValueError)."""
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"quantizer {cls.name!r} has no option {', '.join(unknown)}"
+                             f" (its options: {', '.join(sorted(known)) or 'none'})")
+        return cls(cls.Config(**options))
 
     @abstractmethod
-    def quantize(
-        self, weight: torch.Tensor, xtx: torch.Tensor | None, spec: QuantSpec
-    ) -> tuple[QuantizedWeight, torch.Tensor]:
-        ...
+    def candidates(self) -> list:
+        """The settings the allocator may choose from (from this quantizer's config)."""
 
-    @staticmethod
     @abstractmethod
-    def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    def uniform_setting(self, bits: float):
+        """The one setting used everywhere for a uniform run at `bits`."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, xtx: torch.Tensor | None, setting) -> tuple[QuantizedWeight, torch.Tensor]:
         ...
 
-    @staticmethod
-    def empty_tensors(meta: dict) -> dict[str, torch.Tensor]:
-        """Tensors of the stored shapes for `meta` (to load a state dict into); optional."""
-        raise NotImplementedError
+    def stored_bits(self, setting, out_features: int, in_features: int) -> int:
+        """Exact stored bits of `setting` for a matrix of this shape."""
+        return self.format.stored_bits(setting, out_features, in_features)
 
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
+_FORMATS: dict[str, StorageFormat] = {}
+
+
+def register_format(fmt: StorageFormat) -> StorageFormat:
+    _FORMATS[fmt.name] = fmt
+    return fmt
 
 
 def register(cls: type[Quantizer]) -> type[Quantizer]:
+    """Class decorator: make a quantizer (and its format) known by name."""
     _REGISTRY[cls.name] = cls
+    register_format(cls.format)
     return cls
 
 
@@ -89,44 +147,13 @@ def available_quantizers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@dataclass(frozen=True)
-class StorageFormat:
-    """How to read one stored layout (`meta["format"]`), shared by the quantizers that write it."""
-
-    name: str
-    dequantize: Callable[[QuantizedWeight], torch.Tensor]
-    empty_tensors: Callable[[dict], dict[str, torch.Tensor]]
-    # Optional: qw -> read(start, end) giving float32 rows [start, end) of the weight, so that
-    # inference can rebuild a large weight a slice at a time. Without it, dequantize() is sliced.
-    row_reader: Callable[[QuantizedWeight], Callable[[int, int], torch.Tensor]] | None = None
-
-    def rows(self, qw: QuantizedWeight) -> Callable[[int, int], torch.Tensor]:
-        """A function (start, end) -> float32 weight rows [start, end)."""
-        if self.row_reader is not None:
-            return self.row_reader(qw)
-        full = self.dequantize(qw)
-        return lambda start, end: full[start:end]
-
-
-_FORMATS: dict[str, StorageFormat] = {}
-
-
-def register_format(fmt: StorageFormat) -> StorageFormat:
-    _FORMATS[fmt.name] = fmt
-    return fmt
-
-
 def get_format(name: str) -> StorageFormat:
-    """The reader for a stored layout; a quantizer's own name also works as its format."""
-    if name not in _FORMATS and name not in _REGISTRY:
+    """The reader of a stored layout."""
+    if name not in _FORMATS:
         _load_builtins()
-    if name in _FORMATS:
-        return _FORMATS[name]
-    if name in _REGISTRY:
-        cls = _REGISTRY[name]
-        return StorageFormat(name, cls.dequantize, cls.empty_tensors)
-    known = sorted(set(_FORMATS) | set(_REGISTRY))
-    raise KeyError(f"unknown storage format {name!r}; known: {', '.join(known)}")
+    if name not in _FORMATS:
+        raise KeyError(f"unknown storage format {name!r}; known: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[name]
 
 
 def quant_loss(weight: torch.Tensor, qweight: torch.Tensor, xtx: torch.Tensor) -> float:

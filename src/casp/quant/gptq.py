@@ -11,15 +11,17 @@ each group's grid is fitted when the sweep reaches the group, on the already-upd
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from casp.quant.base import QuantizedWeight, Quantizer, QuantSpec, register
+from casp.quant.base import QuantizedWeight, Quantizer, register
 from casp.quant.scalar import (
+    SCALAR_FORMAT,
+    QuantSpec,
+    ScalarOptions,
     dequantize_grid,
-    dequantize_scalar,
     effective_group_size,
-    empty_scalar_tensors,
     grid_params,
     num_groups,
     quantize_to_grid,
@@ -153,25 +155,37 @@ def gptq_quantize(
     return codes, scale, zero, q
 
 
+@dataclass(frozen=True)
+class GPTQOptions(ScalarOptions):
+    """GPTQ's own options on top of the scalar grid's."""
+
+    damp: float = field(default=0.01, metadata={"flag": "--damp", "type": float,
+                                                "help": "GPTQ damping (fraction of mean diag XᵀX)"})
+    act_order: bool = field(default=True, metadata={"flag": "--no-act-order", "action": "store_false",
+                                                    "help": "GPTQ without activation ordering"})
+    block_size: int = 128
+    static_groups: bool | None = None
+    hessian_dtype: torch.dtype = torch.float64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.damp < 10:
+            raise ValueError(f"--damp must be in [0, 10), got {self.damp}")
+
+
 @register
 class GPTQ(Quantizer):
     """GPTQ on the scalar grid (format "scalar"); needs the input second moment XᵀX."""
 
     name = "gptq"
+    Config = GPTQOptions
+    format = SCALAR_FORMAT
 
-    def __init__(
-        self,
-        damp: float = 0.01,
-        block_size: int = 128,
-        act_order: bool = True,
-        static_groups: bool | None = None,
-        hessian_dtype: torch.dtype = torch.float64,
-    ):
-        self.damp = damp
-        self.block_size = block_size
-        self.act_order = act_order
-        self.static_groups = static_groups
-        self.hessian_dtype = hessian_dtype
+    def candidates(self) -> list[QuantSpec]:
+        return self.config.candidates()
+
+    def uniform_setting(self, bits: float) -> QuantSpec:
+        return self.config.uniform_setting(bits)
 
     def quantize(
         self, weight: torch.Tensor, xtx: torch.Tensor | None, spec: QuantSpec
@@ -180,12 +194,9 @@ class GPTQ(Quantizer):
             raise ValueError("GPTQ needs xtx (the calibration XᵀX of the layer input)")
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+        c = self.config
         codes, scale, zero, q = gptq_quantize(
-            weight, xtx, spec,
-            damp=self.damp, block_size=self.block_size, act_order=self.act_order,
-            static_groups=self.static_groups, hessian_dtype=self.hessian_dtype,
+            weight, xtx, spec, damp=c.damp, block_size=c.block_size, act_order=c.act_order,
+            static_groups=c.static_groups, hessian_dtype=c.hessian_dtype,
         )
         return to_quantized_weight(codes, scale, zero, spec, method=self.name), q
-
-    dequantize = staticmethod(dequantize_scalar)
-    empty_tensors = staticmethod(empty_scalar_tensors)

@@ -60,13 +60,16 @@ def _words_from_bytes(b: torch.Tensor) -> torch.Tensor:
 
 def _bytes_from_words(words: torch.Tensor) -> torch.Tensor:
     """(rows, k) int32 words → (rows, 4k) uint8 bytes, little-endian."""
-    if sys.byteorder == "little" and not _FORCE_PORTABLE:
+    if sys.byteorder == "little":
         return words.contiguous().view(torch.uint8)
+    return _bytes_from_words_portable(words)
+
+
+def _bytes_from_words_portable(words: torch.Tensor) -> torch.Tensor:
+    """`_bytes_from_words` by shifts and masks, for any byte order of the host."""
     parts = [((words >> (8 * i)) & 0xFF).to(torch.uint8) for i in range(4)]
     return torch.stack(parts, dim=-1).view(words.shape[0], -1)
 
-
-_FORCE_PORTABLE = False  # tests flip this to exercise the big-endian path
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -123,19 +126,3 @@ def unpack_codes(
         codes = field if codes is None else codes.bitwise_or_(field)
     codes = codes[:, :cols]
     return codes if dtype == torch.uint8 else codes.to(dtype)
-
-
-def storage_bits(spec, out_features: int, in_features: int) -> int:
-    """Exact `QuantizedWeight.stored_bits()` of the scalar-grid format (RTN, GPTQ) for a shape.
-
-    codes: packed (out, in) at `bits`; scales: fp16 (out, groups); zeros (asymmetric only):
-    packed (groups, out) at `bits`. See `casp.quant.scalar` for the format.
-    """
-    from casp.quant.scalar import num_groups
-
-    groups = num_groups(in_features, spec.group_size)
-    total = packed_bits(out_features, in_features, spec.bits)
-    total += out_features * groups * 16
-    if not spec.sym:
-        total += packed_bits(groups, out_features, spec.bits)
-    return total

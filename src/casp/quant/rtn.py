@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from casp.quant.base import QuantizedWeight, Quantizer, QuantSpec, register
-from casp.quant.scalar import (
-    dequantize_scalar,
-    empty_scalar_tensors,
-    rtn_codes,
-    to_quantized_weight,
-)
+from casp.quant.base import QuantizedWeight, Quantizer, register
+from casp.quant.scalar import SCALAR_FORMAT, QuantSpec, ScalarOptions, dequantize_scalar, rtn_codes, to_quantized_weight
 
 
 @register
@@ -20,6 +15,14 @@ class RTN(Quantizer):
     """Round-to-nearest on the scalar grid (format "scalar")."""
 
     name = "rtn"
+    Config = ScalarOptions
+    format = SCALAR_FORMAT
+
+    def candidates(self) -> list[QuantSpec]:
+        return self.config.candidates()
+
+    def uniform_setting(self, bits: float) -> QuantSpec:
+        return self.config.uniform_setting(bits)
 
     def quantize(
         self, weight: torch.Tensor, xtx: torch.Tensor | None, spec: QuantSpec
@@ -29,6 +32,3 @@ class RTN(Quantizer):
         codes, scale, zero = rtn_codes(weight, spec)
         qw = to_quantized_weight(codes, scale, zero, spec, method=self.name)
         return qw, dequantize_scalar(qw)
-
-    dequantize = staticmethod(dequantize_scalar)
-    empty_tensors = staticmethod(empty_scalar_tensors)

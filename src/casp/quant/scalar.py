@@ -24,10 +24,58 @@ import math
 
 import torch
 
-from casp.quant.packing import pack_codes, packed_words, unpack_codes
-from casp.quant.base import QuantizedWeight, QuantSpec, StorageFormat, register_format
+from dataclasses import dataclass, field
+
+from casp.quant.base import QuantizedWeight, StorageFormat
+from casp.quant.packing import pack_codes, packed_bits, packed_words, unpack_codes
 
 FORMAT = "scalar"
+SCALAR_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One scalar-grid setting: bit-width, group size along the input dim (-1: whole row), symmetry."""
+
+    bits: int
+    group_size: int = 128
+    sym: bool = False
+
+    def label(self) -> str:
+        g = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.bits}b-{g}{'-sym' if self.sym else ''}"
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
+
+@dataclass(frozen=True)
+class ScalarOptions:
+    """Options of every scalar-grid quantizer: the grid, and the candidate ladder for allocation."""
+
+    sym: bool = field(default=False, metadata={"flag": "--sym", "help": "symmetric quantization grid"})
+    group_size: int = field(default=128, metadata={
+        "flag": "--group-size", "type": int, "help": "group size of a uniform run (-1: per output channel)"})
+    candidate_bits: tuple[int, ...] = field(default=(2, 3, 4), metadata={
+        "flag": "--candidate-bits", "type": "ints", "help": "bit-widths the allocator may choose (default 2,3,4)"})
+    candidate_group_sizes: tuple[int, ...] = field(default=(128, -1), metadata={
+        "flag": "--candidate-group-sizes", "type": "ints",
+        "help": "group sizes the allocator may choose (default 128,-1; -1 = per channel)"})
+
+    def __post_init__(self):
+        for b in self.candidate_bits:
+            if b not in SCALAR_BITS:
+                raise ValueError(f"bit-widths must be among 2, 3, 4, 8; got {b}")
+        for g in (self.group_size, *self.candidate_group_sizes):
+            if g == 0 or g < -1:
+                raise ValueError(f"group sizes must be positive or -1 (per channel), got {g}")
+
+    def candidates(self) -> list[QuantSpec]:
+        groups = list(dict.fromkeys(self.candidate_group_sizes))
+        return [QuantSpec(b, g, self.sym) for b in sorted(set(self.candidate_bits)) for g in groups]
+
+    def uniform_setting(self, bits: float) -> QuantSpec:
+        return QuantSpec(int(bits), self.group_size, self.sym)
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal); keeps scales non-zero
 
@@ -172,4 +220,15 @@ def empty_scalar_tensors(meta: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-register_format(StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors, scalar_row_reader))
+def scalar_stored_bits(spec: QuantSpec, out_features: int, in_features: int) -> int:
+    """Exact stored bits of the scalar format for a shape: packed codes (out, in) at `bits`, fp16
+    scales (out, groups) and, asymmetric only, packed zeros (groups, out) at `bits`."""
+    groups = num_groups(in_features, spec.group_size)
+    total = packed_bits(out_features, in_features, spec.bits)
+    total += out_features * groups * 16
+    if not spec.sym:
+        total += packed_bits(groups, out_features, spec.bits)
+    return total
+
+
+SCALAR_FORMAT = StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors, scalar_stored_bits, scalar_row_reader)

@@ -1,0 +1,46 @@
+"""Step: one pass over the original layers: XᵀX per input group, attention density, whitened Q/K spectra."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from casp.algorithms.lowrank import whitened_singular_values
+from casp.analysis.attention_stats import LayerAttentionStats, layer_attention_stats
+from casp.models.adapters import Adapter
+from casp.models.engine import SecondMoments, record_attention_inputs, record_second_moments, run_layer, walk_layers
+
+QK = ("q", "k")
+
+
+@dataclass
+class LayerAnalysis:
+    """What the original decoder layer showed on the calibration data."""
+
+    attention: LayerAttentionStats
+    spectra: dict[str, torch.Tensor]                 # "q"/"k" -> whitened singular values
+    moments: dict[str, torch.Tensor] | None = None   # input group -> XᵀX (float32), when kept
+
+
+def observe_layer(layer, adapter: Adapter, inputs, groups, device):
+    """Run a layer once on its inputs; return its outputs, XᵀX of `groups`, and its attention inputs."""
+    moments, attn_inputs = SecondMoments(), []
+    with record_second_moments(layer, groups, moments), record_attention_inputs(layer, adapter, attn_inputs):
+        outs = run_layer(layer, inputs, device)
+    return outs, moments, attn_inputs
+
+
+def analyse(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
+            progress: bool = True) -> list[LayerAnalysis]:
+    """A `LayerAnalysis` per decoder layer of the original model."""
+    geometry = adapter.attention_geometry(model)
+    out = []
+    for step in walk_layers(model, adapter, batches, desc="analyse", progress=progress):
+        step.outputs, moments, attn_inputs = observe_layer(step.layer, adapter, step.inputs, adapter.linears, device)
+        stats = layer_attention_stats(step.layer, adapter, geometry, attn_inputs, mass=density_mass)
+        h = moments.xtx["attn_in"]
+        spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h)
+                   for p in QK}
+        kept = {k: v.float() for k, v in moments.xtx.items()} if keep_moments else None
+        out.append(LayerAnalysis(stats, spectra, kept))
+    return out

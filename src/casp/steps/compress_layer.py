@@ -1,0 +1,48 @@
+"""Step: compress one decoder layer in place: low-rank Q/K, then every unit quantized (or kept fp16)."""
+from __future__ import annotations
+
+import time
+
+from casp.analysis.attention_stats import layer_attention_stats
+from casp.models.adapters import Adapter
+from casp.steps.analyse import observe_layer
+from casp.steps.quantize import FP16_BITS, factorise, quantize_unit, stored_module, transform_seed, unit_weight_and_xtx
+from casp.steps.units import Unit
+
+
+def qk_pair(layer, adapter: Adapter, lowrank: dict):
+    """(q module, k module) with the low-rank replacements; None when there are none."""
+    if not lowrank:
+        return None
+    return tuple(lowrank.get(adapter.qk_name(p), layer.get_submodule(adapter.qk_name(p))) for p in ("q", "k"))
+
+
+def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, int], plan: dict, quantizer, *,
+                   geometry, density_mass: float, device, transform=None, seed: int = 0) -> dict:
+    """Replace the layer's linears by their stored modules; return the layer's report entry."""
+    t0 = time.time()
+    layer, i = step.layer, step.index
+    _, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
+    xtx = {k: v.to(device) for k, v in moments.xtx.items()}
+    lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
+    stats = layer_attention_stats(layer, adapter, geometry, attn_inputs, density_mass, qk_pair(layer, adapter, lowrank))
+    for name, module in lowrank.items():
+        layer.set_submodule(name, module)
+    rows = []
+    for u in units:
+        w, h = unit_weight_and_xtx(u, layer, lowrank, xtx)
+        row = {"name": f"{adapter.layers}.{i}.{u.name}", "layer": i, "rank": u.rank, "num_weights": u.num_weights}
+        if quantizer is None:
+            rows.append({**row, "bits": FP16_BITS, "group_size": None, "stored_bits": w.numel() * FP16_BITS})
+            continue
+        target = layer.get_submodule(u.name)
+        bias = target.bias.data.clone() if target.bias is not None else None
+        setting = plan[u.key]
+        qw, _, params = quantize_unit(w, h, setting, quantizer, transform, transform_seed(seed, u))
+        module = stored_module(qw, params, bias)
+        layer.set_submodule(u.name, module)
+        stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
+        rows.append({**row, **setting.describe(), "stored_bits": stored,
+                     "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())})
+    return {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(),
+            "units": rows, "seconds": time.time() - t0}

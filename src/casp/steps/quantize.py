@@ -1,0 +1,77 @@
+"""Step: turn one unit into its stored module: low-rank factors, optional transform, then the quantizer."""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from casp.algorithms.lowrank import factor_input_xtx, whitened_lowrank
+from casp.models.adapters import Adapter
+from casp.nn.lowrank_linear import LowRankLinear
+from casp.nn.packed_linear import PackedLinear
+from casp.nn.transformed_linear import TransformedLinear
+from casp.steps.units import Role, Unit
+from casp.transforms.base import restore_weight, transform_weight, transform_xtx
+
+FP16_BITS = 16
+
+
+def factorise(layer: nn.Module, adapter: Adapter, ranks: dict[str, int], xtx_attn: torch.Tensor) -> dict[str, LowRankLinear]:
+    """Whitened low-rank W_q / W_k of one layer (dotted name -> module); only where the rank is > 0."""
+    out = {}
+    for p in ("q", "k"):
+        r = ranks.get(p, 0)
+        if not r:
+            continue
+        lin = layer.get_submodule(adapter.qk_name(p))
+        a, b = whitened_lowrank(lin.weight.data.float(), xtx_attn, r)
+        bias = lin.bias.data.clone() if lin.bias is not None else None
+        out[adapter.qk_name(p)] = LowRankLinear.from_factors(a, b, bias)
+    return out
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    return module.dequantized_weight() if isinstance(module, PackedLinear) else module.weight.data
+
+
+def unit_weight_and_xtx(unit: Unit, layer: nn.Module, lowrank: dict, moments: dict):
+    """The matrix a unit stores, and the XᵀX of its input."""
+    if unit.role is Role.UP:
+        lr = lowrank[unit.module]
+        down = lr.down
+        if isinstance(down, TransformedLinear):
+            w_down = torch.eye(down.in_features, dtype=torch.float32)
+            w_down = (down(w_down) - (down.bias if down.bias is not None else 0)).t()
+        else:
+            w_down = _dense_weight(down)
+        h = moments[unit.input_group]
+        return lr.up.weight.data, factor_input_xtx(w_down.to(h.dtype), h)
+    if unit.role is Role.DOWN:
+        return lowrank[unit.module].down.weight.data, moments[unit.input_group]
+    return layer.get_submodule(unit.name).weight.data, moments[unit.input_group]
+
+
+def transform_seed(seed: int, unit: Unit) -> int:
+    """A per-unit seed, stable across runs: the transform of a matrix never depends on run order."""
+    return zlib.crc32(f"{seed}:{unit.key}".encode())
+
+
+def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0):
+    """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
+    if transform is None:
+        qw, deq = quantizer.quantize(w.float(), h.float(), setting)
+        return qw, deq, None
+    cls = type(transform)
+    params = transform.build(w.shape[0], w.shape[1], seed)
+    wt = transform_weight(cls, params, w.float())
+    ht = transform_xtx(cls, params, h.double()).to(h.dtype)
+    qw, deq = quantizer.quantize(wt, ht.float(), setting)
+    return qw, restore_weight(cls, params, deq), params
+
+
+def stored_module(qw, params, bias: torch.Tensor | None) -> nn.Module:
+    """The inference module of a quantized unit: packed, wrapped by its transform when there is one."""
+    if params is None:
+        return PackedLinear.from_quantized(qw, bias)
+    return TransformedLinear(PackedLinear.from_quantized(qw), params, bias)

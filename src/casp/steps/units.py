@@ -1,0 +1,68 @@
+"""The stored matrices of a run: one `Unit` per dense linear, or two per low-rank W_q / W_k."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from torch import nn
+
+from casp.models.adapters import Adapter
+
+
+class Role(Enum):
+    """What a unit stores: a whole projection, or the down (n→r) or up (r→m) factor of one."""
+
+    DENSE = "dense"
+    DOWN = "down"
+    UP = "up"
+
+
+@dataclass
+class Unit:
+    """One stored matrix of decoder layer `layer`."""
+
+    layer: int
+    module: str          # dotted path of the original projection inside the layer
+    role: Role
+    input_group: str     # the adapter input group whose XᵀX feeds the original projection
+    out_features: int
+    in_features: int
+    num_weights: int     # weights of the original projection attributed to this unit
+    qk: str | None = None                      # "q" or "k" for W_q / W_k, else None
+    rank: int = 0                              # rank of the low-rank projection it belongs to
+    distortion: dict[str, float] = field(default_factory=dict)   # candidate label -> measured damage
+
+    @property
+    def name(self) -> str:
+        return self.module if self.role is Role.DENSE else f"{self.module}.{self.role.value}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}:{self.name}"
+
+    @property
+    def is_factor(self) -> bool:
+        return self.role is not Role.DENSE
+
+
+def plan_units(layers: nn.ModuleList, adapter: Adapter, ranks: list[dict[str, int]],
+               only: tuple[int, ...] | None = None) -> list[Unit]:
+    """The stored matrices of the selected decoder layers (all by default), given the Q/K ranks."""
+    group_of = {name: g for g, names in adapter.linears.items() for name in names}
+    qk_of = {adapter.qk_name(p): p for p in ("q", "k")}
+    units = []
+    for i, layer in enumerate(layers):
+        if only is not None and i not in only:
+            continue
+        for name in adapter.linear_names():
+            m, n = layer.get_submodule(name).weight.shape
+            qk = qk_of.get(name)
+            r = ranks[i].get(qk, 0) if qk else 0
+            g = group_of[name]
+            if r:
+                down_share = (m * n * n) // (m + n)
+                units.append(Unit(i, name, Role.DOWN, g, r, n, down_share, qk, r))
+                units.append(Unit(i, name, Role.UP, g, m, r, m * n - down_share, qk, r))
+            else:
+                units.append(Unit(i, name, Role.DENSE, g, m, n, m * n, qk))
+    return units

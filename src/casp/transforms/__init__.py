@@ -1,0 +1,22 @@
+"""Weight transforms applied before any quantizer and undone at inference (plug-ins by name)."""
+from casp.transforms.base import (
+    TransformParams,
+    WeightTransform,
+    available_transforms,
+    get_transform_class,
+    register_transform,
+    restore_weight,
+    transform_weight,
+    transform_xtx,
+)
+
+__all__ = [
+    "TransformParams",
+    "WeightTransform",
+    "available_transforms",
+    "get_transform_class",
+    "register_transform",
+    "restore_weight",
+    "transform_weight",
+    "transform_xtx",
+]
