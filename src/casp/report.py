@@ -109,11 +109,11 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         "Why: with `rd` allocation each matrix's candidate is chosen to minimise the total Fisher-weighted "
         "output distortion (column `distortion`, measured at the chosen setting) under the bit budget.",
         "",
-        "| matrix | bits | group | rank | stored bits/weight | distortion |",
-        "|---|---|---|---|---|---|",
+        "| matrix | setting | rank | stored bits/weight | distortion |",
+        "|---|---|---|---|---|",
     ]
     for u in report["layers"]:
-        lines.append(f"| `{u['name']}` | {u['bits']} | {u['group_size']} | {u['rank']} | "
+        lines.append(f"| `{u['name']}` | {u['setting']} | {u['rank']} | "
                      f"{u['stored_bits'] / max(u['num_weights'], 1):.3f} | {_fmt(u.get('distortion'), '.3e')} |")
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)

@@ -115,7 +115,7 @@ def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
             "target_bits": result.config.bits,
             "quantizer": result.config.quantizer,
             "qk_rank": result.config.qk_rank,
-            "layers": [{k: v for k, v in u.items() if k in ("name", "bits", "group_size", "sym", "rank")}
+            "layers": [{k: v for k, v in u.items() if k in ("name", "setting", "bits", "group_size", "sym", "rank")}
                        for u in result.report["layers"]],
         }
         model.config.quantization_config = qcfg

@@ -31,9 +31,11 @@ def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, i
     rows = []
     for u in units:
         w, h = unit_weight_and_xtx(u, layer, lowrank, xtx)
-        row = {"name": f"{adapter.layers}.{i}.{u.name}", "layer": i, "rank": u.rank, "num_weights": u.num_weights}
+        row = {"name": f"{adapter.layers}.{i}.{u.name}", "layer": i, "rank": u.rank, "num_weights": u.num_weights,
+               "out_features": u.out_features, "in_features": u.in_features}
         if quantizer is None:
-            rows.append({**row, "bits": FP16_BITS, "group_size": None, "stored_bits": w.numel() * FP16_BITS})
+            rows.append({**row, "setting": "fp16", "bits": FP16_BITS, "group_size": None,
+                         "stored_bits": w.numel() * FP16_BITS})
             continue
         target = layer.get_submodule(u.name)
         bias = target.bias.data.clone() if target.bias is not None else None
@@ -42,7 +44,7 @@ def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, i
         module = stored_module(qw, params, bias)
         layer.set_submodule(u.name, module)
         stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
-        rows.append({**row, **setting.describe(), "stored_bits": stored,
+        rows.append({**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
                      "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())})
     return {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(),
             "units": rows, "seconds": time.time() - t0}
