@@ -12,17 +12,14 @@ from hypothesis import strategies as st
 
 from casp.algorithms.allocate import (
     Allocation,
-    Candidate,
     InfeasibleBudget,
     Unit,
-    allocate_bits,
     allocate_paper,
     allocate_rd,
     budget_bits,
     default_dp_bins,
     min_feasible_average,
     paper_priority,
-    summarize,
 )
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -317,29 +314,3 @@ def test_deterministic_and_order_free(data, target, seed):
     mixed = run_all(shuffled, target, layer_count)
     for a, b, c in zip(first, again, mixed):
         assert a == b == c
-
-
-def test_summarize_rows():
-    units = [Unit("a", 100, {"2b": 210, "3b": 310}, {"2b": 3.0, "3b": 1.0}, 0, "v"),
-             Unit("b", 50, {"2b": 100}, {}, 1, "o")]
-    a = allocate_paper(units, 3.0, layer_count=2)
-    rows = summarize(a, units)
-    assert rows[0] == {"name": "a", "key": "3b", "cost_bits": 310, "num_weights": 100,
-                       "bits_per_weight": 3.1, "distortion": 1.0, "layer_index": 0, "kind": "v"}
-    assert rows[1]["distortion"] is None and rows[1]["bits_per_weight"] == 2.0
-    assert a.distortion is None  # b has no distortion: no total
-
-
-def test_candidate_is_plain_data():
-    c = Candidate("2b-g128", payload={"bits": 2})
-    assert c.key == "2b-g128" and c == Candidate("2b-g128", payload={"bits": 2})
-
-
-def test_allocate_bits_dispatches():
-    units = [Unit("a", 100, {"2b": 200, "3b": 300}, {"2b": 2.0, "3b": 1.0}, 0, "layer")]
-    assert allocate_bits(units, 3.0, method="paper", layer_count=1).method == "paper"
-    assert allocate_bits(units, 3.0).method.startswith("rd-best/")
-    with pytest.raises(ValueError, match="layer_count"):
-        allocate_bits(units, 3.0, method="paper")
-    with pytest.raises(ValueError, match="unknown allocation method"):
-        allocate_bits(units, 3.0, method="hessian")

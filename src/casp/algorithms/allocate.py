@@ -31,14 +31,6 @@ FACTOR_KINDS = frozenset({"q_factor", "k_factor"})
 SOLVERS = ("dp", "lagrange", "best")
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One setting a unit may get; `payload` (e.g. a QuantSpec) is carried for the caller only."""
-
-    key: str
-    payload: object = None
-
-
 @dataclass
 class Unit:
     """One quantized unit: its original weight count, and the cost/distortion of each candidate key."""
@@ -417,39 +409,3 @@ def allocate_rd(units: Sequence[Unit], target_bits: float, fixed_bits: int = 0,
     win = min(out, key=lambda a: a.distortion)  # min keeps the first (dp) on ties
     win.method = f"rd-best/{win.method.removeprefix('rd-')}"
     return win
-
-
-def allocate_bits(units: Sequence[Unit], target_bits: float, *, method: str = "rd",
-                  layer_count: int | None = None, fixed_bits: int = 0, solver: str = "best",
-                  dp_bins: int | None = None) -> Allocation:
-    """One entry point for the pipeline: method "paper" (needs layer_count) or "rd" (needs distortions)."""
-    if method == "paper":
-        if layer_count is None:
-            raise ValueError("method 'paper' needs layer_count")
-        return allocate_paper(units, target_bits, layer_count, fixed_bits)
-    if method == "rd":
-        return allocate_rd(units, target_bits, fixed_bits, solver=solver, dp_bins=dp_bins)
-    raise ValueError(f"unknown allocation method {method!r}; choose 'paper' or 'rd'")
-
-
-# --------------------------------------------------------------------------------------------------
-# reporting
-
-
-def summarize(allocation: Allocation, units: Sequence[Unit]) -> list[dict]:
-    """Per-unit rows (name, key, cost_bits, num_weights, bits_per_weight, distortion, ...) for reports."""
-    rows = []
-    for u in units:
-        key = allocation.choice[u.name]
-        cost = int(u.cost_bits[key])
-        rows.append({
-            "name": u.name,
-            "key": key,
-            "cost_bits": cost,
-            "num_weights": int(u.num_weights),
-            "bits_per_weight": cost / u.num_weights if u.num_weights else float("nan"),
-            "distortion": None if key not in u.distortion else float(u.distortion[key]),
-            "layer_index": u.layer_index,
-            "kind": u.kind,
-        })
-    return rows

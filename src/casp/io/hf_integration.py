@@ -10,7 +10,8 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from casp.io.storage import QUANT_METHOD, install_modules
+from casp.io.checkpoint import QUANT_METHOD
+from casp.io.storage import install_modules
 
 
 @register_quantization_config(QUANT_METHOD)

@@ -68,11 +68,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "casp"
 
 
-def is_builtin(name: str) -> bool:
-    """True if `name` names a built-in model (so callers can tell it from a path)."""
-    return name in BUILTIN_MODELS
-
-
 def builtin_dir(name: str) -> Path:
     """Where the converted directory of `name` lives (it may not exist yet)."""
     return cache_dir() / "models" / _spec(name).name
