@@ -1,11 +1,13 @@
-"""Scene generator: determinism, disjoint splits, record format, closed vocabulary."""
+"""Scene generator: determinism, disjoint splits, record format, closed vocabulary, structured referents."""
 
 import numpy as np
 import pytest
 
 from casp.embedded.scenes import (
     IMAGE_SIZE,
+    PLURALS,
     QUESTION_TYPES,
+    RELATIONS,
     generate_caption_records,
     generate_records,
     iter_scenes,
@@ -13,6 +15,9 @@ from casp.embedded.scenes import (
     split_of,
     vocabulary,
     _signature,
+    draw_questions,
+    questions_for,
+    swap_relation,
 )
 
 
@@ -59,3 +64,91 @@ def test_vocabulary_is_closed():
 def test_unknown_split_rejected():
     with pytest.raises(ValueError):
         make_scene("dev", 0)
+
+
+def _train_questions(n_scenes=60):
+    """(scene, question) over the first training scenes."""
+    for i in range(n_scenes):
+        scene = make_scene("train", i)
+        for q in scene.questions:
+            yield scene, q
+
+
+def test_qa_triples_are_the_questions():
+    for i in range(20):
+        scene = make_scene("train", i)
+        assert scene.qa == [(q.text, q.answer, q.type) for q in scene.questions]
+        a = questions_for(scene.objects, np.random.default_rng([i, 1]))
+        b = draw_questions(scene.objects, np.random.default_rng([i, 1]))
+        assert a == [q.triple for q in b]
+
+
+def test_referent_is_the_object_a_question_names():
+    checked = 0
+    for scene, q in _train_questions():
+        o = q.referent
+        if q.type == "color":
+            assert o is not None and o.color == q.answer
+        elif q.type == "position":
+            assert o is not None and o.quadrant == q.answer
+        elif q.type == "exists":
+            assert (o is not None) == (q.answer == "yes")
+        elif q.type == "relation":  # the first object named
+            assert o is not None and q.text.startswith(f"is the {o.color} {o.shape} ")
+        else:
+            assert o is None
+        checked += 1
+    assert checked > 200
+
+
+def test_second_referent_of_relation_questions():
+    n = 0
+    for scene, q in _train_questions():
+        o = q.second
+        if q.type != "relation":
+            assert o is None and q.relation is None
+            continue
+        assert o is not None and q.text.endswith(f"the {o.color} {o.shape} ?")
+        first = q.referent
+        truth = {"left of": first.col < o.col, "right of": first.col > o.col,
+                 "above": first.row < o.row, "below": first.row > o.row}[q.relation]
+        assert truth == (q.answer == "yes")
+        n += 1
+    assert n > 50
+
+
+def _answer_from_structure(scene, q):
+    """The answer recomputed from the question's referents alone (no text)."""
+    objects = scene.objects
+    if q.type == "color":
+        return q.referent.color
+    if q.type == "position":
+        return q.referent.quadrant
+    if q.type == "exists":
+        return "no" if q.referent is None else "yes"
+    if q.type == "count":
+        return str(sum(1 for o in objects if q.counted in (o.shape, o.color)))
+    a, b = q.referent, q.second
+    return "yes" if {"left of": a.col < b.col, "right of": a.col > b.col,
+                     "above": a.row < b.row, "below": a.row > b.row}[q.relation] else "no"
+
+
+def test_structured_referents_agree_with_answers():
+    """Over 40 scenes and two question draws each (and every relation swapped), the referents give the answer."""
+    kinds = set()
+    for i in range(40):
+        scene = make_scene("train", i)
+        for q in scene.questions + draw_questions(scene.objects, np.random.default_rng([i, 1])):
+            for question in [q, swap_relation(q)] if q.type == "relation" else [q]:
+                for o in (question.referent, question.second):
+                    assert o is None or o in scene.objects
+                assert _answer_from_structure(scene, question) == question.answer, question
+                kinds.add(question.type)
+            if q.type == "relation":
+                s = swap_relation(q)
+                assert (s.referent, s.second, s.answer) == (q.second, q.referent, q.answer)
+                assert s.relation in RELATIONS
+                assert s.text == f"is the {s.referent.name} {s.relation} the {s.second.name} ?"
+            if q.type == "count":
+                assert q.counted in q.text.split() or PLURALS.get(q.counted) in q.text.split()
+    assert kinds == set(QUESTION_TYPES)

@@ -16,6 +16,12 @@ overlap. Positions are answered by quadrant ("top left", ...); ``left of`` /
 ``above`` compare grid columns / rows and are only asked when they differ.
 Objects cover a quarter of the image each: with smaller objects (a 4x4 grid was
 tried) a from-scratch model cannot find them within a CPU training budget.
+
+Every question is a ``Question``: its text, answer and type plus what it refers to
+(the object(s) it names, a relation's operator, the shape or colour a count counts),
+so consumers such as the trainer's auxiliary targets read the structure instead of
+parsing the text back. ``Scene.qa`` and ``questions_for`` keep the plain
+``(question, answer, type)`` triples.
 """
 
 from __future__ import annotations
@@ -144,33 +150,72 @@ def _ref(o: SceneObject) -> str:
     return f"{o.color} {o.shape}"
 
 
-def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(question, answer, type) triples for a scene: one or two of every applicable type."""
-    qa: list[tuple[str, str, str]] = []
+@dataclass(frozen=True)
+class Question:
+    """One generated question, its answer and type, and what it refers to.
+
+    ``referent`` is the object the question names (a relation's first object); it is None
+    for counts and for an ``is there`` answered no (the named object is absent). ``second``
+    is a relation's second object and ``relation`` its entry of RELATIONS; ``counted`` is
+    the shape or colour a count question counts.
+    """
+
+    text: str
+    answer: str
+    type: str
+    referent: SceneObject | None = None
+    second: SceneObject | None = None
+    relation: str | None = None
+    counted: str | None = None
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        """The plain ``(question, answer, type)`` form."""
+        return self.text, self.answer, self.type
+
+
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _relation_question(a: SceneObject, rel: str, b: SceneObject, answer: str) -> Question:
+    return Question(f"is the {_ref(a)} {rel} the {_ref(b)} ?", answer, "relation", a, b, rel)
+
+
+def swap_relation(q: Question) -> Question:
+    """The same relation asked with swapped operands (``A left of B`` -> ``B right of A``), same answer."""
+    if q.type != "relation":
+        raise ValueError(f"not a relation question: {q.text!r}")
+    return _relation_question(q.second, _INVERSE[q.relation], q.referent, q.answer)
+
+
+def draw_questions(objects: list[SceneObject], rng: np.random.Generator) -> list[Question]:
+    """Questions for a scene: one or two of every applicable type."""
+    qa: list[Question] = []
     shapes_present = [o.shape for o in objects]
 
     # color: refer by shape if unique, else by size + shape if unique
     o = objects[int(rng.integers(len(objects)))]
     if shapes_present.count(o.shape) == 1:
-        qa.append((f"what color is the {o.shape} ?", o.color, "color"))
+        qa.append(Question(f"what color is the {o.shape} ?", o.color, "color", o))
     elif sum(1 for p in objects if (p.shape, p.size) == (o.shape, o.size)) == 1:
-        qa.append((f"what color is the {o.size} {o.shape} ?", o.color, "color"))
+        qa.append(Question(f"what color is the {o.size} {o.shape} ?", o.color, "color", o))
 
     # count: shapes or colours; mostly present ones, sometimes absent (answer 0)
     anchor = objects[int(rng.integers(len(objects)))]
     absent = rng.random() < 0.2
     if rng.random() < 0.6:
         shape = SHAPES[int(rng.integers(len(SHAPES)))] if absent else anchor.shape
-        qa.append((f"how many {PLURALS[shape]} are there ?", COUNT_WORDS[shapes_present.count(shape)], "count"))
+        qa.append(Question(f"how many {PLURALS[shape]} are there ?", COUNT_WORDS[shapes_present.count(shape)],
+                           "count", counted=shape))
     else:
         color = list(COLORS)[int(rng.integers(len(COLORS)))] if absent else anchor.color
         n = sum(1 for p in objects if p.color == color)
-        qa.append((f"how many {color} objects are there ?", COUNT_WORDS[n], "count"))
+        qa.append(Question(f"how many {color} objects are there ?", COUNT_WORDS[n], "count", counted=color))
 
     # exists: balanced yes / no; "no" often differs from a present object in one attribute
     if rng.random() < 0.5:
         o = objects[int(rng.integers(len(objects)))]
-        qa.append((f"is there a {_ref(o)} ?", "yes", "exists"))
+        qa.append(Question(f"is there a {_ref(o)} ?", "yes", "exists", o))
     else:
         present = {(p.color, p.shape) for p in objects}
         while True:
@@ -184,11 +229,11 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[
                 cand = (list(COLORS)[int(rng.integers(len(COLORS)))], SHAPES[int(rng.integers(len(SHAPES)))])
             if cand not in present:
                 break
-        qa.append((f"is there a {cand[0]} {cand[1]} ?", "no", "exists"))
+        qa.append(Question(f"is there a {cand[0]} {cand[1]} ?", "no", "exists"))
 
     # position
     o = objects[int(rng.integers(len(objects)))]
-    qa.append((f"where is the {_ref(o)} ?", o.quadrant, "position"))
+    qa.append(Question(f"where is the {_ref(o)} ?", o.quadrant, "position", o))
 
     # relation: up to two, each over a pair that differs along the asked axis
     if len(objects) >= 2:
@@ -203,9 +248,14 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[
                     truth = a.row < b.row if rel == "above" else a.row > b.row
                 else:
                     continue
-                qa.append((f"is the {_ref(a)} {rel} the {_ref(b)} ?", "yes" if truth else "no", "relation"))
+                qa.append(_relation_question(a, rel, b, "yes" if truth else "no"))
                 break
     return qa
+
+
+def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question, answer, type) triples for a scene (``draw_questions`` without the referents)."""
+    return [q.triple for q in draw_questions(objects, rng)]
 
 
 def caption_for(objects: list[SceneObject]) -> str:
@@ -220,8 +270,13 @@ class Scene:
 
     objects: list[SceneObject]
     pixels: np.ndarray
-    qa: list[tuple[str, str, str]]
+    questions: list[Question]
     caption: str
+
+    @property
+    def qa(self) -> list[tuple[str, str, str]]:
+        """The questions as ``(question, answer, type)`` triples."""
+        return [q.triple for q in self.questions]
 
     @property
     def image(self) -> Image.Image:
@@ -237,7 +292,7 @@ def make_scene(split: str, index: int, max_objects: int = 4) -> Scene:
         objects = _draw_objects(rng, max_objects)
         if split_of(objects) == split:
             break
-    return Scene(objects, render(objects), questions_for(objects, rng), caption_for(objects))
+    return Scene(objects, render(objects), draw_questions(objects, rng), caption_for(objects))
 
 
 def iter_scenes(split: str, n_scenes: int, start: int = 0):
