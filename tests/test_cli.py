@@ -41,3 +41,15 @@ def test_info_lists_families():
     assert "LlavaForConditionalGeneration" in info["supported_architectures"]
     assert "smollm2-135m" in info["builtin_models"]
     assert {"gptq", "rtn", "none"} <= set(info["quantizers"])
+
+
+def test_quantizer_flags_reach_the_quantizer_config():
+    from casp.cli import _quantizer_options, build_parser
+    from casp.config import CompressionConfig
+
+    args = build_parser().parse_args(["compress", "-o", "x", "--damp", "0.05", "--no-act-order", "--group-size", "64",
+                                      "--candidate-bits", "2,4"])
+    q = CompressionConfig(quantizer="gptq", quantizer_options=_quantizer_options(args)).build_quantizer()
+    assert (q.config.damp, q.config.act_order, q.config.group_size, q.config.candidate_bits) == (0.05, False, 64, (2, 4))
+    plain = build_parser().parse_args(["compress", "-o", "x"])
+    assert _quantizer_options(plain) == {}

@@ -86,6 +86,10 @@ def test_unreadable_image(tmp_path, tiny_llava_dir):
     (["--calib-samples", "0"], "--calib-samples"),
     (["--candidate-bits", "5"], "bit-widths"),
     (["--quantizer", "magic"], "--quantizer"),
+    (["--quantizer", "rtn", "--damp", "0.1"], "damp"),
+    (["--damp", "20"], "--damp"),
+    (["--quantizer", "none", "--sym"], "need a quantizer"),
+    (["--transform", "spin"], "transform"),
 ])
 def test_nonsensical_options(tmp_path, tiny_llama_dir, args, fragment):
     p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", *args)
