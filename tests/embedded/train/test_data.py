@@ -3,11 +3,13 @@
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from casp.embedded.build import NUM_VISUAL_TOKENS, build_processor
 from casp.embedded.scenes import make_scene
-from casp.embedded.train.data import ConversationEncoder, make_batch, scene_pixels
+from casp.embedded.train.data import ConversationEncoder, make_batch, pixel_values
 from casp.eval.vqa import build_prompt
 
 
@@ -25,9 +27,7 @@ def test_encoding_matches_processor(proc):
     assert enc.ids == ref["input_ids"][0]
     n_answer = len(a.split()) + 1
     assert [x for x in enc.labels if x != -100] == enc.ids[-n_answer:]
-    pix = scene_pixels(scene.pixels)
-    ref_pix = proc.image_processor(scene.image, return_tensors="pt")["pixel_values"][0]
-    assert (pix - ref_pix).abs().max() < 1e-5
+    assert torch.equal(pixel_values(proc, [scene]), torch.from_numpy(np.stack(ref["pixel_values"])))
 
 
 def test_multi_turn_encoding_is_the_rendered_conversation(proc):
@@ -82,3 +82,10 @@ def test_caption_turn_is_last_and_has_no_referent(proc):
     caption = [w for w in b["question_words"][0, last].tolist() if w != -100]
     assert proc.tokenizer.convert_ids_to_tokens(caption) == "describe the image .".split()
     assert (b["question_referent"][0, last] == -100).all()
+
+
+def test_batch_pixels_are_the_processors(proc):
+    b = make_batch(ConversationEncoder(proc), [7, 8], random.Random(0), _args())
+    images = [make_scene("train", i).image for i in (7, 8)]
+    ref = proc(text=["<image>"] * 2, images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(b["pixel_values"], ref)

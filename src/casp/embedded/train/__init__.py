@@ -50,7 +50,7 @@ def run(args) -> int:
     log.info("model: %.2fM parameters", n_params / 1e6)
     t_start = time.time()
     if args.vision_steps:
-        pretrain_vision(model, args)
+        pretrain_vision(model, processor, args)
     steps_done = train_language(model, processor, args, t_start)
     wall = time.time() - t_start
     log.info("training done in %.1f min", wall / 60)

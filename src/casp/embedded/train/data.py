@@ -82,10 +82,9 @@ class ConversationEncoder:
         return Encoded(ids, labels, list(zip(answer_at, question_ids)))
 
 
-def scene_pixels(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> normalised 3xHxW, as the processor does (rescale 1/255, mean=std=0.5), without PIL."""
-    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
-    return (x - 0.5) / 0.5
+def pixel_values(processor, scenes) -> torch.Tensor:
+    """The scenes' images as the model sees them: the processor's own image preprocessing."""
+    return processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
 
 
 def max_objects_at(step: int, args) -> int:
@@ -146,7 +145,7 @@ def make_batch(encoder: ConversationEncoder, indices: list[int], rng: random.Ran
         for t, (pos, words) in enumerate(s.turns):
             q_pos[i, t] = pos
             q_words[i, t, : len(words)] = torch.tensor(words[:QUESTION_SLOTS])
-    pix = torch.stack([scene_pixels(sc.pixels) for sc in scenes])
+    pix = pixel_values(encoder.processor, scenes)
     counts = [scene_counts(sc.objects) for sc in scenes]
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix, "labels": labels,
             "patch_targets": stack_patch_targets(scenes), "question_pos": q_pos, "question_words": q_words,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from casp.embedded.scenes import generate_records, make_scene
-from casp.embedded.train.data import ConversationEncoder, make_batch, max_objects_at, scene_pixels
+from casp.embedded.train.data import ConversationEncoder, make_batch, max_objects_at, pixel_values
 from casp.embedded.train.probes import PatchProbe, QuestionProbe, ReferentProbe, stack_patch_targets
 from casp.eval.vqa import vqa_accuracy
 
@@ -38,7 +38,7 @@ def lr_at(step: int, args, elapsed: float = 0.0, budget_s: float = 0.0) -> float
     return args.lr * _cosine(min(t, 1.0))
 
 
-def pretrain_vision(model, args) -> None:
+def pretrain_vision(model, processor, args) -> None:
     """Stage 1: train the vision tower alone to label every patch with its cell's object.
 
     Cheap (64 tokens, no language model) and it hands stage 2 visual tokens that already
@@ -55,7 +55,7 @@ def pretrain_vision(model, args) -> None:
             g["lr"] = lr
         scenes = [make_scene("train", 50_000_000 + args.seed * 10_000_000 + step * args.vision_batch + j)
                   for j in range(args.vision_batch)]
-        pix = torch.stack([scene_pixels(s.pixels) for s in scenes])
+        pix = pixel_values(processor, scenes)
         targets = stack_patch_targets(scenes)
         feats = tower(pix, output_hidden_states=True).hidden_states[-1][:, 1:]
         loss = probe.loss(feats, targets)
