@@ -9,8 +9,10 @@ from casp.transforms.base import (
     transform_weight,
     transform_xtx,
 )
+from casp.transforms.incoherence import Incoherence
 
 __all__ = [
+    "Incoherence",
     "TransformParams",
     "WeightTransform",
     "available_transforms",
