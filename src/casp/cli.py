@@ -45,32 +45,65 @@ def _int_list(text: str):
 _OPTION = "option_"
 
 
-def _quantizer_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per option that a registered quantizer declares (field metadata "flag")."""
+def _flag_dest(flag: str) -> str:
+    return _OPTION + flag.lstrip("-").replace("-", "_")
+
+
+def _option_fields(name: str):
+    """(field, flag) of every option of quantizer `name` that has a CLI flag."""
     import dataclasses
 
-    from casp.quant.base import available_quantizers, get_quantizer_class
+    from casp.quant.base import get_quantizer_class
 
-    seen = set()
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(get_quantizer_class(name).Config) if "flag" in f.metadata]
+
+
+def _quantizer_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per option flag that a registered quantizer declares (field metadata "flag")."""
+    from casp.quant.base import available_quantizers
+
+    owners: dict[str, list[str]] = {}
+    fields = {}
     for name in available_quantizers():
-        for f in dataclasses.fields(get_quantizer_class(name).Config):
-            meta = f.metadata
-            if "flag" not in meta or f.name in seen:
-                continue
-            seen.add(f.name)
-            kw = {"dest": _OPTION + f.name, "default": argparse.SUPPRESS,
-                  "help": f"{meta.get('help', '')} [{name}]"}
-            if "action" in meta:
-                kw["action"] = meta["action"]
-            elif isinstance(f.default, bool):
-                kw["action"] = "store_true"
-            else:
-                kw["type"] = _int_list if meta.get("type") == "ints" else meta.get("type", str)
-            p.add_argument(meta["flag"], **kw)
+        for f, flag in _option_fields(name):
+            owners.setdefault(flag, []).append(name)
+            fields.setdefault(flag, f)
+    for flag, f in fields.items():
+        meta = f.metadata
+        kw = {"dest": _flag_dest(flag), "default": argparse.SUPPRESS,
+              "help": f"{meta.get('help', '')} [{', '.join(owners[flag])}]"}
+        if "action" in meta:
+            kw["action"] = meta["action"]
+        elif isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _int_list if meta.get("type") == "ints" else meta.get("type", str)
+        p.add_argument(flag, **kw)
 
 
 def _quantizer_options(args) -> dict:
-    return {k[len(_OPTION):]: v for k, v in vars(args).items() if k.startswith(_OPTION)}
+    """The chosen quantizer's options given on the command line; a flag of another quantizer is an error."""
+    given = {k for k in vars(args) if k.startswith(_OPTION)}
+    if not given:
+        return {}
+    from casp.quant.base import available_quantizers
+
+    if args.quantizer not in available_quantizers():
+        if args.quantizer == "none":
+            raise CaspError(f"{_flags(given)} need a quantizer, not 'none'")
+        return {}
+    options = {}
+    for f, flag in _option_fields(args.quantizer):
+        if _flag_dest(flag) in given:
+            options[f.name] = getattr(args, _flag_dest(flag))
+            given.discard(_flag_dest(flag))
+    if given:
+        raise CaspError(f"{_flags(given)} does not apply to --quantizer {args.quantizer}")
+    return options
+
+
+def _flags(dests) -> str:
+    return ", ".join(sorted("--" + d[len(_OPTION):].replace("_", "-") for d in dests))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -105,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=float, default=2.0, help="target average bits per original weight (default 2.0)")
     c.add_argument("--quantizer", default="gptq", help="a registered quantizer (gptq, rtn, ...) or none (default gptq)")
     c.add_argument("--transform", default=None, help="a registered weight transform applied before quantizing")
+    c.add_argument("--incoherence", action="store_const", const="incoherence", dest="transform",
+                   help="randomized Hadamard incoherence processing on both sides of W (= --transform incoherence)")
     c.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
                    help="fraction of W_q/W_k parameters kept by the low-rank step; 0 disables; 'auto' (default 0.25)")
     c.add_argument("--qk-rank-layer", type=_layer_ratio, action="append", default=[], metavar="LAYER=RATIO",

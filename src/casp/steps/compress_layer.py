@@ -44,6 +44,8 @@ def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, i
         module = stored_module(qw, params, bias)
         layer.set_submodule(u.name, module)
         stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
+        if params is not None:
+            row.update(type(transform).describe(params.meta))
         rows.append({**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
                      "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())})
     return {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(),

@@ -56,6 +56,11 @@ class WeightTransform(ABC):
         """Exact stored bits of `build`'s parameters for this shape (tensors and seeds)."""
 
     @staticmethod
+    def describe(meta: dict) -> dict:
+        """Report fields of one matrix's transform (how it was built, for the per-matrix report)."""
+        return {"transform": meta["name"]}
+
+    @staticmethod
     @abstractmethod
     def empty_tensors(meta: dict) -> dict[str, torch.Tensor]:
         """Tensors of the stored shapes, to load a state dict into."""

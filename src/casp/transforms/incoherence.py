@@ -92,6 +92,11 @@ class Incoherence(WeightTransform):
         return packed_bits(1, out_features, 1) + packed_bits(1, in_features, 1) + (SEED_BITS if fallback else 0)
 
     @staticmethod
+    def describe(meta: dict) -> dict:
+        """Which construction each side used: "hadamard", or the "block-orthogonal" fallback."""
+        return {"transform": meta["name"], "transform_out": meta["kind_out"], "transform_in": meta["kind_in"]}
+
+    @staticmethod
     def empty_tensors(meta: dict) -> dict[str, torch.Tensor]:
         return {"signs_out": torch.zeros(1, packed_words(int(meta["out_features"]), 1), dtype=torch.int32),
                 "signs_in": torch.zeros(1, packed_words(int(meta["in_features"]), 1), dtype=torch.int32)}

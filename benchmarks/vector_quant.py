@@ -1,0 +1,162 @@
+"""Scalar vs vector quantizers at 2-4 bits, side by side in one run, at measured honest bits.
+
+Rows: FP; uniform RTN, GPTQ, GPTQ + incoherence and the E8 lattice quantizer (with incoherence) at 2, 3
+and 4 bits; CASP + E8 (low-rank Q/K + rd allocation + incoherence) at 2.0, 2.5 and 3.25; and, where the
+quantizer is registered, AQLM rows. Each row runs in its own process (so its peak RSS is its own) with one
+torch thread, and reports: measured average bits (every stored bit: codes, scales, zeros, codebooks,
+sign vectors, factors), token perplexity (SmolLM2) or KL vs FP and VQA accuracy (embedded VLM),
+compression seconds, peak RSS, and the CPU time of a batch-1 forward pass next to the dense model's.
+
+Usage: python benchmarks/vector_quant.py [--model smollm2-135m|embedded] [--rows LABEL,...] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def row_specs(model: str) -> list[dict]:
+    rows = [{"label": "FP"}]
+    for q, name, transform in (("rtn", "RTN", None), ("gptq", "GPTQ", None), ("gptq", "GPTQ + incoherence", "incoherence"),
+                               ("e8", "E8 + incoherence", "incoherence")):
+        for b in (2, 3, 4):
+            rows.append({"label": f"{name} {b}-bit", "quantizer": q, "bits": b, "allocation": "uniform", "qk_rank": 0,
+                         "transform": transform})
+    for target in (2.0, 2.5, 3.25):
+        rows.append({"label": f"CASP+E8 @ {target}", "quantizer": "e8", "bits": target, "allocation": "rd",
+                     "qk_rank": 0.25, "transform": "incoherence"})
+    rows.append({"label": "AQLM 2-bit", "quantizer": "aqlm", "bits": 2, "allocation": "uniform", "qk_rank": 0})
+    for target in (2.0, 2.5):
+        rows.append({"label": f"CASP+AQLM @ {target}", "quantizer": "aqlm", "bits": target, "allocation": "rd",
+                     "qk_rank": 0.25})
+    return rows
+
+
+def _forward_seconds(model, ids, repeats: int = 3) -> float:
+    import torch
+
+    with torch.no_grad():
+        model(ids)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            model(ids)
+    return (time.perf_counter() - t) / repeats
+
+
+def run_row(spec: dict, args) -> dict:
+    """One row in this process: compress (unless FP), evaluate, time a batch-1 forward."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from casp.config import CompressionConfig
+    from casp.io.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
+    from casp.models.engine import peak_rss_mb
+    from casp.pipeline import compress
+
+    path = resolve_model_path(None if args.model == "embedded" else args.model)
+    processor = load_processor(path)
+    reference = load_model(path)
+    t0 = time.time()
+    report = None
+    model = reference
+    if spec["label"] != "FP":
+        cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
+                                qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
+                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
+        res = compress(load_model(path), None, cfg, processor=processor, progress=False)
+        model, report = res.model, res.report
+    seconds = time.time() - t0
+    row = {"method": spec["label"], "average_bits": report["average_bits"] if report else 16.0,
+           "seconds": seconds if report else 0.0}
+    if args.model == "embedded":
+        from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
+
+        vqa, _ = embedded_eval_records()
+        vqa = vqa[: args.questions]
+        r = evaluate_vlm(model, processor, reference=reference, vqa_records=vqa, kl_records=vqa[: args.kl_records],
+                         progress=False)
+        row.update(vqa_accuracy=r["vqa_accuracy"], kl=r["kl_vs_reference"])
+    else:
+        from casp.data.textdata import evaluation_text
+        from casp.eval.text_ppl import text_perplexity
+
+        text = evaluation_text()[: args.eval_chars] if args.eval_chars else evaluation_text()
+        row["text_ppl"] = text_perplexity(model, tokenizer_of(processor), text, context_length=args.ctx,
+                                          progress=False)["text_ppl"]
+    ids = torch.randint(10, 1000, (1, args.forward_tokens), generator=torch.Generator().manual_seed(0))
+    row["forward_s"] = _forward_seconds(model, ids)
+    row["dense_forward_s"] = _forward_seconds(reference, ids)
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (token ppl) or embedded (KL, VQA)")
+    ap.add_argument("--rows", default="all", help="comma-separated row labels (default: all)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--eval-chars", type=int, default=60000, help="evaluate on the first N characters (0: all)")
+    ap.add_argument("--questions", type=int, default=600)
+    ap.add_argument("--kl-records", type=int, default=200)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--forward-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--one-row", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one_row:
+        print(json.dumps(run_row(json.loads(args.one_row), args)))
+        return
+    from casp.quant.base import available_quantizers
+
+    known = set(available_quantizers())
+    specs = [s for s in row_specs(args.model) if s.get("quantizer", "rtn") in known]
+    if args.rows != "all":
+        specs = [s for s in specs if s["label"] in args.rows.split(",")]
+    metric = "KL vs FP | VQA acc" if args.model == "embedded" else "token ppl"
+    print(f"model {args.model}; calibration {args.calib_samples} x {args.calib_seq_len}; {args.threads} torch thread(s)\n")
+    print(f"| method | average bits | {metric} | compress s | peak RSS MB | forward ms (dense ms) |")
+    print("|---|---|---|---|---|---|", flush=True)
+    rows = []
+    for spec in specs:
+        forwarded = [a for a in sys.argv[1:] if not a.startswith("--rows") and not a.startswith("--json")]
+        forwarded = _drop_values(forwarded, ("--rows", "--json"))
+        out = subprocess.run([sys.executable, __file__, *forwarded, "--one-row", json.dumps(spec)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"| {spec['label']} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode} |",
+                  flush=True)
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        value = f"{r['kl']:.5f} | {r['vqa_accuracy']:.4f}" if args.model == "embedded" else f"{r['text_ppl']:.2f}"
+        print(f"| {r['method']} | {r['average_bits']:.3f} | {value} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{1000 * r['forward_s']:.1f} ({1000 * r['dense_forward_s']:.1f}) |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _drop_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without the given flags and their values (either `--flag v` or `--flag=v`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if any(a.startswith(f + "=") for f in flags):
+            continue
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    main()
