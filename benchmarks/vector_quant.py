@@ -124,8 +124,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|", flush=True)
     rows = []
     for spec in specs:
-        forwarded = [a for a in sys.argv[1:] if not a.startswith("--rows") and not a.startswith("--json")]
-        forwarded = _drop_values(forwarded, ("--rows", "--json"))
+        forwarded = _drop_values(sys.argv[1:], ("--rows", "--json"))
         out = subprocess.run([sys.executable, __file__, *forwarded, "--one-row", json.dumps(spec)],
                              capture_output=True, text=True)
         if out.returncode != 0:

@@ -16,12 +16,12 @@ log = logging.getLogger("casp")
 
 
 def _ratio_or_auto(text: str):
-    if text == "auto":
-        return "auto"
+    if text in ("auto", "joint"):
+        return text
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1] or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1], 'auto' or 'joint', got {text!r}") from None
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"ratio must be in [0, 1], got {v}")
     return v

@@ -17,6 +17,7 @@ class CompressionConfig:
     transform_options: dict = field(default_factory=dict)
     qk_rank: float | str = 0.25
     qk_rank_overrides: dict[int, float] = field(default_factory=dict)
+    qk_rank_ladder: tuple[float, ...] = (0.5, 0.25, 0.125)   # ratios offered to --qk-rank joint
     allocation: str = "rd"
     granularity: str = "layer"
     calib_samples: int = 128
@@ -32,8 +33,13 @@ class CompressionConfig:
         if not (0 < self.bits <= 16):
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
         if isinstance(self.qk_rank, str):
-            if self.qk_rank != "auto":
-                raise CaspError(f"--qk-rank must be a ratio in [0, 1] or 'auto', got {self.qk_rank!r}")
+            if self.qk_rank not in ("auto", "joint"):
+                raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {self.qk_rank!r}")
+            if self.qk_rank == "joint" and (self.allocation != "rd" or self.quantizer == "none"):
+                raise CaspError("--qk-rank joint chooses ranks with the bit allocation: it needs --allocation rd "
+                                "and a quantizer")
+            if self.qk_rank == "joint" and self.qk_rank_overrides:
+                raise CaspError("--qk-rank-layer fixes ranks; it cannot be combined with --qk-rank joint")
         elif not (0.0 <= float(self.qk_rank) <= 1.0):
             raise CaspError(f"--qk-rank must be in [0, 1], got {self.qk_rank}")
         for layer, r in self.qk_rank_overrides.items():
@@ -88,6 +94,7 @@ class CompressionConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["qk_rank_ladder"] = list(self.qk_rank_ladder)
         d["quantizer_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.quantizer_options.items()}
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["qk_rank_overrides"] = {str(k): v for k, v in self.qk_rank_overrides.items()}

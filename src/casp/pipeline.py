@@ -21,11 +21,12 @@ from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
-from casp.steps.allocation import allocate
+from casp.steps.allocation import allocate, allocate_joint
 from casp.steps.analyse import analyse
 from casp.steps.compress_layer import compress_layer
 from casp.steps.measure import measure_distortions
-from casp.steps.ranks import choose_ranks
+from casp.steps.joint import measure_qk_options
+from casp.steps.ranks import check_separate_qk, choose_ranks
 from casp.steps.units import plan_units
 
 
@@ -68,16 +69,17 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     the allocation rule share this work, e.g. in the demo and benchmarks.
     """
     measure = quantizer is not None and config.allocation == "rd"
-    key = (repr(config.qk_rank), tuple(sorted(config.qk_rank_overrides.items())), measure, config.quantizer,
+    joint = config.qk_rank == "joint"
+    key = (repr(config.qk_rank), config.qk_rank_ladder, tuple(sorted(config.qk_rank_overrides.items())), measure, config.quantizer,
            repr(quantizer and quantizer.config), config.transform, repr(transform and transform.config),
            config.calib_samples, config.calib_seq_len, config.calib_jsonl, config.calib_text, config.seed,
            config.density_mass, config.layers)
     if cache is not None and key in cache:
-        ranks, units = cache[key]
-        return ranks, copy.deepcopy(units)
+        ranks, units, qk_tables = cache[key]
+        return ranks, copy.deepcopy(units), qk_tables
     layers = adapter.decoder_layers(model)
     auto = config.qk_rank == "auto"
-    ranks = None if auto else choose_ranks(layers, adapter, config.qk_rank, config.qk_rank_overrides)
+    ranks = None if auto else choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
     analysis = fisher = None
     if measure:
         from casp.analysis.sensitivity import output_fisher
@@ -91,9 +93,15 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     if measure:
         measure_distortions(layers, adapter, units, analysis, ranks, quantizer.candidates(), quantizer, fisher,
                             transform=transform, seed=config.seed, progress=progress)
+    qk_tables = None
+    if joint:
+        check_separate_qk(layers, adapter)
+        qk_tables = measure_qk_options(layers, adapter, units, analysis, fisher, quantizer, config.qk_rank_ladder,
+                                       transform=transform, seed=config.seed,
+                                       rank_multiple=quantizer.in_features_multiple, progress=progress)
     if cache is not None:
-        cache[key] = (ranks, copy.deepcopy(units))
-    return ranks, units
+        cache[key] = (ranks, copy.deepcopy(units), qk_tables)
+    return ranks, units, qk_tables
 
 
 def compress(model: str | Path | nn.Module | None = None, out: str | Path | None = None,
@@ -110,9 +118,13 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
     t_start = time.time()
     source, model, processor, adapter, batches = load_with_calibration(model, config, processor)
     layers = adapter.decoder_layers(model)
-    ranks, units = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform, progress, cache)
-    plan = {}
-    if quantizer is not None:
+    ranks, units, qk_tables = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform, progress, cache)
+    plan, joint = {}, None
+    if qk_tables is not None:
+        ranks, plan, joint = allocate_joint(units, qk_tables, quantizer, bits=config.bits, granularity=config.granularity,
+                                            num_layers=len(layers), transform=transform)
+        units = plan_units(layers, adapter, ranks, config.layers)
+    elif quantizer is not None:
         plan = allocate(units, quantizer, bits=config.bits, rule=config.allocation, granularity=config.granularity,
                         num_layers=len(layers), transform=transform)
 
@@ -132,6 +144,8 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
         seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(config.device),
         calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
     )
+    if joint is not None:
+        report["joint_allocation"] = joint
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
     if out is not None:
         from casp.io.storage import save_compressed

@@ -81,6 +81,7 @@ class Quantizer(ABC):
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
     format: ClassVar[StorageFormat]
+    in_features_multiple: ClassVar[int] = 1   # input sizes it can store (vector quantizers: the vector length)
 
     def __init__(self, config=None, **options):
         config = config if config is not None else self.Config()

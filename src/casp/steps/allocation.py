@@ -61,3 +61,64 @@ def merge_per_layer(units: list[alloc.Unit]):
             m.distortion[k] += v
         members[name].append(u.name)
     return list(merged.values()), members
+
+
+def allocate_joint(units: list[Unit], qk_tables: dict, quantizer, *, bits: float, granularity: str, num_layers: int,
+                   transform=None):
+    """Q/K ranks and every unit's setting under one budget: (ranks per layer, unit.key -> setting, report).
+
+    `units` are the dense units with measured distortions; `qk_tables` (from `steps.joint`) holds the
+    W_q / W_k options. The allocation-alone solution (dense Q/K) is a point of the joint space; if the
+    solver's joint answer has a higher total distortion than it, allocation alone is kept, so the joint
+    result is never worse than allocation alone on the objective it optimises.
+    """
+    settings = quantizer.candidates()
+    by_label = {s.label(): s for s in settings}
+    plain = [u for u in units if u.key not in qk_tables]
+    a_units = [alloc.Unit(name=u.key, num_weights=u.num_weights,
+                          cost_bits={s.label(): unit_cost(u, s, quantizer, transform) for s in settings},
+                          distortion=u.distortion, layer_index=u.layer, kind="dense") for u in plain]
+    members = {u.name: [u.name] for u in a_units}
+    if granularity == "layer":
+        a_units, members = merge_per_layer(a_units)
+    qk = [alloc.Unit(name=u.key, num_weights=u.num_weights,
+                     cost_bits={label: cost for label, (_, cost, _) in qk_tables[u.key].items()},
+                     distortion={label: d for label, (_, _, d) in qk_tables[u.key].items()},
+                     layer_index=u.layer, kind="qk") for u in units if u.key in qk_tables]
+    try:
+        joint = alloc.allocate_rd(a_units + qk, bits, solver="best")
+    except alloc.InfeasibleBudget as e:
+        raise CaspError(str(e)) from None
+    choice = dict(joint.choice)
+    alone = allocate(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
+                     transform=transform)
+    alone_total = sum(alloc_distortion(u, alone[u.key].label(), qk_tables) for u in units)
+    joint_total = float(joint.distortion)
+    kept = "joint"
+    if alone_total < joint_total:
+        kept = "allocation alone"
+        choice = {}
+        for name, keys in members.items():
+            choice[name] = alone[keys[0]].label()
+        choice.update({u.key: f"dense:{alone[u.key].label()}" for u in units if u.key in qk_tables})
+    ranks = [{"q": 0, "k": 0} for _ in range(num_layers)]
+    plan = {}
+    for name, label in choice.items():
+        for key in members.get(name, [name]):
+            if key in qk_tables:
+                option = qk_tables[key][label][0]
+                u = next(x for x in units if x.key == key)
+                ranks[u.layer][u.qk] = option.rank
+                for role in ("", ".down", ".up"):
+                    plan[f"{key}{role}"] = option.setting
+            else:
+                plan[key] = by_label[label]
+    summary = {"kept": kept, "objective_joint": joint_total, "objective_allocation_alone": alone_total}
+    return ranks, plan, summary
+
+
+def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
+    """A unit's measured distortion at a setting label (dense Q/K read from the joint table)."""
+    if unit.key in qk_tables:
+        return qk_tables[unit.key][f"dense:{label}"][2]
+    return unit.distortion[label]
