@@ -52,3 +52,16 @@ def test_layer_granularity_gives_one_setting_per_layer(tiny_llama_dir, scene_tex
     for i in range(2):
         settings = {(u["bits"], u["group_size"]) for u in res.report["layers"] if f".layers.{i}." in u["name"]}
         assert len(settings) == 1
+
+
+def test_infeasible_target_refused_before_calibration(tiny_llama_dir, scene_text, monkeypatch):
+    """The shapes alone decide feasibility: no calibration batch is built for an impossible target."""
+    import casp.pipeline as pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the budget check")
+
+    monkeypatch.setattr(pipeline, "build_calibration", no_calibration)
+    for qk_rank in (0.25, "joint"):
+        with pytest.raises(CaspError, match=r"minimum feasible average \d\.\d{3}"):
+            compress(tiny_llama_dir, None, _cfg(scene_text, bits=0.5, qk_rank=qk_rank), progress=False)

@@ -21,7 +21,7 @@ from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
-from casp.steps.allocation import allocate, allocate_joint
+from casp.steps.allocation import allocate, allocate_joint, check_feasible
 from casp.steps.analyse import analyse
 from casp.steps.compress_layer import compress_layer
 from casp.steps.measure import measure_distortions
@@ -40,11 +40,12 @@ class CompressionResult:
     out: Path | None = None
 
 
-def load_with_calibration(model, config: CompressionConfig, processor=None):
+def load_with_calibration(model, config: CompressionConfig, processor=None, before_calibration=None):
     """The (uncompressed) model, its processor, adapter and calibration batches.
 
     `model` is a local directory, a built-in name, None (the embedded model), or a model already
     in memory (then compressed in place; its processor is loaded from its `name_or_path` unless given).
+    `before_calibration(model, adapter)` runs checks that need only the shapes, before any data work.
     """
     if isinstance(model, nn.Module):
         loaded, source = model, Path(getattr(model.config, "_name_or_path", "") or ".")
@@ -56,6 +57,8 @@ def load_with_calibration(model, config: CompressionConfig, processor=None):
         loaded = load_model(source)
         processor = processor if processor is not None else load_processor(source)
     adapter = adapter_for(loaded)
+    if before_calibration is not None:
+        before_calibration(loaded, adapter)
     batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
                                 seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
     return source, loaded, processor, adapter, batches
@@ -116,7 +119,12 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
         check_output_dir(Path(out), overwrite)
     torch.manual_seed(config.seed)
     t_start = time.time()
-    source, model, processor, adapter, batches = load_with_calibration(model, config, processor)
+
+    def feasible(model, adapter):
+        if quantizer is not None and config.allocation != "uniform" and config.qk_rank != "auto":
+            check_feasible(adapter.decoder_layers(model), adapter, quantizer, config, transform)
+
+    source, model, processor, adapter, batches = load_with_calibration(model, config, processor, feasible)
     layers = adapter.decoder_layers(model)
     ranks, units, qk_tables = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform, progress, cache)
     plan, joint = {}, None

@@ -1,6 +1,8 @@
 """Step: one setting per unit under the bit budget, priced exactly by the quantizer's stored format."""
 from __future__ import annotations
 
+import math
+
 from casp.algorithms import allocate as alloc
 from casp.errors import CaspError
 from casp.steps.units import Unit
@@ -122,3 +124,27 @@ def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
     if unit.key in qk_tables:
         return qk_tables[unit.key][f"dense:{label}"][2]
     return unit.distortion[label]
+
+
+def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
+    """Refuse a target below the cheapest feasible average, from the shapes alone (before calibration)."""
+    from casp.steps.joint import option_cost, qk_options
+    from casp.steps.ranks import choose_ranks
+    from casp.steps.units import plan_units
+
+    joint = config.qk_rank == "joint"
+    ranks = choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
+    units = plan_units(layers, adapter, ranks, config.layers)
+    settings = quantizer.candidates()
+    cheapest = 0
+    for u in units:
+        if joint and u.qk:
+            opts = qk_options(u, settings, config.qk_rank_ladder, quantizer.in_features_multiple)
+            cheapest += min(option_cost(u, o, quantizer, transform) for o in opts)
+        else:
+            cheapest += min(unit_cost(u, s, quantizer, transform) for s in settings)
+    weights = sum(u.num_weights for u in units)
+    if config.bits * weights < cheapest:
+        floor = math.ceil(cheapest / weights * 1000) / 1000
+        raise CaspError(f"target {config.bits} bits is below the minimum feasible average {floor:.3f} bits "
+                        f"for this model with --quantizer {config.quantizer} (every matrix at its cheapest setting)")
