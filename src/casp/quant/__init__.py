@@ -13,6 +13,7 @@ from casp.quant.base import (
 from casp.quant.scalar import QuantSpec
 from casp.quant.rtn import RTN
 from casp.quant.gptq import GPTQ, gptq_quantize
+from casp.quant.e8 import E8Quantizer
 
 __all__ = [
     "GPTQ",

@@ -1,0 +1,319 @@
+"""E8P, QuIP#'s 2-bit E8-lattice codebook: 2^16 points of E8 + ¼ coded in 16 bits per 8 weights.
+
+The codebook (Tseng et al., QuIP#, 2024, §4.2 and App. C):
+
+- D̂8 = {x ∈ (Z+½)^8 : Σx even}. Its 227 distinct elementwise absolute values |x| with ‖x‖² ≤ 10
+  (exactly the vectors of {½, 3/2, 5/2}^8 with ‖a‖² ≤ 10), sorted lexicographically, plus 29
+  "padding" absolute vectors of ‖a‖² = 12 make the 256-entry absolute table `e8p_abs_table()`.
+  The padding is QuIP#'s own list (paper App. C.1, `get_norm12` in the reference code): vectors with
+  five coordinates 3/2 and three ½, written below as the positions of the ½ coordinates.
+  (An older revision of the reference code repeated one row of that list, which would make two codes
+  decode to the same point; the list used here is the later, duplicate-free one.)
+- Every coordinate of an entry a is a half-odd integer, so flipping one sign changes Σ s⊙a by an odd
+  number: exactly 128 of the 256 sign patterns s put s⊙a in D̂8, those whose number of minus signs
+  has the parity of Σa. Seven sign bits are stored; the sign of coordinate 0 follows from parity.
+- A shift bit adds +¼ or -¼ to all coordinates. Since ½·1 ∈ D̂8, D̂8 - ¼ = D8 + ¼ and the union
+  (D̂8 + ¼) ∪ (D̂8 - ¼) = (D8 ∪ D̂8) + ¼ = E8 + ¼: every codeword x has x - ¼·1 ∈ E8.
+
+16-bit code layout (this module's own): bits 0-7 the absolute-table index, bits 8-14 the signs of
+coordinates 1..7 (1 = negative), bit 15 the shift (1: +¼, 0: -¼). Decoding gathers one row of the
+256×8 absolute table and one row of a 256×8 sign table indexed by (sign bits, parity of Σa).
+
+The encoder is exact: for each shift and each of the 256 entries, the best signs are sign(y); if
+their parity is wrong, flipping the coordinate with the smallest a_i·|y_i| costs the least
+(4·a_i·|y_i|); the argmin over the 512 candidates is the nearest codeword.
+
+For 3 and 4 bits a second stage codes the scaled residual (QuIP#'s RVQ): another E8P code (4-bit) or
+one of 256 points of E8 (3-bit; `e8_1bit_table()`: the origin, the 240 roots and 15 of the 16 points
+±2e_i, all but -2e_7), 8 bits per 8 weights.
+
+`quantize_matrix` codes a whole weight matrix: BlockLDLQ (`casp.algorithms.ldlq`) with this block
+quantizer, for a few candidate scales, keeping the one with the lowest proxy loss.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from casp.algorithms.ldlq import block_ldlq, damp_hessian, feedback_matrix, proxy_loss
+
+CODE_DIM = 8
+NUM_CODES = 1 << 16
+_SHIFT_BIT = 15
+_SIGN_SHIFT = 8
+
+# positions of the ½ coordinates of the 29 norm-12 padding entries (the other five are 3/2)
+_NORM12_HALF_POSITIONS = (
+    (1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2),
+    (3, 6, 7), (3, 5, 7), (3, 4, 7), (3, 5, 6), (3, 4, 6), (3, 4, 5),
+    (2, 6, 7), (2, 5, 7), (2, 4, 7), (2, 5, 6), (2, 4, 6), (2, 4, 5),
+    (1, 6, 7), (1, 5, 7), (1, 4, 7), (1, 5, 6), (1, 4, 6),
+    (0, 4, 5), (0, 6, 7), (0, 5, 7), (0, 4, 7), (0, 5, 6), (0, 4, 6),
+    (0, 1, 4), (2, 3, 7),
+)
+
+
+@functools.cache
+def _abs_table64() -> torch.Tensor:
+    base = [a for a in itertools.product((0.5, 1.5, 2.5), repeat=CODE_DIM) if sum(v * v for v in a) <= 10]
+    pad = [tuple(0.5 if i in pos else 1.5 for i in range(CODE_DIM)) for pos in _NORM12_HALF_POSITIONS]
+    table = torch.tensor(base + pad, dtype=torch.float64)
+    assert table.shape == (256, CODE_DIM)
+    return table
+
+
+def e8p_abs_table(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The 256×8 absolute table: 227 |x| of D̂8 with ‖x‖² ≤ 10 (lexicographic), then 29 of norm 12."""
+    return _abs_table64().to(dtype=dtype, device=device)
+
+
+@functools.cache
+def _parity64() -> torch.Tensor:
+    """1 where Σa is odd (the entry needs an odd number of minus signs), as int64 (256,)."""
+    return (_abs_table64().sum(1).round().long() % 2)
+
+
+@functools.cache
+def _sign_table64() -> torch.Tensor:
+    """(256, 8) of ±1: row (sign bits of coords 1..7) | parity << 7 gives all eight signs."""
+    rows = []
+    for j in range(256):
+        bits, parity = j & 127, j >> 7
+        neg = [(bits >> (i - 1)) & 1 for i in range(1, CODE_DIM)]
+        neg0 = (sum(neg) + parity) % 2
+        rows.append([1.0 - 2.0 * b for b in [neg0] + neg])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@functools.cache
+def _tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (_abs_table64().to(dtype=dtype, device=device), _sign_table64().to(dtype=dtype, device=device),
+            (_parity64() << 7).to(device=device))
+
+
+def e8p_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codewords (…, 8) of 16-bit codes (any integer dtype; int16 is read as its unsigned bits)."""
+    c = codes.long() & 0xFFFF
+    table, signs, parity = _tables(dtype, c.device)
+    idx = c & 255
+    sign_row = ((c >> _SIGN_SHIFT) & 127) | parity[idx]
+    out = table[idx] * signs[sign_row]
+    shift = ((c >> _SHIFT_BIT) & 1).to(dtype) * 0.5 - 0.25
+    return out.add_(shift.unsqueeze(-1))
+
+
+def e8p_codebook(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """All 2^16 codewords, (65536, 8), row c = e8p_decode(c)."""
+    return e8p_decode(torch.arange(NUM_CODES), dtype)
+
+
+def _check_dim(x: torch.Tensor) -> None:
+    if x.shape[-1] != CODE_DIM:
+        raise ValueError(f"expected 8-vectors (last dimension {CODE_DIM}), got shape {tuple(x.shape)}")
+
+
+def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest E8P codeword of each 8-vector of x (…, 8): codes int32 (…) in [0, 2^16) and the codewords.
+
+    Exact (up to ties): see the module docstring. Computes in x's dtype, `chunk` vectors at a time.
+    """
+    _check_dim(x)
+    shape = x.shape[:-1]
+    x = x.reshape(-1, CODE_DIM)
+    dtype, device = x.dtype, x.device
+    table, _, parity = _tables(dtype, device)
+    odd_entry = (parity >> 7).bool()
+    odd_entry_f = odd_entry.to(dtype)
+    columns = table.T.contiguous()
+    norms = (table * table).sum(1)
+    codes = torch.empty(x.shape[0], dtype=torch.int32, device=device)
+    weights = (1 << torch.arange(CODE_DIM - 1, device=device)) << _SIGN_SHIFT
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s:s + chunk]
+        rows = torch.arange(xc.shape[0], device=device)
+        best_cost = best_code = None
+        for shift_bit, t in ((0, -0.25), (1, 0.25)):
+            z = xc - t
+            az = z.abs()
+            neg = z < 0
+            odd = neg.sum(1) % 2
+            cost = torch.addmm(norms + (az * az).sum(1, keepdim=True), az, columns, alpha=-2.0)
+            # cheapest single sign flip per entry: min_i a_i·|z_i| (a loop over 8 beats a reduction)
+            flip = az[:, :1] * columns[0]
+            for i in range(1, CODE_DIM):
+                torch.minimum(flip, az[:, i:i + 1] * columns[i], out=flip)
+            wrong = (odd.to(dtype).unsqueeze(1) - odd_entry_f).abs_()
+            cost.addcmul_(wrong, flip, value=4.0)
+            c, k = cost.min(1)
+            neg = neg.long()
+            fix = odd.bool() != odd_entry[k]
+            flip_at = (az * table[k]).argmin(1)
+            neg[rows[fix], flip_at[fix]] ^= 1
+            code = k | (neg[:, 1:] * weights).sum(1) | (shift_bit << _SHIFT_BIT)
+            if best_cost is None:
+                best_cost, best_code = c, code
+            else:
+                take = c < best_cost
+                best_cost = torch.where(take, c, best_cost)
+                best_code = torch.where(take, code, best_code)
+        codes[s:s + chunk] = best_code.to(torch.int32)
+    codes = codes.reshape(shape)
+    return codes, e8p_decode(codes, dtype)
+
+
+@functools.cache
+def _e8_1bit64() -> torch.Tensor:
+    pts = [[0.0] * CODE_DIM]
+    for i, j in itertools.combinations(range(CODE_DIM), 2):
+        for si, sj in itertools.product((1.0, -1.0), repeat=2):
+            p = [0.0] * CODE_DIM
+            p[i], p[j] = si, sj
+            pts.append(p)
+    for signs in itertools.product((0.5, -0.5), repeat=CODE_DIM):
+        if sum(v < 0 for v in signs) % 2 == 0:
+            pts.append(list(signs))
+    for sign, i in [(2.0, i) for i in range(CODE_DIM)] + [(-2.0, i) for i in range(CODE_DIM - 1)]:
+        p = [0.0] * CODE_DIM
+        p[i] = sign
+        pts.append(p)
+    table = torch.tensor(pts, dtype=torch.float64)
+    assert table.shape == (256, CODE_DIM)
+    return table
+
+
+def e8_1bit_table(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The 256 points of the 3-bit residual stage: 0, the 240 roots of E8, ±2e_i except -2e_7."""
+    return _e8_1bit64().to(dtype=dtype, device=device)
+
+
+def e8_1bit_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Points (…, 8) of 8-bit codes (uint8 or any integer dtype)."""
+    return e8_1bit_table(dtype, codes.device)[codes.long() & 255]
+
+
+def e8_1bit_encode(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest of the 256 points for each 8-vector of x (…, 8): codes int32 (…) and the points."""
+    _check_dim(x)
+    shape = x.shape[:-1]
+    x = x.reshape(-1, CODE_DIM)
+    table = e8_1bit_table(x.dtype, x.device)
+    norms = (table * table).sum(1)
+    codes = torch.cat([(norms - 2.0 * (x[s:s + chunk] @ table.T)).argmin(1)
+                       for s in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0, dtype=torch.long)
+    codes = codes.to(torch.int32).reshape(shape)
+    return codes, table[codes.long()]
+
+
+def stage_count(bits: int) -> int:
+    """Code stages of a bit-width: 2 → 1 (E8P), 3 → 2 (E8P + 1-bit E8), 4 → 2 (E8P + E8P)."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"E8P supports 2, 3 or 4 bits, got {bits}")
+    return 1 if bits == 2 else 2
+
+
+def rvq_encode(x: torch.Tensor, bits: int, resid_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual VQ of 8-vectors x (…, 8) at 2, 3 or 4 bits per weight.
+
+    Stage 1 is E8P; stage 2 (3/4 bits) codes (x - stage 1)·resid_scale with the 1-bit E8 table (3 bits)
+    or E8P (4 bits). Returns codes int32 (…, stages) and x̂ = c1 + c2 / resid_scale.
+    """
+    c1, v1 = e8p_encode(x)
+    if stage_count(bits) == 1:
+        return c1.unsqueeze(-1), v1
+    r = (x - v1) * resid_scale
+    c2, v2 = e8p_encode(r) if bits == 4 else e8_1bit_encode(r)
+    return torch.stack([c1, c2], -1), v1 + v2 / resid_scale
+
+
+def rvq_decode(codes: torch.Tensor, bits: int, scales, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Σ_k scales[k]·stage_k(codes[…, k]) as (…, 8); the stage decoders follow `rvq_encode`."""
+    out = e8p_decode(codes[..., 0], dtype) * scales[0]
+    if stage_count(bits) == 2:
+        second = e8p_decode(codes[..., 1], dtype) if bits == 4 else e8_1bit_decode(codes[..., 1], dtype)
+        out = out + second * scales[1]
+    return out
+
+
+FP16_TINY = 2.0 ** -24
+
+
+def fp16_exact(value: float) -> float:
+    """`value` rounded to fp16 (clamped to the positive fp16 range), as a Python float."""
+    return float(torch.tensor(min(max(value, FP16_TINY), 65504.0)).half())
+
+
+def stage_scales(scale: float, bits: int, resid_scale: float) -> tuple[float, ...]:
+    """fp16-exact per-stage scales: (s1,) or (s1, s1 / resid_scale)."""
+    s1 = fp16_exact(scale)
+    return (s1,) if stage_count(bits) == 1 else (s1, fp16_exact(s1 / resid_scale))
+
+
+def pad_to_codes(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero columns of W up to a multiple of 8 inputs; H gets a diagonal block of its mean diagonal there."""
+    n = w.shape[1]
+    pad = -n % CODE_DIM
+    if not pad:
+        return w, h
+    w = torch.nn.functional.pad(w, (0, pad))
+    hp = torch.zeros(n + pad, n + pad, dtype=h.dtype, device=h.device)
+    hp[:n, :n] = h
+    hp[n:, n:] = float(h.diagonal().mean()) * torch.eye(pad, dtype=h.dtype, device=h.device)
+    return w, hp
+
+
+@dataclass
+class E8PMatrix:
+    """One quantized matrix: codes (out, ⌈in/8⌉, stages) int32 of the (permuted, padded) columns,
+    fp16-exact stage scales, the column order (None: natural), Ŵ (out × in) and its proxy loss."""
+
+    codes: torch.Tensor
+    scales: tuple[float, ...]
+    perm: torch.Tensor | None
+    weight: torch.Tensor
+    loss: float
+    multiplier: float
+
+
+def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, resid_scale: float = 1.0,
+                    multipliers: tuple[float, ...] = (1.0,), damp: float = 0.01, act_order: bool = False,
+                    buffer: int = 128) -> E8PMatrix:
+    """E8P / RVQ codes of W (out × in) by BlockLDLQ on H = XᵀX, with the best of a few scales.
+
+    The first-stage scale is s1 = m·RMS(W)/rho for each multiplier m (W/s1 has RMS rho/m, rho being the
+    codebook's operating RMS); stage 2 uses s1/resid_scale. Each candidate is rounded with BlockLDLQ
+    (H damped by `damp`·mean diag) and the one with the lowest tr(ΔHΔᵀ) on the undamped H wins.
+    `act_order` visits the columns by decreasing H_jj (GPTQ's order; the caller stores `perm`).
+    in_features that are not a multiple of 8 are padded with zero columns (dropped from Ŵ).
+    """
+    out_f, in_f = w.shape
+    if h.shape != (in_f, in_f):
+        raise ValueError(f"H has shape {tuple(h.shape)}, expected {(in_f, in_f)}")
+    stage_count(bits)
+    w = w.detach().float()
+    h64 = h.detach().to(torch.float64)
+    dead = h64.diagonal() == 0
+    if bool(dead.any()):
+        w = w.clone()
+        w[:, dead] = 0.0
+    perm = torch.argsort(h64.diagonal(), descending=True, stable=True) if act_order else None
+    wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
+    wp, hp = pad_to_codes(wq, damp_hessian(hq, damp))
+    a, _ = feedback_matrix(hp, CODE_DIM)
+    a = a.float()
+    rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
+    inverse = torch.argsort(perm) if perm is not None else None
+    best = None
+    for mult in dict.fromkeys(multipliers):
+        scales = stage_scales(mult * rms / rho, bits, resid_scale)
+        ratio = scales[0] / scales[1] if len(scales) == 2 else 1.0
+        _, codes = block_ldlq(wp / scales[0], hp, lambda t: rvq_encode(t, bits, ratio), CODE_DIM, buffer, a)
+        q = rvq_decode(codes, bits, scales).reshape(out_f, -1)[:, :in_f]
+        if inverse is not None:
+            q = q[:, inverse]
+        loss = proxy_loss(w, q, h64)
+        if best is None or loss < best.loss:
+            best = E8PMatrix(codes, scales, perm, q, loss, mult)
+    return best

@@ -1,0 +1,140 @@
+"""BlockLDLQ (QuIP#, Tseng et al. 2024, §4.1): adaptive rounding of W with a g-dimensional vector quantizer.
+
+Proxy loss ℓ(Ŵ) = tr((Ŵ - W) H (Ŵ - W)ᵀ) with H = XᵀX (in × in, columns of W are inputs). With the
+g-block LDL decomposition H = Lᵀ D L (L unit block-lower-triangular, D block-diagonal) and
+A = Lᵀ - I (strictly block-upper), blocks of g columns are rounded first to last as
+
+    Ŵ_k = Q(W_k + (W - Ŵ)_{<k} A_{<k,k}),
+
+which makes (Ŵ - W) Lᵀ = η, the per-block rounding errors, so ℓ = Σ_k tr(η_k D_k η_kᵀ): each block
+only pays for its own rounding error, weighted by its conditional second moment D_k. With g = 1 this
+is LDLQ, which equals GPTQ.
+
+`block_ldlq` applies the feedback lazily in buffers of columns (one matrix product per buffer);
+`block_ldlq_reference` is the plain formula, recomputing the whole feedback sum for every block,
+on an LDL computed by a different route (backward Schur complements). Tests check they agree.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+BlockQuantizer = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]  # target -> (codes, values)
+
+
+def damp_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """float64 copy of H, symmetrised, with dead inputs (H_jj = 0) set to 1 and damp·mean(diag)·I added."""
+    h = h.detach().to(torch.float64)
+    h = 0.5 * (h + h.T)
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+    return h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def _check_blocks(n: int, block: int) -> int:
+    if block < 1 or n % block:
+        raise ValueError(f"dimension {n} is not a multiple of the block size {block}")
+    return n // block
+
+
+def block_ldl(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = Lᵀ D L with L (n × n) unit block-lower-triangular and D (n/block, block, block) block-diagonal.
+
+    From the "reverse" Cholesky H = V Vᵀ, V upper (the Cholesky factor of H with indices reversed):
+    with B_k the diagonal blocks of V, Lᵀ = V·blockdiag(B_k)⁻¹ and D_k = B_k B_kᵀ. H must be positive definite.
+    """
+    n = h.shape[0]
+    nb = _check_blocks(n, block)
+    v = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+    blocks = v.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    binv = torch.linalg.solve_triangular(blocks, torch.eye(block, dtype=h.dtype, device=h.device).expand_as(blocks),
+                                         upper=True)
+    lt = torch.einsum("ikb,kbc->ikc", v.reshape(n, nb, block), binv).reshape(n, n)
+    lt = torch.triu(lt)
+    for k in range(nb):
+        s = slice(k * block, (k + 1) * block)
+        lt[s, s] = torch.eye(block, dtype=h.dtype, device=h.device)
+    return lt.T.contiguous(), blocks @ blocks.transpose(1, 2)
+
+
+def block_ldl_reference(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same decomposition by backward block Schur complements (slow, for tests)."""
+    n = h.shape[0]
+    nb = _check_blocks(n, block)
+    h = h.clone()
+    lt = torch.eye(n, dtype=h.dtype, device=h.device)
+    d = torch.zeros(nb, block, block, dtype=h.dtype, device=h.device)
+    for k in reversed(range(nb)):
+        s, e = k * block, (k + 1) * block
+        d[k] = h[s:e, s:e]
+        u = torch.linalg.solve(d[k], h[s:e, :s]).T  # H_{<k,k} D_k⁻¹ (D_k symmetric)
+        lt[:s, s:e] = u
+        h[:s, :s] -= u @ d[k] @ u.T
+    return lt.T.contiguous(), d
+
+
+def feedback_matrix(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = Lᵀ - I (strictly block-upper) and D of the block LDL of H."""
+    low, d = block_ldl(h, block)
+    return low.T - torch.eye(h.shape[0], dtype=h.dtype, device=h.device), d
+
+
+def block_ldlq(w: torch.Tensor, h: torch.Tensor, quantize: BlockQuantizer, block: int = 8, buffer: int = 128,
+               feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round W (m × n) block by block with BlockLDLQ; H (n × n) positive definite (damp it first).
+
+    `quantize(target (m, block)) -> (codes (m, …), values (m, block))` is the block quantizer.
+    `feedback` (optional) is A = Lᵀ - I when the caller already has it. Computes in w's dtype.
+    Returns Ŵ (m × n) and the codes (m, n/block, …).
+    """
+    m, n = w.shape
+    nb = _check_blocks(n, block)
+    if h.shape != (n, n):
+        raise ValueError(f"H has shape {tuple(h.shape)}, expected {(n, n)}")
+    a = (feedback if feedback is not None else feedback_matrix(h, block)[0]).to(w.dtype)
+    buffer = max(block, buffer // block * block)
+    work = w.clone()
+    q = torch.empty_like(w)
+    codes = None
+    for c1 in range(0, n, buffer):
+        c2 = min(c1 + buffer, n)
+        err = torch.empty(m, c2 - c1, dtype=w.dtype, device=w.device)
+        for k in range(c1, c2, block):
+            j = k - c1
+            target = work[:, k:k + block]
+            if j:
+                target = target + err[:, :j] @ a[c1:k, k:k + block]
+            c, values = quantize(target)
+            if codes is None:
+                codes = torch.empty(m, nb, *c.shape[1:], dtype=c.dtype, device=c.device)
+            codes[:, k // block] = c
+            q[:, k:k + block] = values
+            err[:, j:j + block] = w[:, k:k + block] - values
+        if c2 < n:
+            work[:, c2:].addmm_(err, a[c1:c2, c2:])
+    return q, codes
+
+
+def block_ldlq_reference(w: torch.Tensor, h: torch.Tensor, quantize: BlockQuantizer,
+                         block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unbuffered formula Ŵ_k = Q(W_k + (W - Ŵ)_{<k} A_{<k,k}) on `block_ldl_reference` (for tests)."""
+    m, n = w.shape
+    nb = _check_blocks(n, block)
+    low, _ = block_ldl_reference(h, block)
+    a = (low.T - torch.eye(n, dtype=h.dtype, device=h.device)).to(w.dtype)
+    q = torch.zeros_like(w)
+    codes = []
+    for k in range(nb):
+        s, e = k * block, (k + 1) * block
+        c, values = quantize(w[:, s:e] + (w[:, :s] - q[:, :s]) @ a[:s, s:e])
+        q[:, s:e] = values
+        codes.append(c)
+    return q, torch.stack(codes, 1)
+
+
+def proxy_loss(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ) in float64."""
+    d = w.double() - q.double()
+    return float(torch.einsum("oi,ij,oj->", d, h.double(), d))

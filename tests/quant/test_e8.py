@@ -1,0 +1,151 @@
+"""The e8 quantizer: settings, the "e8p" stored format (exact bits, round trip, CPU kernel) and a tiny
+model compressed with it, saved and reloaded by `from_pretrained` with identical logits."""
+import pytest
+import torch
+
+import casp
+from casp.config import CompressionConfig
+from casp.errors import CaspError
+from casp.nn.packed_linear import PackedLinear
+from casp.quant import GPTQ, QuantSpec, get_format, get_quantizer_class, quant_loss
+from casp.quant import e8 as e8mod
+from casp.quant.e8 import E8Quantizer, E8Setting
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def problem(out_f, in_f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * in_f, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g) / in_f ** 0.5
+    x = x * torch.exp(0.5 * torch.randn(in_f, generator=g))
+    return torch.randn(out_f, in_f, generator=g) / in_f ** 0.5, x.T @ x
+
+
+def fast(**options) -> E8Quantizer:
+    return E8Quantizer(scale_multipliers=(1.0, 1.1), **options)
+
+
+def test_registered_with_settings():
+    q = get_quantizer_class("e8")()
+    assert [s.label() for s in q.candidates()] == ["e8p-2b", "e8p-3b", "e8p-4b"]
+    assert q.uniform_setting(3.0) == E8Setting(3)
+    assert E8Setting(4, True).describe() == {"bits": 4, "act_order": True}
+    with pytest.raises(ValueError, match="2, 3 or 4"):
+        q.uniform_setting(2.5)
+    with pytest.raises(ValueError, match="among 2, 3, 4"):
+        E8Quantizer(candidate_bits=(2, 8))
+
+
+def test_cli_flags_reach_the_config():
+    from casp.cli import _quantizer_options, build_parser
+
+    args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "e8", "--e8-damp", "0.05",
+                                      "--e8-scale-grid", "1,1.1", "--e8-rvq4-scales", "1.03,3.45", "--e8-act-order",
+                                      "--candidate-bits", "2,4"])
+    q = CompressionConfig(quantizer="e8", quantizer_options=_quantizer_options(args)).build_quantizer()
+    c = q.config
+    assert (c.ldlq_damp, c.scale_multipliers, c.rvq4_scales, c.act_order, c.candidate_bits) == \
+        (0.05, (1.0, 1.1), (1.03, 3.45), True, (2, 4))
+    with pytest.raises(CaspError, match="no option sym"):
+        CompressionConfig(quantizer="e8", quantizer_options={"sym": True}).build_quantizer()
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (24, 20), (8, 130)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stored_bits_are_exact_and_tensors_round_trip(shape, bits, act_order):
+    w, h = problem(*shape, seed=bits)
+    q = fast(act_order=act_order)
+    s = E8Setting(bits, act_order)
+    qw, deq = q.quantize(w, h, s)
+    assert qw.stored_bits() == q.stored_bits(s, *shape)
+    groups = -(-shape[1] // 8)
+    assert qw.stored_bits() == shape[0] * groups * (bits * 8) + 16 * (1 if bits == 2 else 2) + act_order * 16 * shape[1]
+    empty = get_format("e8p").empty_tensors(qw.meta)
+    assert {k: (v.dtype, v.shape) for k, v in empty.items()} == {k: (v.dtype, v.shape) for k, v in qw.tensors.items()}
+    assert deq.shape == shape and deq.dtype == torch.float32
+    assert torch.equal(qw.dequantize(), deq)
+    loaded = type(qw)({k: empty[k].copy_(v) for k, v in qw.tensors.items()}, dict(qw.meta))
+    assert torch.equal(loaded.dequantize(), deq)
+    read = get_format("e8p").rows(qw)
+    assert torch.equal(torch.cat([read(0, 5), read(5, shape[0])]), deq)
+
+
+def test_dequantized_weight_is_the_quantizers_choice():
+    from casp.algorithms.e8p import quantize_matrix
+
+    w, h = problem(16, 48)
+    qw, deq = fast().quantize(w, h, E8Setting(4))
+    r = quantize_matrix(w, h, 4, rho=0.9, resid_scale=3.85, multipliers=(1.0, 1.1))
+    torch.testing.assert_close(deq, r.weight, rtol=0, atol=1e-6)
+    assert quant_loss(w, deq, h) == pytest.approx(r.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits,act_order,in_f", [(2, False, 64), (3, True, 36), (4, False, 20)])
+def test_cpu_kernel_matches_dequantize_then_matmul(bits, act_order, in_f, monkeypatch):
+    """Tolerance: 1e-5 relative to the output scale (float32 sums in a different order)."""
+    w, h = problem(40, in_f, seed=1)
+    qw, deq = fast(act_order=act_order).quantize(w, h, E8Setting(bits, act_order))
+    bias = torch.randn(40)
+    module = PackedLinear.from_quantized(qw, bias)
+    x = torch.randn(2, 3, in_f)
+    ref = torch.nn.functional.linear(x, deq, bias)
+    monkeypatch.setattr(e8mod, "_CPU_SLAB_ELEMENTS", 8 * in_f)  # several slabs of rows
+    y = e8mod.e8p_cpu_matmul(module, x)
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert get_format("e8p").kernels["cpu"] is e8mod.e8p_cpu_matmul
+    torch.testing.assert_close(module(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_two_bits_beat_gptq_two_bits_g128():
+    w, h = problem(64, 256, seed=4)
+    _, e8 = E8Quantizer().quantize(w, h, E8Setting(2))
+    _, gptq = GPTQ().quantize(w, h, QuantSpec(2, 128))
+    assert quant_loss(w, e8, h) < quant_loss(w, gptq, h)
+
+
+def test_quantizes_without_xtx():
+    w, _ = problem(8, 24)
+    qw, deq = fast().quantize(w, None, E8Setting(2))
+    assert deq.shape == (8, 24) and float((deq - w).pow(2).mean()) < float(w.pow(2).mean())
+
+
+def _compress_and_reload(tiny_llama_dir, scene_text, out, **kw):
+    from transformers import AutoModelForCausalLM
+
+    cfg = CompressionConfig(quantizer="e8", quantizer_options={"scale_multipliers": (1.0, 1.1)}, calib_samples=8,
+                            calib_seq_len=32, calib_text=str(scene_text), **kw)
+    res = casp.compress(tiny_llama_dir, out, cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.meta["format"] == "e8p" for m in packed)
+    ids = torch.randint(5, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, res.model(ids).logits)
+    return res
+
+
+@pytest.mark.parametrize("bits", [2.0, 3.0])
+def test_uniform_compression_reloads_with_identical_logits(tiny_llama_dir, scene_text, tmp_path, bits):
+    res = _compress_and_reload(tiny_llama_dir, scene_text, tmp_path / "out", bits=bits, allocation="uniform", qk_rank=0)
+    assert {row["setting"] for row in res.report["layers"]} == {f"e8p-{int(bits)}b"}
+    assert bits <= res.report["average_bits"] < bits + 0.01
+
+
+def test_rd_allocation_with_lowrank_factors(tiny_llama_dir, scene_text, tmp_path):
+    """qk_rank 0.25 gives W_k factors of rank 10: the up factor's 10 inputs are padded to 16."""
+    res = _compress_and_reload(tiny_llama_dir, scene_text, tmp_path / "out", bits=3.0, qk_rank=0.25)
+    rows = res.report["layers"]
+    q = E8Quantizer()
+    for row in rows:
+        s = E8Setting(row["bits"], row["act_order"])
+        assert row["stored_bits"] == q.stored_bits(s, row["out_features"], row["in_features"])
+    assert 10 in {row["in_features"] for row in rows}
+    assert res.report["average_bits"] <= 3.0
