@@ -5,15 +5,9 @@ import math
 
 from casp.algorithms import allocate as alloc
 from casp.errors import CaspError
+from casp.steps.costs import unit_cost
+from casp.steps.joint import option_cost, qk_options
 from casp.steps.units import Unit
-
-
-def unit_cost(unit: Unit, setting, quantizer, transform=None) -> int:
-    """Exact stored bits of a unit at a setting: the quantizer's format plus the transform's parameters."""
-    bits = quantizer.stored_bits(setting, unit.out_features, unit.in_features)
-    if transform is not None:
-        bits += transform.stored_bits(unit.out_features, unit.in_features)
-    return bits
 
 
 def allocate(units: list[Unit], quantizer, *, bits: float, rule: str, granularity: str, num_layers: int,
@@ -128,7 +122,6 @@ def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
 
 def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
     """Refuse a target below the cheapest feasible average, from the shapes alone (before calibration)."""
-    from casp.steps.joint import option_cost, qk_options
     from casp.steps.ranks import choose_ranks
     from casp.steps.units import plan_units
 

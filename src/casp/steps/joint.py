@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from casp.algorithms.distortion import weighted_distortion
 from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_lowrank
 from casp.models.adapters import Adapter
-from casp.steps.allocation import unit_cost
+from casp.steps.costs import unit_cost
 from casp.steps.quantize import quantize_unit, transform_seed
 from casp.steps.units import Role, Unit
 
