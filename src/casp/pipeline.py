@@ -21,7 +21,7 @@ from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
-from casp.steps.allocation import allocate, allocate_joint, check_feasible
+from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode
 from casp.steps.analyse import analyse
 from casp.steps.compress_layer import compress_layer
 from casp.steps.measure import measure_distortions
@@ -129,8 +129,10 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
     ranks, units, qk_tables = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform, progress, cache)
     plan, joint = {}, None
     if qk_tables is not None:
-        ranks, plan, joint = allocate_joint(units, qk_tables, quantizer, bits=config.bits, granularity=config.granularity,
-                                            num_layers=len(layers), transform=transform)
+        solution = allocate_joint(units, qk_tables, quantizer, bits=config.bits, granularity=config.granularity,
+                                  num_layers=len(layers), transform=transform)
+        ranks, plan = decode(solution, units, quantizer, qk_tables, len(layers))
+        joint = solution.summary
         units = plan_units(layers, adapter, ranks, config.layers)
     elif quantizer is not None:
         plan = allocate(units, quantizer, bits=config.bits, rule=config.allocation, granularity=config.granularity,

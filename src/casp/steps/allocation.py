@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from casp.algorithms import allocate as alloc
 from casp.errors import CaspError
@@ -10,24 +11,57 @@ from casp.steps.joint import option_cost, qk_options
 from casp.steps.units import Unit
 
 
+@dataclass
+class Allocation:
+    """The allocator's problem and answer: units (possibly merged per layer), members, chosen labels."""
+
+    units: list[alloc.Unit]
+    members: dict[str, list[str]]    # allocator unit name -> the unit keys it sets
+    choice: dict[str, str]           # allocator unit name -> candidate label
+    budget_bits: int
+    summary: dict = field(default_factory=dict)
+
+    def objective(self, choice: dict[str, str] | None = None) -> float:
+        choice = choice or self.choice
+        return float(sum(u.distortion[choice[u.name]] for u in self.units))
+
+
+def _problem(units: list[Unit], quantizer, granularity: str, rule: str, transform, qk_tables=None):
+    settings = quantizer.candidates()
+    qk_tables = qk_tables or {}
+    plain = [u for u in units if u.key not in qk_tables]
+    a_units = [alloc.Unit(name=u.key, num_weights=u.num_weights,
+                          cost_bits={s.label(): unit_cost(u, s, quantizer, transform) for s in settings},
+                          distortion=u.distortion, layer_index=u.layer,
+                          kind=f"{u.qk}_factor" if u.is_factor else "dense") for u in plain]
+    members = {u.name: [u.name] for u in a_units}
+    if granularity == "layer" and rule == "rd":
+        a_units, members = merge_per_layer(a_units)
+    for u in units:
+        if u.key in qk_tables:
+            table = qk_tables[u.key]
+            a_units.append(alloc.Unit(name=u.key, num_weights=u.num_weights,
+                                      cost_bits={label: cost for label, (_, cost, _) in table.items()},
+                                      distortion={label: d for label, (_, _, d) in table.items()},
+                                      layer_index=u.layer, kind="qk"))
+            members[u.key] = [u.key]
+    return a_units, members
+
+
 def allocate(units: list[Unit], quantizer, *, bits: float, rule: str, granularity: str, num_layers: int,
              transform=None) -> dict[str, object]:
     """unit.key -> setting. `rule` is uniform, paper or rd; rd works per matrix or per layer."""
     if rule == "uniform":
         setting = quantizer.uniform_setting(bits)
         return {u.key: setting for u in units}
-    settings = quantizer.candidates()
-    by_label = {s.label(): s for s in settings}
-    a_units = [
-        alloc.Unit(name=u.key, num_weights=u.num_weights,
-                   cost_bits={s.label(): unit_cost(u, s, quantizer, transform) for s in settings},
-                   distortion=u.distortion, layer_index=u.layer,
-                   kind=f"{u.qk}_factor" if u.is_factor else "dense")
-        for u in units
-    ]
-    members = {u.name: [u.name] for u in a_units}
-    if granularity == "layer" and rule == "rd":
-        a_units, members = merge_per_layer(a_units)
+    return decode(solve(units, quantizer, bits=bits, rule=rule, granularity=granularity, num_layers=num_layers,
+                        transform=transform), units, quantizer, {}, num_layers)[1]
+
+
+def solve(units: list[Unit], quantizer, *, bits: float, rule: str, granularity: str, num_layers: int,
+          transform=None, qk_tables=None) -> Allocation:
+    """The allocator's answer over units (and, with `qk_tables`, joint W_q / W_k options)."""
+    a_units, members = _problem(units, quantizer, granularity, rule, transform, qk_tables)
     try:
         if rule == "paper":
             result = alloc.allocate_paper(a_units, bits, num_layers)
@@ -35,7 +69,26 @@ def allocate(units: list[Unit], quantizer, *, bits: float, rule: str, granularit
             result = alloc.allocate_rd(a_units, bits, solver="best")
     except alloc.InfeasibleBudget as e:
         raise CaspError(str(e)) from None
-    return {m: by_label[key] for name, key in result.choice.items() for m in members[name]}
+    return Allocation(a_units, members, dict(result.choice), result.budget_bits)
+
+
+def decode(a: Allocation, units: list[Unit], quantizer, qk_tables: dict, num_layers: int):
+    """(ranks per layer, unit.key -> setting) of an allocation; factor units follow their projection."""
+    by_label = {s.label(): s for s in quantizer.candidates()}
+    ranks = [{"q": 0, "k": 0} for _ in range(num_layers)]
+    layer_of = {u.key: u for u in units}
+    plan = {}
+    for name, label in a.choice.items():
+        for key in a.members[name]:
+            if key in qk_tables:
+                option = qk_tables[key][label][0]
+                u = layer_of[key]
+                ranks[u.layer][u.qk] = option.rank
+                for role in ("", ".down", ".up"):
+                    plan[f"{key}{role}"] = option.setting
+            else:
+                plan[key] = by_label[label]
+    return ranks, plan
 
 
 def merge_per_layer(units: list[alloc.Unit]):
@@ -60,57 +113,28 @@ def merge_per_layer(units: list[alloc.Unit]):
 
 
 def allocate_joint(units: list[Unit], qk_tables: dict, quantizer, *, bits: float, granularity: str, num_layers: int,
-                   transform=None):
-    """Q/K ranks and every unit's setting under one budget: (ranks per layer, unit.key -> setting, report).
+                   transform=None) -> Allocation:
+    """Q/K ranks and every unit's setting under one budget.
 
     `units` are the dense units with measured distortions; `qk_tables` (from `steps.joint`) holds the
     W_q / W_k options. The allocation-alone solution (dense Q/K) is a point of the joint space; if the
     solver's joint answer has a higher total distortion than it, allocation alone is kept, so the joint
     result is never worse than allocation alone on the objective it optimises.
     """
-    settings = quantizer.candidates()
-    by_label = {s.label(): s for s in settings}
-    plain = [u for u in units if u.key not in qk_tables]
-    a_units = [alloc.Unit(name=u.key, num_weights=u.num_weights,
-                          cost_bits={s.label(): unit_cost(u, s, quantizer, transform) for s in settings},
-                          distortion=u.distortion, layer_index=u.layer, kind="dense") for u in plain]
-    members = {u.name: [u.name] for u in a_units}
-    if granularity == "layer":
-        a_units, members = merge_per_layer(a_units)
-    qk = [alloc.Unit(name=u.key, num_weights=u.num_weights,
-                     cost_bits={label: cost for label, (_, cost, _) in qk_tables[u.key].items()},
-                     distortion={label: d for label, (_, _, d) in qk_tables[u.key].items()},
-                     layer_index=u.layer, kind="qk") for u in units if u.key in qk_tables]
-    try:
-        joint = alloc.allocate_rd(a_units + qk, bits, solver="best")
-    except alloc.InfeasibleBudget as e:
-        raise CaspError(str(e)) from None
-    choice = dict(joint.choice)
+    joint = solve(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
+                  transform=transform, qk_tables=qk_tables)
     alone = allocate(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
                      transform=transform)
-    alone_total = sum(alloc_distortion(u, alone[u.key].label(), qk_tables) for u in units)
-    joint_total = float(joint.distortion)
-    kept = "joint"
+    alone_choice = {}
+    for name, keys in joint.members.items():
+        label = alone[keys[0]].label()
+        alone_choice[name] = f"dense:{label}" if keys[0] in qk_tables else label
+    joint_total, alone_total = joint.objective(), joint.objective(alone_choice)
+    joint.summary = {"kept": "joint", "objective_joint": joint_total, "objective_allocation_alone": alone_total}
     if alone_total < joint_total:
-        kept = "allocation alone"
-        choice = {}
-        for name, keys in members.items():
-            choice[name] = alone[keys[0]].label()
-        choice.update({u.key: f"dense:{alone[u.key].label()}" for u in units if u.key in qk_tables})
-    ranks = [{"q": 0, "k": 0} for _ in range(num_layers)]
-    plan = {}
-    for name, label in choice.items():
-        for key in members.get(name, [name]):
-            if key in qk_tables:
-                option = qk_tables[key][label][0]
-                u = next(x for x in units if x.key == key)
-                ranks[u.layer][u.qk] = option.rank
-                for role in ("", ".down", ".up"):
-                    plan[f"{key}{role}"] = option.setting
-            else:
-                plan[key] = by_label[label]
-    summary = {"kept": kept, "objective_joint": joint_total, "objective_allocation_alone": alone_total}
-    return ranks, plan, summary
+        joint.choice = alone_choice
+        joint.summary["kept"] = "allocation alone"
+    return joint
 
 
 def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
