@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--granularity", default="layer", choices=["matrix", "layer"],
                    help="rd allocation unit: each decoder layer (default; measured better on the embedded model) or each matrix")
     _quantizer_flags(c)
+    c.add_argument("--search-steps", type=int, default=0,
+                   help="KL-guided search steps over the allocation, on held-out calibration samples (default 0: off)")
+    c.add_argument("--search-samples", type=int, default=8, help="calibration samples held out for the search (default 8)")
     c.add_argument("--layers", type=_int_list, default=None,
                    help="compress only these decoder layers (comma-separated indices; default all)")
     c.add_argument("--device", default="cpu", help="device for the layer being compressed (default cpu)")
@@ -204,6 +207,7 @@ def cmd_compress(args) -> None:
         bits=args.bits, quantizer=args.quantizer, qk_rank=args.qk_rank, qk_rank_overrides=dict(args.qk_rank_layer),
         quantizer_options=_quantizer_options(args), transform=args.transform,
         allocation=args.allocation, granularity=args.granularity,
+        search_steps=args.search_steps, search_samples=args.search_samples,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
         calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,
         layers=args.layers,

@@ -18,6 +18,8 @@ class CompressionConfig:
     qk_rank: float | str = 0.25
     qk_rank_overrides: dict[int, float] = field(default_factory=dict)
     qk_rank_ladder: tuple[float, ...] = (0.5, 0.25, 0.125)   # ratios offered to --qk-rank joint
+    search_steps: int = 0        # KL-guided search over the allocation (0: off)
+    search_samples: int = 8      # held-out calibration samples the search measures KL on
     allocation: str = "rd"
     granularity: str = "layer"
     calib_samples: int = 128
@@ -45,6 +47,12 @@ class CompressionConfig:
         for layer, r in self.qk_rank_overrides.items():
             if r < 0 or (r > 1 and r != int(r)):
                 raise CaspError(f"rank override for layer {layer} must be a ratio in [0, 1] or an integer rank, got {r}")
+        if self.search_steps < 0 or self.search_samples < 1:
+            raise CaspError("--search-steps must be >= 0 and --search-samples >= 1")
+        if self.search_steps and (self.allocation != "rd" or self.quantizer == "none"
+                                  or self.qk_rank not in (0, 0.0, "joint") or self.qk_rank_overrides):
+            raise CaspError("--search-steps searches the rd allocation of whole matrices: it needs --allocation rd, "
+                            "a quantizer, and --qk-rank 0 or joint")
         if self.allocation not in ("rd", "paper", "uniform"):
             raise CaspError(f"--allocation must be rd, paper or uniform, got {self.allocation!r}")
         if self.granularity not in ("matrix", "layer"):

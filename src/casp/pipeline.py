@@ -16,17 +16,18 @@ import torch
 from torch import nn
 
 from casp.config import CompressionConfig
-from casp.data.calibration import build_calibration
+from casp.data.calibration import build_calibration, hold_out
 from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
-from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode
+from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.analyse import analyse
 from casp.steps.compress_layer import compress_layer
 from casp.steps.measure import measure_distortions
 from casp.steps.joint import measure_qk_options
 from casp.steps.ranks import check_separate_qk, choose_ranks
+from casp.steps.search import search
 from casp.steps.units import plan_units
 
 
@@ -59,8 +60,10 @@ def load_with_calibration(model, config: CompressionConfig, processor=None, befo
     adapter = adapter_for(loaded)
     if before_calibration is not None:
         before_calibration(loaded, adapter)
-    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                                seed=config.seed, jsonl=config.calib_jsonl, text_file=config.calib_text)
+    held = config.search_samples if config.search_steps else 0
+    batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples + held,
+                                seq_len=config.calib_seq_len, seed=config.seed, jsonl=config.calib_jsonl,
+                                text_file=config.calib_text)
     return source, loaded, processor, adapter, batches
 
 
@@ -73,13 +76,14 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     """
     measure = quantizer is not None and config.allocation == "rd"
     joint = config.qk_rank == "joint"
+    database = {} if config.search_steps else None
     key = (repr(config.qk_rank), config.qk_rank_ladder, tuple(sorted(config.qk_rank_overrides.items())), measure, config.quantizer,
            repr(quantizer and quantizer.config), config.transform, repr(transform and transform.config),
            config.calib_samples, config.calib_seq_len, config.calib_jsonl, config.calib_text, config.seed,
-           config.density_mass, config.layers)
+           config.density_mass, config.layers, config.search_steps > 0, config.search_samples)
     if cache is not None and key in cache:
-        ranks, units, qk_tables = cache[key]
-        return ranks, copy.deepcopy(units), qk_tables
+        ranks, units, qk_tables, database = cache[key]
+        return ranks, copy.deepcopy(units), qk_tables, database
     layers = adapter.decoder_layers(model)
     auto = config.qk_rank == "auto"
     ranks = None if auto else choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
@@ -95,16 +99,17 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     units = plan_units(layers, adapter, ranks, config.layers)
     if measure:
         measure_distortions(layers, adapter, units, analysis, ranks, quantizer.candidates(), quantizer, fisher,
-                            transform=transform, seed=config.seed, progress=progress)
+                            transform=transform, seed=config.seed, keep=database, progress=progress)
     qk_tables = None
     if joint:
         check_separate_qk(layers, adapter)
         qk_tables = measure_qk_options(layers, adapter, units, analysis, fisher, quantizer, config.qk_rank_ladder,
                                        transform=transform, seed=config.seed,
-                                       rank_multiple=quantizer.in_features_multiple, progress=progress)
+                                       rank_multiple=quantizer.in_features_multiple, keep=database,
+                                       progress=progress)
     if cache is not None:
-        cache[key] = (ranks, copy.deepcopy(units), qk_tables)
-    return ranks, units, qk_tables
+        cache[key] = (ranks, copy.deepcopy(units), qk_tables, database)
+    return ranks, units, qk_tables, database
 
 
 def compress(model: str | Path | nn.Module | None = None, out: str | Path | None = None,
@@ -125,14 +130,26 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
             check_feasible(adapter.decoder_layers(model), adapter, quantizer, config, transform)
 
     source, model, processor, adapter, batches = load_with_calibration(model, config, processor, feasible)
+    held = []
+    if config.search_steps:
+        batches, held = hold_out(batches, config.search_samples)
     layers = adapter.decoder_layers(model)
-    ranks, units, qk_tables = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform, progress, cache)
-    plan, joint = {}, None
-    if qk_tables is not None:
-        solution = allocate_joint(units, qk_tables, quantizer, bits=config.bits, granularity=config.granularity,
-                                  num_layers=len(layers), transform=transform)
-        ranks, plan = decode(solution, units, quantizer, qk_tables, len(layers))
-        joint = solution.summary
+    ranks, units, qk_tables, database = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform,
+                                                             progress, cache)
+    plan, summary = {}, {}
+    if qk_tables is not None or config.search_steps:
+        if qk_tables is not None:
+            solution = allocate_joint(units, qk_tables, quantizer, bits=config.bits, granularity=config.granularity,
+                                      num_layers=len(layers), transform=transform)
+            summary["joint_allocation"] = solution.summary
+        else:
+            solution = solve(units, quantizer, bits=config.bits, rule="rd", granularity=config.granularity,
+                             num_layers=len(layers), transform=transform)
+        if config.search_steps:
+            summary["search"] = search(model, layers, solution, database, held, steps=config.search_steps,
+                                       seed=config.seed, starts=[uniform_choice(solution, quantizer, config.bits)],
+                                       progress=progress)
+        ranks, plan = decode(solution, units, quantizer, qk_tables or {}, len(layers))
         units = plan_units(layers, adapter, ranks, config.layers)
     elif quantizer is not None:
         plan = allocate(units, quantizer, bits=config.bits, rule=config.allocation, granularity=config.granularity,
@@ -154,8 +171,7 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
         seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(config.device),
         calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
     )
-    if joint is not None:
-        report["joint_allocation"] = joint
+    report.update(summary)
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
     if out is not None:
         from casp.io.storage import save_compressed

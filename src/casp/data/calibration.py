@@ -96,3 +96,23 @@ def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, s
     if not batches:
         raise CaspError("calibration data is empty")
     return batches
+
+
+def hold_out(batches: list[dict], n_samples: int) -> tuple[list[dict], list[dict]]:
+    """Split off the last `n_samples` calibration samples, to measure on data not used for quantization."""
+    samples = []
+    for b in batches:
+        if set(b) == {"input_ids"}:
+            samples += [{"input_ids": row[None]} for row in b["input_ids"]]
+        else:
+            samples.append(b)
+    if len(samples) <= n_samples:
+        raise CaspError(f"{len(samples)} calibration samples cannot spare {n_samples} for the search hold-out")
+
+    def regroup(part):
+        if all(set(s) == {"input_ids"} for s in part):
+            ids = torch.cat([s["input_ids"] for s in part])
+            return [{"input_ids": chunk} for chunk in torch.split(ids, TEXT_BATCH)]
+        return part
+
+    return regroup(samples[:-n_samples]), regroup(samples[-n_samples:])

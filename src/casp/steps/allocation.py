@@ -165,3 +165,9 @@ def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
         floor = math.ceil(cheapest / weights * 1000) / 1000
         raise CaspError(f"target {config.bits} bits is below the minimum feasible average {floor:.3f} bits "
                         f"for this model with --quantizer {config.quantizer} (every matrix at its cheapest setting)")
+
+
+def uniform_choice(a: Allocation, quantizer, bits: float) -> dict[str, str]:
+    """The uniform setting at int(bits) everywhere (dense Q/K), as labels of an allocation's units."""
+    label = quantizer.uniform_setting(int(bits)).label()
+    return {u.name: label if label in u.cost_bits else f"dense:{label}" for u in a.units}

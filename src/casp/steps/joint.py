@@ -59,25 +59,29 @@ def option_cost(unit: Unit, option: QKOption, quantizer, transform=None) -> int:
 
 
 def option_distortion(unit: Unit, option: QKOption, w: torch.Tensor, h: torch.Tensor, fisher, quantizer,
-                      transform=None, seed: int = 0, factors=None) -> float:
-    """Fisher-weighted output distortion of the projection as stored under `option`."""
+                      transform=None, seed: int = 0, factors=None) -> tuple[float, torch.Tensor]:
+    """Fisher-weighted output distortion of the projection as stored under `option`, and that weight."""
     w = w.float()
     if not option.rank:
         _, wq, _ = quantize_unit(w, h, option.setting, quantizer, transform, transform_seed(seed, unit))
-        return weighted_distortion(wq - w, h, fisher)
+        return weighted_distortion(wq - w, h, fisher), wq
     a, b = factors if factors is not None else whitened_lowrank(w, h.double(), option.rank)
     down = Unit(unit.layer, unit.module, Role.DOWN, unit.input_group, option.rank, unit.in_features, 0, unit.qk)
     up = Unit(unit.layer, unit.module, Role.UP, unit.input_group, unit.out_features, option.rank, 0, unit.qk)
     _, bq, _ = quantize_unit(b.float(), h, option.setting, quantizer, transform, transform_seed(seed, down))
     h_up = factor_input_xtx(bq.to(h.dtype), h)
     _, aq, _ = quantize_unit(a.float(), h_up, option.setting, quantizer, transform, transform_seed(seed, up))
-    return weighted_distortion(aq.double() @ bq.double() - w.double(), h, fisher)
+    product = aq.double() @ bq.double()
+    return weighted_distortion(product - w.double(), h, fisher), product.float()
 
 
 def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fisher: dict | None, quantizer,
                        ratios=DEFAULT_RATIOS, *, transform=None, seed: int = 0, rank_multiple: int = 1,
-                       progress: bool = True) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
-    """For every dense W_q / W_k unit: option label -> (option, exact cost, distortion)."""
+                       keep: dict | None = None, progress: bool = True) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
+    """For every dense W_q / W_k unit: option label -> (option, exact cost, distortion).
+
+    With `keep`, also store each option's reconstructed projection (fp16) under (unit.key, label).
+    """
     out = {}
     qk_units = [u for u in units if u.qk and u.role is Role.DENSE]
     for u in tqdm(qk_units, desc="joint Q/K", disable=not progress):
@@ -89,7 +93,9 @@ def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fi
         for opt in qk_options(u, quantizer.candidates(), ratios, rank_multiple):
             if opt.rank and opt.rank not in factors:
                 factors[opt.rank] = whitened_lowrank(w.float(), h.double(), opt.rank)
-            d = option_distortion(u, opt, w, h, f, quantizer, transform, seed, factors.get(opt.rank))
+            d, wq = option_distortion(u, opt, w, h, f, quantizer, transform, seed, factors.get(opt.rank))
             table[opt.label] = (opt, option_cost(u, opt, quantizer, transform), d)
+            if keep is not None:
+                keep[(u.key, opt.label)] = wq.half()
         out[u.key] = table
     return out

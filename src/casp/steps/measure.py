@@ -10,8 +10,12 @@ from casp.steps.units import Role, Unit
 
 
 def measure_distortions(layers, adapter: Adapter, units: list[Unit], analysis, ranks, settings, quantizer,
-                        fisher: dict | None, *, transform=None, seed: int = 0, progress: bool = True) -> None:
-    """Fill `unit.distortion[label]`: the Fisher-weighted output distortion of quantizing it at each setting."""
+                        fisher: dict | None, *, transform=None, seed: int = 0, keep: dict | None = None,
+                        progress: bool = True) -> None:
+    """Fill `unit.distortion[label]`: the Fisher-weighted output distortion of quantizing it at each setting.
+
+    With `keep`, also store each quantized weight (fp16, original basis) under (unit.key, label).
+    """
     by_layer: dict[int, list[Unit]] = {}
     for u in units:
         by_layer.setdefault(u.layer, []).append(u)
@@ -26,3 +30,5 @@ def measure_distortions(layers, adapter: Adapter, units: list[Unit], analysis, r
             for s in settings:
                 _, wq, _ = quantize_unit(w, xtx, s, quantizer, transform, transform_seed(seed, u))
                 u.distortion[s.label()] = weighted_distortion(wq - w.float(), xtx, f, lift)
+                if keep is not None:
+                    keep[(u.key, s.label())] = wq.half()

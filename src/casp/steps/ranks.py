@@ -11,8 +11,21 @@ QK = ("q", "k")
 AUTO_BASE_RATIO = 0.25
 
 
-def check_separate_qk(layers: nn.ModuleList, adapter: Adapter) -> None:
-    """Low-rank Q/K needs W_q and W_k as separate linears."""
+def check_separate_qk(layers: nn.ModuleList, adapter: Adapter, qk_rank="joint", overrides=None) -> None:
+    """Low-rank Q/K needs W_q and W_k as separate linears; the adapter says whether the family has them.
+
+    `qk_rank` / `overrides` are what the run asks for ("joint" and "auto" may choose low ranks);
+    a fused family passes only when every requested ratio is 0 (dense W_qkv).
+    """
+    ratios = [qk_rank, *(overrides or {}).values()]
+    wants_lowrank = any(isinstance(r, str) or float(r) != 0 for r in ratios)
+    if not adapter.separate_qk:
+        if wants_lowrank:
+            asked = "joint" if qk_rank == "joint" else "a low rank"
+            raise CaspError(f"{adapter.family}: W_q and W_k are fused into one {adapter.q_proj} projection, so "
+                            f"low-rank Q/K ({asked}) is not possible; use --qk-rank 0 (the fused projection is "
+                            "then compressed like any other linear)")
+        return
     for p in QK:
         try:
             module = layers[0].get_submodule(adapter.qk_name(p))
@@ -26,7 +39,7 @@ def check_separate_qk(layers: nn.ModuleList, adapter: Adapter) -> None:
 def choose_ranks(layers: nn.ModuleList, adapter: Adapter, qk_rank, overrides: dict[int, float],
                  analysis=None) -> list[dict[str, int]]:
     """Per layer {"q": r, "k": r}. `qk_rank` is a ratio, or "auto" (needs `analysis`: spectra and density)."""
-    check_separate_qk(layers, adapter)
+    check_separate_qk(layers, adapter, qk_rank, overrides)
     shapes = [{p: tuple(layer.get_submodule(adapter.qk_name(p)).weight.shape) for p in QK} for layer in layers]
     if qk_rank == "auto":
         budget = sum(rank_for_ratio(*s[p], AUTO_BASE_RATIO) * sum(s[p]) for s in shapes for p in QK)

@@ -1,0 +1,141 @@
+"""Step (--search-steps N): correct the allocator's estimate with measured KL, EvoPress-style.
+
+The estimate (a sum of per-matrix damages) does not predict end-to-end damage exactly: layer errors
+do not add up. So the allocator's answer is only a start. Every candidate setting of every matrix was
+already quantized while its damage was measured (on the original inputs); those weights form a
+database, and a candidate allocation is evaluated by putting its weights into the model and
+measuring KL(FP ‖ model) on calibration data held apart from the data used for quantization.
+
+Search: (1+1) elitist. A mutation moves one allocator unit one rung up its cost ladder and then moves
+random other units one rung down until the exact budget holds again (EvoPress's level switch); the
+child replaces the parent when its KL is lower. Deterministic under the seed.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from casp.steps.allocation import Allocation
+
+
+class WeightSwapper:
+    """Puts database weights into the model's decoder linears, and restores the originals."""
+
+    def __init__(self, layers, database: dict[tuple[str, str], torch.Tensor]):
+        self.layers = layers
+        self.database = database
+        self.original: dict[str, torch.Tensor] = {}
+
+    def _module(self, key: str):
+        i, name = key.split(":", 1)
+        return self.layers[int(i)].get_submodule(name)
+
+    def apply(self, allocation: Allocation, choice: dict[str, str]) -> None:
+        for name, label in choice.items():
+            for key in allocation.members[name]:
+                module = self._module(key)
+                if key not in self.original:
+                    self.original[key] = module.weight.data
+                module.weight.data = self.database[(key, label)].to(self.original[key].dtype)
+
+    def restore(self) -> None:
+        for key, w in self.original.items():
+            self._module(key).weight.data = w
+        self.original.clear()
+
+
+@torch.no_grad()
+def reference_logprobs(model, batches) -> list[torch.Tensor]:
+    """FP next-token log-probabilities on the held-out batches (fp16 to halve the memory)."""
+    return [F.log_softmax(model(**b, use_cache=False).logits.float(), -1).half() for b in batches]
+
+
+@torch.no_grad()
+def kl_to_reference(model, batches, reference: list[torch.Tensor]) -> float:
+    """Mean over real tokens of KL(FP ‖ model)."""
+    total, count = 0.0, 0
+    for b, ref in zip(batches, reference):
+        logq = F.log_softmax(model(**b, use_cache=False).logits.float(), -1)
+        p = ref.float()
+        kl = (p.exp() * (p - logq)).sum(-1)
+        mask = b.get("attention_mask")
+        mask = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
+        total += float(kl[mask].sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _ladders(allocation: Allocation) -> dict[str, list[str]]:
+    """Each unit's labels by increasing cost, one label per distinct cost (the cheaper on ties of distortion)."""
+    out = {}
+    for u in allocation.units:
+        labels = sorted(u.cost_bits, key=lambda k: (u.cost_bits[k], u.distortion.get(k, 0.0), k))
+        ladder = []
+        for k in labels:
+            if not ladder or u.cost_bits[k] > u.cost_bits[ladder[-1]]:
+                ladder.append(k)
+        out[u.name] = ladder
+    return out
+
+
+def mutate(allocation: Allocation, choice: dict[str, str], ladders, rng: random.Random) -> dict[str, str] | None:
+    """One unit up a rung, random others down a rung until the budget holds; None if that fails."""
+    cost = {u.name: u.cost_bits for u in allocation.units}
+    child = dict(choice)
+    up = [n for n in child if ladders[n].index(child[n]) + 1 < len(ladders[n])]
+    if not up:
+        return None
+    a = rng.choice(up)
+    child[a] = ladders[a][ladders[a].index(child[a]) + 1]
+    total = sum(cost[n][child[n]] for n in child)
+    others = [n for n in child if n != a]
+    rng.shuffle(others)
+    for n in others:
+        if total <= allocation.budget_bits:
+            break
+        i = ladders[n].index(child[n])
+        if i > 0:
+            total += cost[n][ladders[n][i - 1]] - cost[n][child[n]]
+            child[n] = ladders[n][i - 1]
+    return child if total <= allocation.budget_bits else None
+
+
+def search(model, layers, allocation: Allocation, database, batches, *, steps: int, seed: int,
+           starts: list[dict[str, str]] = (), progress: bool = True) -> dict:
+    """Refine `allocation.choice` in place; returns a summary (KL of the start and of the result)."""
+    reference = reference_logprobs(model, batches)
+    swapper = WeightSwapper(layers, database)
+    ladders = _ladders(allocation)
+
+    def fitness(choice):
+        swapper.apply(allocation, choice)
+        try:
+            return kl_to_reference(model, batches, reference)
+        finally:
+            swapper.restore()
+
+    cost = {u.name: u.cost_bits for u in allocation.units}
+    best = dict(allocation.choice)
+    best_kl = start_kl = fitness(best)
+    for start in starts:
+        if any(start[n] not in cost[n] for n in start):
+            continue
+        if sum(cost[n][start[n]] for n in start) <= allocation.budget_bits:
+            kl = fitness(start)
+            if kl < best_kl:
+                best, best_kl = dict(start), kl
+    rng = random.Random(seed)
+    accepted = 0
+    for _ in tqdm(range(steps), desc="search", disable=not progress):
+        child = mutate(allocation, best, ladders, rng)
+        if child is None:
+            continue
+        kl = fitness(child)
+        if kl < best_kl:
+            best, best_kl, accepted = child, kl, accepted + 1
+    allocation.choice = best
+    return {"steps": steps, "accepted": accepted, "kl_start": start_kl, "kl_result": best_kl,
+            "held_out_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
