@@ -46,6 +46,23 @@ def _forward_seconds(model, ids, repeats: int = 3) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def text_kl(reference, model, tokenizer, text: str, ctx: int, windows: int) -> float:
+    """Mean KL(FP ‖ model) of next-token distributions over the first `windows` windows of `ctx` tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from casp.eval.text_ppl import tokenize_text
+
+    ids = tokenize_text(tokenizer, text)[: ctx * windows].view(-1, ctx)
+    total = 0.0
+    with torch.no_grad():
+        for row in ids:
+            p = F.log_softmax(reference(row[None]).logits.float(), -1)
+            q = F.log_softmax(model(row[None]).logits.float(), -1)
+            total += float((p.exp() * (p - q)).sum(-1).mean())
+    return total / len(ids)
+
+
 def run_row(spec: dict, args) -> dict:
     """One row in this process: compress (unless FP), evaluate, time a batch-1 forward."""
     import torch
@@ -65,6 +82,7 @@ def run_row(spec: dict, args) -> dict:
     if spec["label"] != "FP":
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
+                                quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False)
         model, report = res.model, res.report
@@ -84,23 +102,29 @@ def run_row(spec: dict, args) -> dict:
         from casp.eval.text_ppl import text_perplexity
 
         text = evaluation_text()[: args.eval_chars] if args.eval_chars else evaluation_text()
-        row["text_ppl"] = text_perplexity(model, tokenizer_of(processor), text, context_length=args.ctx,
-                                          progress=False)["text_ppl"]
-    ids = torch.randint(10, 1000, (1, args.forward_tokens), generator=torch.Generator().manual_seed(0))
+        tok = tokenizer_of(processor)
+        row["text_ppl"] = text_perplexity(model, tok, text, context_length=args.ctx, progress=False)["text_ppl"]
+        row["kl"] = text_kl(reference, model, tok, text, args.ctx, args.kl_windows) if report else 0.0
+    from casp.data.textdata import evaluation_text
+    from casp.eval.text_ppl import tokenize_text
+
+    ids = tokenize_text(tokenizer_of(processor), evaluation_text()[:4000])[: args.forward_tokens][None]
     row["forward_s"] = _forward_seconds(model, ids)
     row["dense_forward_s"] = _forward_seconds(reference, ids)
     row["peak_rss_mb"] = peak_rss_mb()
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options shared by the benchmarks that run rows through `run_row`."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (token ppl) or embedded (KL, VQA)")
     ap.add_argument("--rows", default="all", help="comma-separated row labels (default: all)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--eval-chars", type=int, default=60000, help="evaluate on the first N characters (0: all)")
     ap.add_argument("--questions", type=int, default=600)
     ap.add_argument("--kl-records", type=int, default=200)
+    ap.add_argument("--kl-windows", type=int, default=8, help="text windows for KL vs FP (SmolLM2)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--forward-tokens", type=int, default=64)
@@ -108,24 +132,34 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--one-row", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0]).parse_args()
+    args.script = __file__
     if args.one_row:
         print(json.dumps(run_row(json.loads(args.one_row), args)))
         return
+    run_table(row_specs(args.model), args)
+
+
+def run_table(all_specs: list[dict], args) -> list[dict]:
+    """Run the selected rows, each in its own process, printing the table as rows finish."""
     from casp.quant.base import available_quantizers
 
     known = set(available_quantizers())
-    specs = [s for s in row_specs(args.model) if s.get("quantizer", "rtn") in known]
+    specs = [s for s in all_specs if s.get("quantizer", "rtn") in known]
     if args.rows != "all":
         specs = [s for s in specs if s["label"] in args.rows.split(",")]
-    metric = "KL vs FP | VQA acc" if args.model == "embedded" else "token ppl"
+    metric = "KL vs FP | VQA acc" if args.model == "embedded" else "token ppl | KL vs FP"
     print(f"model {args.model}; calibration {args.calib_samples} x {args.calib_seq_len}; {args.threads} torch thread(s)\n")
     print(f"| method | average bits | {metric} | compress s | peak RSS MB | forward ms (dense ms) |")
     print("|---|---|---|---|---|---|", flush=True)
     rows = []
     for spec in specs:
         forwarded = _drop_values(sys.argv[1:], ("--rows", "--json"))
-        out = subprocess.run([sys.executable, __file__, *forwarded, "--one-row", json.dumps(spec)],
+        out = subprocess.run([sys.executable, args.script, *forwarded, "--one-row", json.dumps(spec)],
                              capture_output=True, text=True)
         if out.returncode != 0:
             print(f"| {spec['label']} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode} |",
@@ -133,12 +167,14 @@ def main() -> None:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
-        value = f"{r['kl']:.5f} | {r['vqa_accuracy']:.4f}" if args.model == "embedded" else f"{r['text_ppl']:.2f}"
+        value = f"{r['kl']:.5f} | {r['vqa_accuracy']:.4f}" if args.model == "embedded" else \
+            f"{r['text_ppl']:.2f} | {r['kl']:.4f}"
         print(f"| {r['method']} | {r['average_bits']:.3f} | {value} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
               f"{1000 * r['forward_s']:.1f} ({1000 * r['dense_forward_s']:.1f}) |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    return rows
 
 
 def _drop_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
