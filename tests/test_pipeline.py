@@ -1,5 +1,6 @@
 """Pipeline-level behaviour: budgets, allocators, ranks, the bound on a real layer stack."""
 import pytest
+import torch
 
 from casp.config import CompressionConfig
 from casp.errors import CaspError
@@ -65,3 +66,18 @@ def test_infeasible_target_refused_before_calibration(tiny_llama_dir, scene_text
     for qk_rank in (0.25, "joint"):
         with pytest.raises(CaspError, match=r"minimum feasible average \d\.\d{3}"):
             compress(tiny_llama_dir, None, _cfg(scene_text, bits=0.5, qk_rank=qk_rank), progress=False)
+
+
+def test_in_memory_model_compresses_like_its_directory(tiny_llama_dir, scene_text):
+    import casp
+    from casp.io.modelio import load_processor
+
+    cfg = _cfg(scene_text, bits=3.0)
+    from_dir = compress(tiny_llama_dir, None, cfg, progress=False)
+    model = casp.load(tiny_llama_dir)
+    in_memory = compress(model, None, cfg, processor=load_processor(tiny_llama_dir), progress=False)
+    assert in_memory.model is model
+    assert in_memory.report["stored_bits"] == from_dir.report["stored_bits"]
+    ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(in_memory.model(ids).logits, from_dir.model(ids).logits)
