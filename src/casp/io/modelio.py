@@ -1,7 +1,6 @@
 """Resolve a model argument (directory, built-in name, or the embedded default) and load it."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
