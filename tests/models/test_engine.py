@@ -1,12 +1,14 @@
+"""The layer-by-layer engine reproduces each family's own final hidden states."""
 import pytest
 import torch
+import transformers as tf
 
 from casp.models.adapters import SUPPORTED_ARCHITECTURES, adapter_for, adapter_for_architecture
 from casp.models.engine import (
     SecondMoments, capture_layer0_inputs, final_hidden_states, record_second_moments, run_layer,
 )
 from casp.errors import CaspError
-from tiny_models import BUILDERS, tiny_batches, tiny_model
+from tiny_models import BUILDERS, TEXT, tiny_batches, tiny_image_batch, tiny_model
 
 
 def _reference_final_hidden(model, adapter, batch):
@@ -17,6 +19,24 @@ def _reference_final_hidden(model, adapter, batch):
         model(**batch, use_cache=False)
     h.remove()
     return captured[0]
+
+
+def _engine_errors(model, adapter, batches, typed: bool = True) -> list[float]:
+    """Per batch, max |engine final hidden − model's own|; `typed=False` gives every layer layer 0's kwargs."""
+    inputs = capture_layer0_inputs(model, adapter, batches)
+    assert len(inputs) == len(batches)
+    if not typed:
+        inputs.typed = {}
+    for layer in adapter.decoder_layers(model):
+        inputs.hidden = run_layer(layer, inputs)
+    ours = final_hidden_states(model, adapter, inputs.hidden)
+    return [float((h - _reference_final_hidden(model, adapter, batch)).abs().max()) for batch, h in zip(batches, ours)]
+
+
+def engine_error(family: str) -> float:
+    """Max |engine − model| final hidden state of a family's tiny model over its test batches."""
+    model = tiny_model(family)
+    return max(_engine_errors(model, adapter_for(model), tiny_batches(model)))
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -33,6 +53,30 @@ def test_layer_by_layer_reproduces_final_hidden_states(family):
     for batch, h in zip(batches, ours):
         ref = _reference_final_hidden(model, adapter, batch)
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+
+
+def _mixed_attention_types(case):
+    """A model whose layers differ in attention type, its batches, and the types caught beside layer 0's."""
+    if case == "qwen2":  # layer 0 full, layer 1 sliding
+        torch.manual_seed(0)
+        cfg = tf.Qwen2Config(**TEXT, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+        model = tf.Qwen2ForCausalLM(cfg).eval()
+        return model, tiny_batches(model), {"sliding_attention"}
+    model = tiny_model(case)  # Gemma 3: layer 0 sliding, layer 1 full
+    batches = tiny_batches(model)
+    if case == "gemma3":  # image tokens attend bidirectionally within the image, in both masks
+        batches.append(tiny_image_batch(model, token_type_ids=True))
+    return model, batches, {"full_attention"}
+
+
+@pytest.mark.parametrize("case", ["gemma3_text", "gemma3", "qwen2"])
+def test_each_attention_type_gets_the_models_own_mask(case):
+    """Sliding and full layers get different masks: layer 0's mask alone would be wrong for the others."""
+    model, batches, others = _mixed_attention_types(case)
+    adapter = adapter_for(model)
+    assert set(capture_layer0_inputs(model, adapter, batches).typed) == others
+    assert max(_engine_errors(model, adapter, batches)) <= 1e-5
+    assert max(_engine_errors(model, adapter, batches, typed=False)) > 1e-2
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2"])

@@ -4,6 +4,9 @@ Each family is one `Adapter` row. The engine and the pipeline read these tables 
 the modules they work on; no other module names a family's modules. The one piece of
 attention maths that depends on the family — the exact queries, keys, score scale and
 sliding window the model's attention uses — is `Adapter.attention_qk`.
+
+Families casp does not list are refused with one line naming the supported ones and, where
+known, the reason (mixture-of-experts layers, a decoder layer without the expected linears).
 """
 from __future__ import annotations
 
@@ -22,6 +25,14 @@ LLAMA_LINEARS = {
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp_out": ("mlp.down_proj",),
 }
+# Phi-3: one fused W_qkv and one fused W_gate|up
+FUSED_LINEARS = {
+    "attn_in": ("self_attn.qkv_proj",),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_up_proj",),
+    "mlp_out": ("mlp.down_proj",),
+}
+MOE_REASON = "mixture-of-experts layers are not supported (casp compresses dense decoder linears only)"
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class Adapter:
     q_norm: str = "self_attn.q_norm"      # per-head norms of q and k, used where present (Qwen3, Gemma 3)
     k_norm: str = "self_attn.k_norm"
     multimodal_rope: bool = False
+    # False where W_q and W_k are rows of one fused W_qkv (Phi-3): `q_proj`/`k_proj` then name that
+    # fused linear, low-rank Q/K is refused, and `attention_qk` splits its output into q and k
+    separate_qk: bool = True
+    notes: str = ""   # what is special about the family's attention or layout (for `casp info --families`)
     # optional family hook: attention module → its sliding window (None: full causal)
     window: Callable[[nn.Module], int | None] = sliding_window
 
@@ -144,11 +159,14 @@ class Adapter:
         if scale is None:
             raise CaspError(f"{self.family}: {type(attention).__name__} has no `scaling`; its score scale is unknown")
         head_dim = attention.head_dim
-        q_proj = q_proj if q_proj is not None else self._in_attention(attention, self.q_proj)
-        k_proj = k_proj if k_proj is not None else self._in_attention(attention, self.k_proj)
         b, t, _ = x.shape
-        q = q_proj(x).view(b, t, -1, head_dim)
-        k = k_proj(x).view(b, t, -1, head_dim)
+        if self.separate_qk:
+            q_proj = q_proj if q_proj is not None else self._in_attention(attention, self.q_proj)
+            k_proj = k_proj if k_proj is not None else self._in_attention(attention, self.k_proj)
+            q = q_proj(x).view(b, t, -1, head_dim)
+            k = k_proj(x).view(b, t, -1, head_dim)
+        else:
+            q, k = self._split_fused_qk(attention, x, q_proj, k_proj)
         q_norm = self._in_attention(attention, self.q_norm, required=False)
         k_norm = self._in_attention(attention, self.k_norm, required=False)
         if q_norm is not None:
@@ -160,8 +178,24 @@ class Adapter:
             q, k = qt.transpose(1, 2), kt.transpose(1, 2)
         return AttentionQK(q=q, k=k, scale=float(scale), window=self.window(attention))
 
+    def _split_fused_qk(self, attention: nn.Module, x: torch.Tensor, q_proj, k_proj):
+        """q and k [b, t, heads, head_dim] from a fused W_qkv, whose output rows are [q | k | v]."""
+        if q_proj is not None or k_proj is not None:
+            raise CaspError(f"{self.family}: W_q and W_k are fused into {self.q_proj!r}; they cannot be replaced "
+                            "separately (low-rank Q/K needs separate projections)")
+        cfg = attention.config
+        head_dim = attention.head_dim
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        b, t, _ = x.shape
+        qkv = self._in_attention(attention, self.q_proj)(x)
+        q = qkv[..., :heads * head_dim].reshape(b, t, heads, head_dim)
+        k = qkv[..., heads * head_dim:(heads + kv) * head_dim].reshape(b, t, kv, head_dim)
+        return q, k
 
-def _vlm(family, archs, *, vision="model.vision_tower", projector="model.multi_modal_projector", mrope=False):
+
+def _vlm(family, archs, *, vision="model.vision_tower", projector="model.multi_modal_projector", mrope=False,
+         notes=""):
     return Adapter(
         family=family,
         architectures=archs,
@@ -173,10 +207,11 @@ def _vlm(family, archs, *, vision="model.vision_tower", projector="model.multi_m
         projector=projector,
         text_config_attr="text_config",
         multimodal_rope=mrope,
+        notes=notes,
     )
 
 
-def _lm(family, archs):
+def _lm(family, archs, **extra):
     return Adapter(
         family=family,
         architectures=archs,
@@ -184,31 +219,97 @@ def _lm(family, archs):
         final_norm="model.norm",
         rotary="model.rotary_emb",
         embed_tokens="model.embed_tokens",
+        **extra,
     )
 
 
+QK_NORMS = "per-head q/k RMS norms"
+GEMMA3 = (f"{QK_NORMS}; score scale query_pre_attn_scalar^-1/2; sliding-window and full-attention layers "
+          "alternate (config.layer_types)")
+
 ADAPTERS: tuple[Adapter, ...] = (
-    _vlm("llava", ("LlavaForConditionalGeneration",)),
-    _vlm("llava_next", ("LlavaNextForConditionalGeneration",)),
-    _vlm("llava_next_video", ("LlavaNextVideoForConditionalGeneration",)),
-    _vlm("qwen2_vl", ("Qwen2VLForConditionalGeneration",), vision="model.visual", projector=None, mrope=True),
-    _vlm("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), vision="model.visual", projector=None, mrope=True),
+    _vlm("llava", ("LlavaForConditionalGeneration",), notes="CLIP tower + MLP projector; Llama-style language model"),
+    _vlm("llava_next", ("LlavaNextForConditionalGeneration",), notes="anyres image tiles"),
+    _vlm("llava_next_video", ("LlavaNextVideoForConditionalGeneration",), notes="image and video tokens"),
+    _vlm("llava_onevision", ("LlavaOnevisionForConditionalGeneration",),
+         notes="SigLIP tower + MLP projector, anyres tiles; Qwen2 language model"),
+    _vlm("qwen2_vl", ("Qwen2VLForConditionalGeneration",), vision="model.visual", projector=None, mrope=True,
+         notes="M-RoPE (3-axis positions); the patch merger is part of the vision tower"),
+    _vlm("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), vision="model.visual", projector=None, mrope=True,
+         notes="M-RoPE (3-axis positions); the patch merger is part of the vision tower"),
+    _vlm("gemma3", ("Gemma3ForConditionalGeneration",),
+         notes=f"{GEMMA3}; image tokens attend bidirectionally within their image (casp's attention statistics "
+               "treat them as causal)"),
+    _vlm("internvl", ("InternVLForConditionalGeneration",),
+         notes=f"InternViT tower + MLP projector; Qwen2 (InternVL3) or Qwen3 (InternVL3.5, {QK_NORMS}) language model"),
+    Adapter(
+        family="idefics3",
+        architectures=("Idefics3ForConditionalGeneration",),
+        layers="model.text_model.layers",
+        final_norm="model.text_model.norm",
+        rotary="model.text_model.rotary_emb",
+        embed_tokens="model.text_model.embed_tokens",
+        vision_tower="model.vision_model",
+        projector="model.connector",
+        text_config_attr="text_config",
+        notes="SmolVLM: SigLIP tower + pixel-shuffle connector; Llama language model",
+    ),
     _lm("llama", ("LlamaForCausalLM",)),
-    _lm("mistral", ("MistralForCausalLM",)),
-    _lm("qwen2", ("Qwen2ForCausalLM",)),
+    _lm("mistral", ("MistralForCausalLM",), notes="sliding window on every layer (config.sliding_window)"),
+    _lm("qwen2", ("Qwen2ForCausalLM",), notes="optional sliding window from max_window_layers on"),
+    _lm("qwen3", ("Qwen3ForCausalLM",), notes=f"{QK_NORMS}; optional sliding window from max_window_layers on"),
+    _lm("gemma3_text", ("Gemma3ForCausalLM",), notes=GEMMA3),
+    _lm("phi3", ("Phi3ForCausalLM",), linears=dict(FUSED_LINEARS), q_proj="self_attn.qkv_proj",
+        k_proj="self_attn.qkv_proj", separate_qk=False,
+        notes="fused W_qkv and W_gate|up, each compressed as one linear; low-rank Q/K refused (--qk-rank 0); "
+              "optional sliding window on every layer"),
 )
 
 SUPPORTED_ARCHITECTURES = tuple(a for ad in ADAPTERS for a in ad.architectures)
+
+
+def supported_families() -> str:
+    """One line: every family and its architectures, for error messages and `casp info --families`."""
+    return ", ".join(f"{ad.family} ({'/'.join(ad.architectures)})" for ad in ADAPTERS)
+
+
+def _is_moe_name(arch: str) -> bool:
+    return "moe" in arch.lower() or arch.startswith(("Mixtral", "DeepseekV2", "DeepseekV3", "Dbrx", "Jamba"))
 
 
 def adapter_for_architecture(arch: str) -> Adapter:
     for ad in ADAPTERS:
         if arch in ad.architectures:
             return ad
-    raise CaspError(
-        f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+    reason = MOE_REASON if _is_moe_name(arch) else "casp has no adapter for this family"
+    raise CaspError(f"unsupported architecture {arch!r}: {reason}; supported: {supported_families()}")
+
+
+def _has_experts(module: nn.Module) -> bool:
+    return any("expert" in name.lower() for name, _ in module.named_modules())
+
+
+def check_layers(model: nn.Module, adapter: Adapter) -> None:
+    """Refuse a model whose decoder layers lack the family's linears (e.g. a VLM around an MoE language model)."""
+    layers = adapter.decoder_layers(model)
+    qk = {adapter.q_proj, adapter.k_proj} if adapter.separate_qk else set()
+    for i, layer in enumerate(layers):
+        for name in adapter.linear_names():
+            try:
+                layer.get_submodule(name)
+            except AttributeError:
+                if _has_experts(layer):
+                    what, reason = repr(name), MOE_REASON
+                elif name in qk:
+                    what, reason = f"separate {name!r} projection", "W_q and W_k must be separate linears (fused checkpoint?)"
+                else:
+                    what, reason = repr(name), f"its decoder layers differ from the {adapter.family} family's"
+                raise CaspError(f"unsupported model {type(model).__name__}: decoder layer {i} has no {what}; "
+                                f"{reason}; supported: {supported_families()}") from None
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    return adapter_for_architecture(type(model).__name__)
+    """The family's adapter, after checking that every decoder layer holds the family's linears."""
+    adapter = adapter_for_architecture(type(model).__name__)
+    check_layers(model, adapter)
+    return adapter

@@ -4,6 +4,10 @@ The inputs of decoder layer 0 are caught once (the rest of the model — vision 
 projector, embeddings — runs exactly as in the model's own forward). Each layer is then
 run on those inputs, observed through hooks, modified by the caller, and run again to
 produce the next layer's inputs. Only the current layer needs to be on `device`.
+
+Models that mix sliding-window and full-attention layers (Gemma 3, Qwen2 with
+`max_window_layers`) give each layer the mask of its `attention_type`; those masks are
+caught once per type, so every layer runs with the mask the model itself would give it.
 """
 from __future__ import annotations
 
@@ -23,13 +27,22 @@ class _Caught(Exception):
 
 @dataclass
 class LayerInputs:
-    """Hidden states entering a layer, and the keyword arguments the model passed with them."""
+    """Hidden states entering a layer, and the keyword arguments the model passed with them.
+
+    `kwargs` are those of layer 0; `typed` holds, per other attention type of the model's layers
+    (e.g. "full_attention" next to "sliding_attention"), the keyword arguments a layer of that type gets.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    typed: dict[str, list[dict]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def kwargs_for(self, layer: nn.Module) -> list[dict]:
+        """Per batch, the keyword arguments the model passes to `layer`."""
+        return self.typed.get(getattr(layer, "attention_type", None), self.kwargs)
 
     @property
     def num_tokens(self) -> int:
@@ -48,19 +61,19 @@ def _to(obj, device):
     return obj
 
 
-_KEEP_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+_KEEP_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "cache_position",
+                "position_embeddings_global", "position_embeddings_local")
 
 
-@torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict]) -> LayerInputs:
-    """Run the model's own forward on each batch until decoder layer 0, and keep its inputs."""
-    layer0 = adapter.decoder_layers(model)[0]
-    caught = LayerInputs([], [])
+def _catch_until_layer0(model: nn.Module, layer0: nn.Module, batches: list[dict], hidden: list | None) -> list[dict]:
+    """Run the model on each batch until `layer0`; return the kwargs it gets (and append its hidden input)."""
+    kwargs_out = []
 
     def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        caught.hidden.append(hidden.detach().cpu())
-        caught.kwargs.append({k: _to(kwargs.get(k), "cpu") for k in _KEEP_KWARGS if k in kwargs})
+        if hidden is not None:
+            h = args[0] if args else kwargs["hidden_states"]
+            hidden.append(h.detach().cpu())
+        kwargs_out.append({k: _to(kwargs.get(k), "cpu") for k in _KEEP_KWARGS if k in kwargs})
         raise _Caught
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
@@ -72,6 +85,28 @@ def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict
                 pass
     finally:
         handle.remove()
+    return kwargs_out
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict]) -> LayerInputs:
+    """Run the model's own forward on each batch until decoder layer 0, and keep its inputs.
+
+    Where the layers have several attention types, the model is run once more per other type
+    with layer 0 posing as that type, to catch the mask the model builds for it.
+    """
+    layers = adapter.decoder_layers(model)
+    layer0 = layers[0]
+    caught = LayerInputs([], [])
+    caught.kwargs = _catch_until_layer0(model, layer0, batches, caught.hidden)
+    own = getattr(layer0, "attention_type", None)
+    others = {t for t in (getattr(layer, "attention_type", None) for layer in layers) if t is not None and t != own}
+    for attention_type in sorted(others):
+        layer0.attention_type = attention_type
+        try:
+            caught.typed[attention_type] = _catch_until_layer0(model, layer0, batches, None)
+        finally:
+            layer0.attention_type = own
     return caught
 
 
@@ -79,7 +114,7 @@ def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict
 def run_layer(layer: nn.Module, inputs: LayerInputs, device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Run one decoder layer on every caught batch; returns outputs on the CPU."""
     outs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs_for(layer)):
         out = layer(hidden.to(device), **_to(kwargs, device), use_cache=False)
         if isinstance(out, tuple):
             out = out[0]
