@@ -128,3 +128,35 @@ def test_model_without_separate_qk(tmp_path):
         del layer.self_attn.q_proj
     with pytest.raises(CaspError, match="no separate"):
         choose_ranks(model.model.layers, adapter_for(model), 0.25, {})
+
+
+def test_moe_architecture_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
+    p = run_cli("compress", tmp_path / "m", "-o", tmp_path / "out")
+    assert_one_line_error(p, "unsupported architecture", "mixture-of-experts", "Gemma3ForConditionalGeneration",
+                          "Phi3ForCausalLM")
+    _no_leftovers(tmp_path, "out")
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3_dir(tmp_path_factory):
+    """A tiny Phi-3 (fused W_qkv) with a word-level tokenizer."""
+    from tiny_models import tiny_model, word_tokenizer
+
+    out = tmp_path_factory.mktemp("phi3")
+    tiny_model("phi3").save_pretrained(out)
+    word_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("qk_rank", ["0.25", "joint"])
+def test_low_rank_qk_on_fused_qkv_is_refused(tmp_path, tiny_phi3_dir, scene_text, qk_rank):
+    p = run_cli("compress", tiny_phi3_dir, "-o", tmp_path / "out", "--bits", "3", "--qk-rank", qk_rank,
+                "--calib-text", scene_text, "--calib-samples", "4", "--calib-seq-len", "16", "--quiet")
+    assert_one_line_error(p, "phi3", "fused", "--qk-rank 0")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_info_families_with_a_model_is_refused(tmp_path, tiny_phi3_dir):
+    assert_one_line_error(run_cli("info", tiny_phi3_dir, "--families"), "--families")

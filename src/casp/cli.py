@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, supported families, built-in models; or describe a model")
     i.add_argument("model", nargs="?", help="model directory or built-in name")
+    i.add_argument("--families", action="store_true",
+                   help="list the supported model families: classes, what is compressed, what stays 16-bit")
     _common(i)
 
     x = sub.add_parser("export-dense", help="write a plain fp16 checkpoint from a compressed one")
@@ -268,8 +270,14 @@ def cmd_demo(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from casp.info import describe
+    from casp.info import describe, families, format_families
 
+    if args.families:
+        if args.model:
+            raise CaspError("give either a model or --families, not both")
+        rows = families()
+        _emit(args, {"families": rows}, format_families(rows))
+        return
     res = describe(args.model)
     _emit(args, res, "\n".join(f"{k}: {v}" for k, v in res.items()))
 

@@ -1,4 +1,4 @@
-"""`casp info`: what this installation can do, or what a model directory holds."""
+"""`casp info`: what this installation can do, the supported model families, or what a model directory holds."""
 from __future__ import annotations
 
 import platform
@@ -11,7 +11,7 @@ def describe(model=None) -> dict:
 
     import casp
 
-    from casp.models.adapters import SUPPORTED_ARCHITECTURES
+    from casp.models.adapters import ADAPTERS, SUPPORTED_ARCHITECTURES
     from casp.io.modelio import architecture_of, builtin_names, read_config, resolve_model_path
     from casp.quant.base import available_quantizers
 
@@ -22,6 +22,7 @@ def describe(model=None) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "cuda_available": torch.cuda.is_available(),
+            "supported_families": [ad.family for ad in ADAPTERS],
             "supported_architectures": list(SUPPORTED_ARCHITECTURES),
             "builtin_models": builtin_names() + ["(default) embedded tiny LLaVA"],
             "quantizers": ["none"] + available_quantizers(),
@@ -37,3 +38,37 @@ def describe(model=None) -> dict:
     out.update(hidden_size=text.get("hidden_size"), num_layers=text.get("num_hidden_layers"),
                num_attention_heads=text.get("num_attention_heads"), num_key_value_heads=text.get("num_key_value_heads"))
     return out
+
+
+def families() -> list[dict]:
+    """One row per supported family: its classes, what casp compresses, what stays 16-bit, and notes."""
+    from casp.models.adapters import ADAPTERS
+
+    rows = []
+    for ad in ADAPTERS:
+        kept = ["token embeddings", "norms", "lm_head"]
+        if ad.is_multimodal:
+            kept = ["vision tower"] + (["projector"] if ad.projector else []) + kept
+        rows.append({
+            "family": ad.family,
+            "architectures": list(ad.architectures),
+            "kind": "vision-language" if ad.is_multimodal else "causal LM",
+            "compressed": ad.linear_names(),
+            "low_rank_qk": ad.separate_qk,
+            "kept_16bit": kept,
+            "notes": ad.notes,
+        })
+    return rows
+
+
+def format_families(rows: list[dict]) -> str:
+    """The family table as text, one block per family."""
+    lines = []
+    for r in rows:
+        lines.append(f"{r['family']}: {', '.join(r['architectures'])} ({r['kind']})")
+        qk = "" if r["low_rank_qk"] else " (no low-rank Q/K)"
+        lines.append(f"    compressed: decoder-layer linears {', '.join(r['compressed'])}{qk}")
+        lines.append(f"    16-bit: {', '.join(r['kept_16bit'])}")
+        if r["notes"]:
+            lines.append(f"    notes: {r['notes']}")
+    return "\n".join(lines)
