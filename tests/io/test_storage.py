@@ -1,13 +1,12 @@
 """compress -> save -> load: logits, bit accounting against bytes on disk, determinism, HF loading."""
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import casp
 from casp.config import CompressionConfig
+from stored_bytes import linear_bytes_on_disk
 from casp.nn.lowrank_linear import LowRankLinear
 from casp.nn.packed_linear import PackedLinear
 from casp.pipeline import compress
@@ -21,18 +20,6 @@ def _cfg(**kw):
 
 def _ids(vocab=40, n=16):
     return torch.randint(5, vocab, (2, n), generator=torch.Generator().manual_seed(1))
-
-
-def _lm_bytes_on_disk(out: Path) -> int:
-    """Bytes of every stored tensor that belongs to a decoder-layer linear (packed or low-rank factor)."""
-    total = 0
-    for f in out.glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                if ".layers." in key and "_proj." in key and not key.endswith(".bias"):
-                    t = st.get_tensor(key)
-                    total += t.numel() * t.element_size()
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +53,7 @@ def test_report_bits_match_bytes_on_disk(compressed):
     res, out = compressed
     r = res.report
     assert r["stored_bytes"] * 8 == r["stored_bits"]
-    assert _lm_bytes_on_disk(out) * 8 == r["stored_bits"]
+    assert linear_bytes_on_disk(out) * 8 == r["stored_bits"]
     n_orig = sum(p.numel() for n, p in casp.load(res.source).named_parameters() if ".layers." in n and "_proj" in n and n.endswith("weight"))
     assert r["original_weights"] == n_orig
     assert r["average_bits"] == pytest.approx(r["stored_bits"] / n_orig)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import casp
 from casp.config import CompressionConfig
+from stored_bytes import linear_bytes_on_disk
 from casp.nn.packed_linear import PackedLinear
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, register
 from casp.quant.packing import pack_codes, packed_bits, packed_words, unpack_codes
@@ -107,17 +106,6 @@ class PairVQ(Quantizer):
         return qw, pair_dequantize(qw)
 
 
-def _linear_bytes_on_disk(out: Path) -> int:
-    total = 0
-    for f in out.glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                if ".layers." in key and "_proj." in key and not key.endswith(".bias"):
-                    t = st.get_tensor(key)
-                    total += t.numel() * t.element_size()
-    return total
-
-
 @pytest.fixture(scope="module")
 def compressed(tiny_llama_dir, scene_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "out"
@@ -134,7 +122,7 @@ def test_allocated_with_exact_costs(compressed):
         assert row["stored_bits"] == q.stored_bits(PairSetting(row["entries"]), row["out_features"], row["in_features"])
     assert {row["entries"] for row in rows} == {16, 256}, "the budget should buy some but not all upgrades"
     assert res.report["average_bits"] <= 3.0
-    assert _linear_bytes_on_disk(out) * 8 == res.report["stored_bits"]
+    assert linear_bytes_on_disk(out) * 8 == res.report["stored_bits"]
 
 
 def test_from_pretrained_reproduces_logits_exactly(compressed):
