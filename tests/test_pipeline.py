@@ -81,3 +81,27 @@ def test_in_memory_model_compresses_like_its_directory(tiny_llama_dir, scene_tex
     ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(in_memory.model(ids).logits, from_dir.model(ids).logits)
+
+
+def test_feasibility_counts_per_layer_units(tiny_llama_dir, scene_text, monkeypatch):
+    """Per-layer allocation makes a layer's matrices share a setting: the check uses the allocator's units."""
+    import casp.pipeline as pipeline
+    from casp.io.modelio import load_model
+    from casp.models.adapters import adapter_for
+    from casp.steps.allocation import _problem
+    from casp.steps.ranks import choose_ranks
+    from casp.steps.units import plan_units
+
+    cfg = _cfg(scene_text, qk_rank=0.25, granularity="layer")
+    model = load_model(tiny_llama_dir)
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    q = cfg.build_quantizer()
+    units = plan_units(layers, adapter, choose_ranks(layers, adapter, 0.25, {}))
+    for u in units:
+        u.distortion = {s.label(): 0.0 for s in q.candidates()}
+    a_units, _ = _problem(units, q, "layer", "rd", None)
+    floor = sum(min(u.cost_bits.values()) for u in a_units) / sum(u.num_weights for u in units)
+    monkeypatch.setattr(pipeline, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(CaspError, match="minimum feasible"):
+        compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=0.25, bits=floor - 1e-4), progress=False)

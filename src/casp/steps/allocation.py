@@ -145,7 +145,11 @@ def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
 
 
 def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
-    """Refuse a target below the cheapest feasible average, from the shapes alone (before calibration)."""
+    """Refuse a target below the cheapest feasible average, from the shapes alone (before calibration).
+
+    The cheapest average is taken over the allocator's own units (per layer, the layer's matrices share
+    one setting), so a target that passes this check is one the allocator can meet.
+    """
     from casp.steps.ranks import choose_ranks
     from casp.steps.units import plan_units
 
@@ -153,13 +157,15 @@ def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
     ranks = choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
     units = plan_units(layers, adapter, ranks, config.layers)
     settings = quantizer.candidates()
-    cheapest = 0
     for u in units:
-        if joint and u.qk:
-            opts = qk_options(u, settings, config.qk_rank_ladder, quantizer.in_features_multiple)
-            cheapest += min(option_cost(u, o, quantizer, transform) for o in opts)
-        else:
-            cheapest += min(unit_cost(u, s, quantizer, transform) for s in settings)
+        u.distortion = {s.label(): 0.0 for s in settings}
+    qk_tables = None
+    if joint:
+        qk_tables = {u.key: {o.label: (o, option_cost(u, o, quantizer, transform), 0.0)
+                             for o in qk_options(u, settings, config.qk_rank_ladder, quantizer.in_features_multiple)}
+                     for u in units if u.qk}
+    a_units, _ = _problem(units, quantizer, config.granularity, config.allocation, transform, qk_tables)
+    cheapest = sum(min(u.cost_bits.values()) for u in a_units)
     weights = sum(u.num_weights for u in units)
     if config.bits * weights < cheapest:
         floor = math.ceil(cheapest / weights * 1000) / 1000
