@@ -52,10 +52,11 @@ def _gemma3_vlm():
     return tf.Gemma3ForConditionalGeneration(cfg)
 
 
-def _idefics3():
-    cfg = tf.Idefics3Config(text_config=dict(TEXT, model_type="llama", pad_token_id=0), vision_config=SIGLIP,
-                            scale_factor=2, image_token_id=IMAGE_ID)
-    return tf.Idefics3ForConditionalGeneration(cfg)
+def _idefics(config_cls, model_cls):
+    """Idefics3 (SmolVLM) and SmolVLM2: pixel shuffle by 2 turns 4×4 patches into 4 image tokens."""
+    cfg = config_cls(text_config=dict(TEXT, model_type="llama", pad_token_id=0), vision_config=SIGLIP,
+                     scale_factor=2, image_token_id=IMAGE_ID)
+    return model_cls(cfg)
 
 
 def _llava_onevision():
@@ -89,7 +90,8 @@ BUILDERS = {
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**TEXT)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**TEXT)),
     "gemma3": _gemma3_vlm,
-    "idefics3": _idefics3,
+    "idefics3": lambda: _idefics(tf.Idefics3Config, tf.Idefics3ForConditionalGeneration),
+    "smolvlm": lambda: _idefics(tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration),
     "llava_onevision": _llava_onevision,
     "internvl": _internvl,
     "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**TEXT, head_dim=16)),
@@ -123,6 +125,7 @@ def tiny_batches(model, n: int = 2, seq: int = 12, seed: int = 0) -> list[dict]:
 _IMAGE_INPUTS = {
     "Gemma3ForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}),
     "Idefics3ForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 1, 3, 32, 32, generator=g)}),
+    "SmolVLMForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 1, 3, 32, 32, generator=g)}),
     "InternVLForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}),
     # base image + one 32×32 grid tile: 16 + 4×(4+1 newline) features
     "LlavaOnevisionForConditionalGeneration": (36, lambda g: {"pixel_values": torch.randn(1, 2, 3, 32, 32, generator=g),
@@ -218,8 +221,8 @@ def _idefics3_processor():
 
 
 # Families whose image processor builds offline: their calibration goes through images and the processor.
-# The LLaVA-OneVision and InternVL processors also need a video processor, which needs torchvision
-# (not installed here): those two families calibrate on text through their tokenizer.
+# The LLaVA-OneVision, InternVL and SmolVLM2 processors also need a video processor, which needs
+# torchvision (not installed here): those families calibrate on text through their tokenizer.
 PROCESSORS = {"gemma3": _gemma3_processor, "idefics3": _idefics3_processor}
 
 

@@ -1,8 +1,8 @@
 """The families added with Gemma 3: compress a tiny model at 3 bits, save, reload with transformers, generate.
 
 Gemma 3 and Idefics3 (SmolVLM) calibrate on images through a tiny processor of their own;
-LLaVA-OneVision and InternVL, whose processors need torchvision for their video part, and the
-causal LMs calibrate on text through a word-level tokenizer (see `tiny_models.PROCESSORS`).
+LLaVA-OneVision, InternVL and SmolVLM2, whose processors need torchvision for their video part, and
+the causal LMs calibrate on text through a word-level tokenizer (see `tiny_models.PROCESSORS`).
 Only decoder-layer linears are compressed: vision tower, projector and embeddings stay 16-bit.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from casp.nn.lowrank_linear import LowRankLinear
 from casp.pipeline import compress
 from tiny_models import PROCESSORS, tiny_image_batch, tiny_model, tiny_processor
 
-FAMILIES = ["gemma3", "idefics3", "llava_onevision", "internvl", "gemma3_text", "qwen3", "phi3"]
+FAMILIES = ["gemma3", "idefics3", "smolvlm", "llava_onevision", "internvl", "gemma3_text", "qwen3", "phi3"]
 FUSED_QKV = {"phi3"}   # low-rank Q/K is refused there: compressed with --qk-rank 0
 
 

@@ -100,3 +100,14 @@ def test_cli_info_families(capsys):
     assert main(["info", "--families", "--json"]) in (0, None)
     rows = json.loads(capsys.readouterr().out)["families"]
     assert {r["family"] for r in rows} == {ad.family for ad in ADAPTERS}
+
+
+def test_readme_table_lists_every_family():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    for ad in ADAPTERS:
+        assert f"| `{ad.family}` |" in section, ad.family
+        for arch in ad.architectures:
+            assert f"`{arch}`" in section, arch

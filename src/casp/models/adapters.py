@@ -211,6 +211,22 @@ def _vlm(family, archs, *, vision="model.vision_tower", projector="model.multi_m
     )
 
 
+def _idefics(family, archs, notes):
+    """Idefics3 / SmolVLM: the language model is `model.text_model`, the projector `model.connector`."""
+    return Adapter(
+        family=family,
+        architectures=archs,
+        layers="model.text_model.layers",
+        final_norm="model.text_model.norm",
+        rotary="model.text_model.rotary_emb",
+        embed_tokens="model.text_model.embed_tokens",
+        vision_tower="model.vision_model",
+        projector="model.connector",
+        text_config_attr="text_config",
+        notes=notes,
+    )
+
+
 def _lm(family, archs, **extra):
     return Adapter(
         family=family,
@@ -242,18 +258,10 @@ ADAPTERS: tuple[Adapter, ...] = (
                "treat them as causal)"),
     _vlm("internvl", ("InternVLForConditionalGeneration",),
          notes=f"InternViT tower + MLP projector; Qwen2 (InternVL3) or Qwen3 (InternVL3.5, {QK_NORMS}) language model"),
-    Adapter(
-        family="idefics3",
-        architectures=("Idefics3ForConditionalGeneration",),
-        layers="model.text_model.layers",
-        final_norm="model.text_model.norm",
-        rotary="model.text_model.rotary_emb",
-        embed_tokens="model.text_model.embed_tokens",
-        vision_tower="model.vision_model",
-        projector="model.connector",
-        text_config_attr="text_config",
-        notes="SmolVLM: SigLIP tower + pixel-shuffle connector; Llama language model",
-    ),
+    _idefics("idefics3", ("Idefics3ForConditionalGeneration",),
+             notes="SmolVLM: SigLIP tower + pixel-shuffle connector; Llama language model"),
+    _idefics("smolvlm", ("SmolVLMForConditionalGeneration",),
+             notes="SmolVLM2: the Idefics3 layout (SigLIP tower + pixel-shuffle connector; Llama language model)"),
     _lm("llama", ("LlamaForCausalLM",)),
     _lm("mistral", ("MistralForCausalLM",), notes="sliding window on every layer (config.sliding_window)"),
     _lm("qwen2", ("Qwen2ForCausalLM",), notes="optional sliding window from max_window_layers on"),
