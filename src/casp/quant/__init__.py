@@ -14,6 +14,7 @@ from casp.quant.scalar import QuantSpec
 from casp.quant.rtn import RTN
 from casp.quant.gptq import GPTQ, gptq_quantize
 from casp.quant.e8 import E8Quantizer
+from casp.quant.aqlm import AQLMQuantizer
 
 __all__ = [
     "GPTQ",
