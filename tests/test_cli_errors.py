@@ -150,7 +150,7 @@ def tiny_phi3_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("qk_rank", ["0.25", "joint"])
+@pytest.mark.parametrize("qk_rank", ["0.25", "auto"])
 def test_low_rank_qk_on_fused_qkv_is_refused(tmp_path, tiny_phi3_dir, scene_text, qk_rank):
     p = run_cli("compress", tiny_phi3_dir, "-o", tmp_path / "out", "--bits", "3", "--qk-rank", qk_rank,
                 "--calib-text", scene_text, "--calib-samples", "4", "--calib-seq-len", "16", "--quiet")

@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--transform", default=None, help="a registered weight transform applied before quantizing")
     c.add_argument("--incoherence", action="store_const", const="incoherence", dest="transform",
                    help="randomized Hadamard incoherence processing on both sides of W (= --transform incoherence)")
-    c.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
-                   help="fraction of W_q/W_k parameters kept by the low-rank step; 0 disables; 'auto' (default 0.25)")
+    c.add_argument("--qk-rank", type=_ratio_or_auto, default=None,
+                   help="'joint' (default with rd allocation): W_q/W_k rank (dense, 1/2, 1/4, 1/8) chosen with the bits "
+                        "under one budget; a ratio fixes the fraction of W_q/W_k parameters kept (0 disables; default "
+                        "0.25 with --allocation paper or --quantizer none, 0 with uniform); 'auto' spreads a 0.25 budget")
     c.add_argument("--qk-rank-layer", type=_layer_ratio, action="append", default=[], metavar="LAYER=RATIO",
                    help="per-layer override of --qk-rank: a ratio <= 1 or an integer rank > 1 (repeatable)")
     c.add_argument("--allocation", default="rd", choices=["rd", "paper", "uniform"],

@@ -15,7 +15,7 @@ class CompressionConfig:
     quantizer_options: dict = field(default_factory=dict)   # the quantizer's own Config fields
     transform: str | None = None                            # a registered weight transform, or None
     transform_options: dict = field(default_factory=dict)
-    qk_rank: float | str = 0.25
+    qk_rank: float | str | None = None   # None: "joint" for rd allocation, 0.25 for paper / none, else 0
     qk_rank_overrides: dict[int, float] = field(default_factory=dict)
     qk_rank_ladder: tuple[float, ...] = (0.5, 0.25, 0.125)   # ratios offered to --qk-rank joint
     search_steps: int = 0        # KL-guided search over the allocation (0: off)
@@ -32,14 +32,19 @@ class CompressionConfig:
     layers: tuple[int, ...] | None = None
 
     def validate(self) -> "CompressionConfig":
+        if self.qk_rank is None:
+            if self.allocation == "rd" and self.quantizer != "none":
+                self.qk_rank = "joint"
+            else:
+                self.qk_rank = 0.25 if self.allocation == "paper" or self.quantizer == "none" else 0.0
         if not (0 < self.bits <= 16):
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
         if isinstance(self.qk_rank, str):
             if self.qk_rank not in ("auto", "joint"):
                 raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {self.qk_rank!r}")
             if self.qk_rank == "joint" and (self.allocation != "rd" or self.quantizer == "none"):
-                raise CaspError("--qk-rank joint chooses ranks with the bit allocation: it needs --allocation rd "
-                                "and a quantizer")
+                raise CaspError("--qk-rank joint (the default) chooses ranks with the bit allocation: it needs "
+                                "--allocation rd and a quantizer; give --qk-rank RATIO (0 disables) otherwise")
             if self.qk_rank == "joint" and self.qk_rank_overrides:
                 raise CaspError("--qk-rank-layer fixes ranks; it cannot be combined with --qk-rank joint")
         elif not (0.0 <= float(self.qk_rank) <= 1.0):

@@ -33,7 +33,7 @@ def demo_configs(seed: int) -> list[tuple[str, CompressionConfig]]:
         rows += [
             (f"RTN {b}-bit g128", CompressionConfig(quantizer="rtn", allocation="uniform", qk_rank=0, **common)),
             (f"GPTQ {b}-bit g128", CompressionConfig(quantizer="gptq", allocation="uniform", qk_rank=0, **common)),
-            ("CASP+GPTQ", CompressionConfig(quantizer="gptq", allocation="rd", qk_rank=0.25, **common)),
+            ("CASP+GPTQ", CompressionConfig(quantizer="gptq", allocation="rd", qk_rank="joint", **common)),
         ]
     return rows
 
@@ -120,7 +120,7 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
             equal = round(r["average_bits"], 4)
             configs[:0] = [
                 ("GPTQ + allocation (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0)),
-                ("CASP+GPTQ (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank=0.25)),
+                ("CASP+GPTQ (= GPTQ bits)", replace(cfg, bits=equal, allocation="rd", qk_rank="joint")),
             ]
     with atomic_dir(out) as tmp:
         plot = _accuracy_plot(rows, tmp)

@@ -23,6 +23,7 @@ from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.plan import plan_ranks_and_units
+from casp.steps.ranks import check_separate_qk
 from casp.steps.search import search
 from casp.steps.units import plan_units
 
@@ -77,6 +78,7 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
     t_start = time.time()
 
     def feasible(model, adapter):
+        check_separate_qk(adapter.decoder_layers(model), adapter, config.qk_rank, config.qk_rank_overrides)
         if quantizer is not None and config.allocation != "uniform" and config.qk_rank != "auto":
             check_feasible(adapter.decoder_layers(model), adapter, quantizer, config, transform)
 

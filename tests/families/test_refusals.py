@@ -57,14 +57,25 @@ def test_unknown_family_is_refused_with_the_supported_list():
     _assert_names_supported(str(e.value))
 
 
-@pytest.mark.parametrize("qk_rank", [0.25, "auto", "joint"])
-def test_fused_qkv_refuses_low_rank_qk(qk_rank, scene_text, one_torch_thread):
-    """Phi-3's W_q and W_k are rows of one W_qkv: low-rank Q/K (a ratio, auto or joint) is refused."""
+@pytest.mark.parametrize("qk_rank", [0.25, "auto"])
+def test_fused_qkv_refuses_low_rank_qk(qk_rank, scene_text, one_torch_thread, monkeypatch):
+    """Phi-3's W_q and W_k are rows of one W_qkv: a forced low rank is refused, before any calibration."""
+    import casp.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     cfg = CompressionConfig(bits=3.0, qk_rank=qk_rank, calib_samples=4, calib_seq_len=16, calib_text=str(scene_text))
     with pytest.raises(CaspError) as e:
         compress(tiny_model("phi3"), None, cfg, processor=word_tokenizer(), progress=False)
     message = str(e.value)
     assert "fused" in message and "--qk-rank 0" in message and "\n" not in message
+
+
+def test_fused_qkv_with_joint_ranks_keeps_the_fused_projection_dense(scene_text, one_torch_thread):
+    """The default joint allocation offers a fused family only its dense W_qkv, at every bit setting."""
+    cfg = CompressionConfig(bits=3.0, qk_rank="joint", calib_samples=4, calib_seq_len=16, calib_text=str(scene_text))
+    res = compress(tiny_model("phi3"), None, cfg, processor=word_tokenizer(), progress=False)
+    assert all(lr["rank_q"] == 0 and lr["rank_k"] == 0 for lr in res.report["decoder_layers"])
+    assert res.report["average_bits"] <= 3.0
 
 
 def test_fused_qkv_refuses_a_low_rank_layer_override(scene_text, one_torch_thread):

@@ -25,7 +25,7 @@ def _ids(vocab=40, n=16):
 @pytest.fixture(scope="module")
 def compressed(tiny_llama_dir, scene_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "out"
-    res = compress(tiny_llama_dir, out, _cfg(calib_text=str(scene_text)), progress=False)
+    res = compress(tiny_llama_dir, out, _cfg(calib_text=str(scene_text), qk_rank=0.25), progress=False)
     return res, out
 
 

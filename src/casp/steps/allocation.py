@@ -123,14 +123,19 @@ def allocate_joint(units: list[Unit], qk_tables: dict, quantizer, *, bits: float
     """
     joint = solve(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
                   transform=transform, qk_tables=qk_tables)
-    alone = allocate(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
-                     transform=transform)
+    joint_total = joint.objective()
+    joint.summary = {"kept": "joint", "objective_joint": joint_total, "objective_allocation_alone": None}
+    try:
+        alone = allocate(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
+                         transform=transform)
+    except CaspError:
+        return joint  # dense Q/K cannot meet this budget: only low-rank options can
     alone_choice = {}
     for name, keys in joint.members.items():
         label = alone[keys[0]].label()
         alone_choice[name] = f"dense:{label}" if keys[0] in qk_tables else label
-    joint_total, alone_total = joint.objective(), joint.objective(alone_choice)
-    joint.summary = {"kept": "joint", "objective_joint": joint_total, "objective_allocation_alone": alone_total}
+    alone_total = joint.objective(alone_choice)
+    joint.summary["objective_allocation_alone"] = alone_total
     if alone_total < joint_total:
         joint.choice = alone_choice
         joint.summary["kept"] = "allocation alone"

@@ -46,7 +46,7 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
                             transform=transform, seed=config.seed, keep=database, progress=progress)
     qk_tables = None
     if joint:
-        check_separate_qk(layers, adapter)
+        check_separate_qk(layers, adapter, config.qk_rank)
         qk_tables = measure_qk_options(layers, adapter, units, analysis, fisher, quantizer, config.qk_rank_ladder,
                                        transform=transform, seed=config.seed,
                                        rank_multiple=quantizer.in_features_multiple, keep=database,

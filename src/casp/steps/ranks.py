@@ -14,16 +14,15 @@ AUTO_BASE_RATIO = 0.25
 def check_separate_qk(layers: nn.ModuleList, adapter: Adapter, qk_rank="joint", overrides=None) -> None:
     """Low-rank Q/K needs W_q and W_k as separate linears; the adapter says whether the family has them.
 
-    `qk_rank` / `overrides` are what the run asks for ("joint" and "auto" may choose low ranks);
-    a fused family passes only when every requested ratio is 0 (dense W_qkv).
+    `qk_rank` / `overrides` are what the run asks for. A fused family passes when no low rank is
+    forced: every ratio 0, or "joint" (which then offers only the dense fused projection).
     """
     ratios = [qk_rank, *(overrides or {}).values()]
-    wants_lowrank = any(isinstance(r, str) or float(r) != 0 for r in ratios)
+    wants_lowrank = any(r != "joint" and (isinstance(r, str) or float(r) != 0) for r in ratios)
     if not adapter.separate_qk:
         if wants_lowrank:
-            asked = "joint" if qk_rank == "joint" else "a low rank"
             raise CaspError(f"{adapter.family}: W_q and W_k are fused into one {adapter.q_proj} projection, so "
-                            f"low-rank Q/K ({asked}) is not possible; use --qk-rank 0 (the fused projection is "
+                            "low-rank Q/K is not possible; use --qk-rank 0 or joint (the fused projection is "
                             "then compressed like any other linear)")
         return
     for p in QK:

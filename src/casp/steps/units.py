@@ -49,7 +49,7 @@ def plan_units(layers: nn.ModuleList, adapter: Adapter, ranks: list[dict[str, in
                only: tuple[int, ...] | None = None) -> list[Unit]:
     """The stored matrices of the selected decoder layers (all by default), given the Q/K ranks."""
     group_of = {name: g for g, names in adapter.linears.items() for name in names}
-    qk_of = {adapter.qk_name(p): p for p in ("q", "k")}
+    qk_of = {adapter.qk_name(p): p for p in ("q", "k")} if adapter.separate_qk else {}
     units = []
     for i, layer in enumerate(layers):
         if only is not None and i not in only:
