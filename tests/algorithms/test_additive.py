@@ -3,21 +3,13 @@ import pytest
 import torch
 
 from casp.algorithms import additive as A
+from random_problems import weight_and_xtx
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def problem(rows, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * n, n, generator=g) @ torch.randn(n, n, generator=g) / n ** 0.5
-    x = x * torch.exp(0.5 * torch.randn(n, generator=g))
-    return torch.randn(rows, n, generator=g) / n ** 0.5, x.T @ x
+problem = weight_and_xtx
 
 
 def start(w, h, m, b, g, seed=0, noise=0.3):

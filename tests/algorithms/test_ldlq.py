@@ -13,12 +13,7 @@ from casp.algorithms.ldlq import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def correlated(out_f, in_f, seed=0, dtype=torch.float64):

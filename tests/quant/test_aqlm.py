@@ -10,21 +10,13 @@ from casp.nn.packed_linear import PackedLinear
 from casp.quant import get_format, get_quantizer_class, quant_loss
 from casp.quant import aqlm as aqlm_mod
 from casp.quant.aqlm import AQLMQuantizer, AQLMSetting, pack_aqlm_codes, unpack_aqlm_codes
+from random_problems import weight_and_xtx
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def problem(out_f, in_f, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * in_f, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g) / in_f ** 0.5
-    x = x * torch.exp(0.5 * torch.randn(in_f, generator=g))
-    return torch.randn(out_f, in_f, generator=g) / in_f ** 0.5, x.T @ x
+problem = weight_and_xtx
 
 
 def fast(setting: AQLMSetting | None = None, **options) -> AQLMQuantizer:

@@ -7,13 +7,7 @@ from casp.quant import GPTQ, QuantSpec, get_quantizer_class, quant_loss
 from casp.quant.scalar import grid_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small sequential loops: one thread is faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def correlated_problem(out_f=64, in_f=256, samples=1024, seed=0, spread=0.5):
