@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from casp.algorithms.additive import quantize_additive, reconstruct
-from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, register
+from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
 from casp.quant.packing import pack_codes, packed_bits, packed_words, unpack_codes
 
 FORMAT = "aqlm"
@@ -231,12 +231,7 @@ def aqlm_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
         y = lut.reshape(tokens, -1).index_select(1, idx.reshape(-1)).view(tokens, out_f, -1).sum(-1)
         y = (y * qw.tensors["scales"].float()).to(x.dtype)
     else:
-        decode = _slab_decoder(qw)
-        y = xs.new_empty(tokens, out_f)
-        step = max(1, _CPU_SLAB_ELEMENTS // width)
-        for start in range(0, out_f, step):
-            end = min(start + step, out_f)
-            y[:, start:end] = F.linear(xs, decode(start, end).to(x.dtype))
+        y = matmul_by_slabs(xs, _slab_decoder(qw), out_f, _CPU_SLAB_ELEMENTS)
     if module.bias is not None:
         y += module.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], out_f)

@@ -72,30 +72,48 @@ class StorageFormat:
 
 @dataclass(frozen=True)
 class NoOptions:
-    """The options of a quantizer that has none."""
+    """The options of a plug-in that has none."""
 
 
-class Quantizer(ABC):
-    """Base class. `quantize` returns the stored form and the dequantized float32 weight."""
+class Configurable:
+    """A plug-in with its own options dataclass `Config`: built from it, a dict, or keyword overrides."""
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
-    format: ClassVar[StorageFormat]
-    in_features_multiple: ClassVar[int] = 1   # input sizes it can store (vector quantizers: the vector length)
 
     def __init__(self, config=None, **options):
         config = config if config is not None else self.Config()
         self.config = dataclasses.replace(config, **options) if options else config
 
     @classmethod
-    def from_options(cls, options: dict) -> "Quantizer":
+    def from_options(cls, options: dict):
         """Build from a plain dict of option names (unknown names raise ValueError)."""
         known = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"quantizer {cls.name!r} has no option {', '.join(unknown)}"
+            raise ValueError(f"{cls.name!r} has no option {', '.join(unknown)}"
                              f" (its options: {', '.join(sorted(known)) or 'none'})")
         return cls(cls.Config(**options))
+
+
+def matmul_by_slabs(x: torch.Tensor, read_rows, out_features: int, slab_elements: int) -> torch.Tensor:
+    """x (tokens, in) times a stored weight rebuilt a slab of output rows at a time (read_rows(start, end)).
+
+    The dense weight never exists whole: each slab holds about `slab_elements` weights.
+    """
+    y = x.new_empty(x.shape[0], out_features)
+    step = max(1, slab_elements // max(1, x.shape[1]))
+    for start in range(0, out_features, step):
+        end = min(start + step, out_features)
+        y[:, start:end] = torch.nn.functional.linear(x, read_rows(start, end).to(x.dtype))
+    return y
+
+
+class Quantizer(Configurable, ABC):
+    """Base class. `quantize` returns the stored form and the dequantized float32 weight."""
+
+    format: ClassVar[StorageFormat]
+    in_features_multiple: ClassVar[int] = 1   # input sizes it can store (vector quantizers: the vector length)
 
     @abstractmethod
     def candidates(self) -> list:

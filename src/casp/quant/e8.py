@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from casp.algorithms.e8p import CODE_DIM, e8_1bit_decode, e8p_decode, quantize_matrix, stage_count
-from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, register
+from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
 
 FORMAT = "e8p"
 E8_BITS = (2, 3, 4)
@@ -196,11 +196,7 @@ def e8p_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
         xs = xs[:, perm.long()]
     if width != in_f:
         xs = F.pad(xs, (0, width - in_f))
-    y = xs.new_empty(xs.shape[0], out_f)
-    step = max(1, _CPU_SLAB_ELEMENTS // width)
-    for start in range(0, out_f, step):
-        end = min(start + step, out_f)
-        y[:, start:end] = F.linear(xs, decode(start, end).to(x.dtype))
+    y = matmul_by_slabs(xs, decode, out_f, _CPU_SLAB_ELEMENTS)
     if module.bias is not None:
         y += module.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], out_f)

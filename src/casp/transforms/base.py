@@ -11,14 +11,12 @@ into) and the four side maps, registered with `@register_transform`.
 """
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from casp.quant.base import NoOptions
+from casp.quant.base import Configurable
 
 
 @dataclass
@@ -29,23 +27,8 @@ class TransformParams:
     meta: dict = field(default_factory=dict)
 
 
-class WeightTransform(ABC):
+class WeightTransform(Configurable, ABC):
     """Base class; the side maps act on the last dimension and are their own adjoints' inverses."""
-
-    name: ClassVar[str]
-    Config: ClassVar[type] = NoOptions
-
-    def __init__(self, config=None, **options):
-        config = config if config is not None else self.Config()
-        self.config = dataclasses.replace(config, **options) if options else config
-
-    @classmethod
-    def from_options(cls, options: dict) -> "WeightTransform":
-        known = {f.name for f in dataclasses.fields(cls.Config)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"transform {cls.name!r} has no option {', '.join(unknown)}")
-        return cls(cls.Config(**options))
 
     @abstractmethod
     def build(self, out_features: int, in_features: int, seed: int) -> TransformParams:
