@@ -53,3 +53,12 @@ def test_quantizer_flags_reach_the_quantizer_config():
     assert (q.config.damp, q.config.act_order, q.config.group_size, q.config.candidate_bits) == (0.05, False, 64, (2, 4))
     plain = build_parser().parse_args(["compress", "-o", "x"])
     assert _quantizer_options(plain) == {}
+
+
+def test_incoherence_flag_and_search_flags_reach_the_config():
+    from casp.cli import build_parser
+
+    args = build_parser().parse_args(["compress", "-o", "x", "--incoherence", "--search-steps", "5",
+                                      "--qk-rank", "joint"])
+    assert (args.transform, args.search_steps, args.qk_rank) == ("incoherence", 5, "joint")
+    assert build_parser().parse_args(["compress", "-o", "x"]).qk_rank is None
