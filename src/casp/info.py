@@ -14,6 +14,7 @@ def describe(model=None) -> dict:
     from casp.models.adapters import ADAPTERS, SUPPORTED_ARCHITECTURES
     from casp.io.modelio import architecture_of, builtin_names, read_config, resolve_model_path
     from casp.quant.base import available_quantizers
+    from casp.transforms.base import available_transforms
 
     if model is None:
         return {
@@ -26,6 +27,7 @@ def describe(model=None) -> dict:
             "supported_architectures": list(SUPPORTED_ARCHITECTURES),
             "builtin_models": builtin_names() + ["(default) embedded tiny LLaVA"],
             "quantizers": ["none"] + available_quantizers(),
+            "transforms": available_transforms(),
         }
     path = resolve_model_path(model)
     cfg = read_config(path)

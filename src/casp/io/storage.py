@@ -114,6 +114,7 @@ def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
             "average_bits": result.report["average_bits"],
             "target_bits": result.config.bits,
             "quantizer": result.config.quantizer,
+            "transform": result.config.transform,
             "qk_rank": result.config.qk_rank,
             "layers": [{k: v for k, v in u.items() if k in ("name", "setting", "bits", "group_size", "sym", "rank")}
                        for u in result.report["layers"]],

@@ -104,4 +104,6 @@ def get_transform_class(name: str) -> type[WeightTransform]:
 
 
 def available_transforms() -> list[str]:
+    import casp.transforms  # noqa: F401  (built-ins register themselves)
+
     return sorted(_TRANSFORMS)
