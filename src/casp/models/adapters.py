@@ -269,7 +269,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     _lm("gemma3_text", ("Gemma3ForCausalLM",), notes=GEMMA3),
     _lm("phi3", ("Phi3ForCausalLM",), linears=dict(FUSED_LINEARS), q_proj="self_attn.qkv_proj",
         k_proj="self_attn.qkv_proj", separate_qk=False,
-        notes="fused W_qkv and W_gate|up, each compressed as one linear; low-rank Q/K refused (--qk-rank 0); "
+        notes="fused W_qkv and W_gate|up, each compressed as one linear; W_qkv stays dense (a forced low rank is refused); "
               "optional sliding window on every layer"),
 )
 
