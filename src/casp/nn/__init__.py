@@ -2,6 +2,7 @@
 from casp.nn.lowrank_linear import LowRankLinear
 from casp.nn.packed_linear import PackedLinear
 from casp.nn.transformed_linear import TransformedLinear
+import casp.nn.cpu_kernels  # noqa: F401  registers the scalar format's CPU kernel
 
 MODULE_TYPES = {"lowrank": LowRankLinear, "packed": PackedLinear, "transformed": TransformedLinear}
 

@@ -114,12 +114,14 @@ class PackedLinear(nn.Module):
         return w
 
     def clear_cache(self) -> None:
+        """Drop the dequantized weight and any kernel's repacked layout (`_kernel_cache`)."""
         self._cache = None
+        self.__dict__.pop("_kernel_cache", None)
 
     def _apply(self, fn, *args, **kwargs):
         """.to()/.cuda()/.half() move the stored tensors but never change their dtypes (a model-wide
         .to(bfloat16) must not round the fp16 scales); the bias converts as usual."""
-        self._cache = None
+        self.clear_cache()
         before = {n: self._buffers[n] for n in self._tensor_names}
         out = super()._apply(fn, *args, **kwargs)
         for name, old in before.items():
@@ -129,7 +131,7 @@ class PackedLinear(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
+        self.clear_cache()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _slab_rows(self, device: torch.device) -> int:
