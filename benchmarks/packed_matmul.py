@@ -13,26 +13,10 @@ import time
 import torch
 
 from casp.nn.packed_linear import PackedLinear
-from casp.quant.packing import pack_codes
-from casp.quant import QuantizedWeight
-from casp.quant.scalar import num_groups
+from inference import random_packed
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): q/k/v/o, gate/up, down
 GROUP = 128
-
-
-def random_packed(out_f: int, in_f: int, bits: int, gen: torch.Generator) -> QuantizedWeight:
-    """A scalar-format weight with random codes, built a slab of rows at a time (low memory)."""
-    ng = num_groups(in_f, GROUP)
-    codes = torch.cat([
-        pack_codes(torch.randint(0, 1 << bits, (min(1024, out_f - r), in_f), generator=gen), bits)
-        for r in range(0, out_f, 1024)
-    ])
-    zeros = pack_codes(torch.randint(0, 1 << bits, (ng, out_f), generator=gen), bits)
-    scales = (torch.rand(out_f, ng, generator=gen) * 0.01 + 1e-3).half()
-    meta = {"format": "scalar", "bits": bits, "group_size": GROUP, "sym": False,
-            "out_features": out_f, "in_features": in_f}
-    return QuantizedWeight({"codes": codes, "scales": scales, "zeros": zeros}, meta)
 
 
 def _sync(device: torch.device) -> None:
@@ -59,7 +43,7 @@ def run(device: torch.device, bits_list, batches, reps: int) -> list[tuple]:
     rows = []
     for out_f, in_f in SHAPES:
         for bits in bits_list:
-            qw = random_packed(out_f, in_f, bits, gen)
+            qw = random_packed(out_f, in_f, bits, GROUP, gen)
             packed = PackedLinear.from_quantized(qw).to(device)
             dense_w = packed.dequantized_weight().to(dtype)
             bpw = packed.stored_bits() / (out_f * in_f)
