@@ -2,7 +2,8 @@
 
 The buffers are exactly `QuantizedWeight.tensors` (same names), so a state dict of a compressed
 model holds the packed form. `forward` rebuilds the weight with torch ops on the buffers' device
-and calls `F.linear` in the input dtype; nothing is cached unless `cache_dequantized` is set.
+and calls `F.linear` in the input dtype; the dense weight is cached only when `cache_dequantized` is
+set (a format's kernel may cache its own repacked layout, dropped on `.to()` and loading).
 On CPU the weight is rebuilt a slab of output rows at a time (`chunk_rows`), so the full dense
 matrix never exists and the scratch buffers stay small enough to be reused by the allocator.
 
