@@ -1,7 +1,7 @@
 """Scalar vs vector quantizers at 2-4 bits, side by side in one run, at measured honest bits.
 
 Rows: FP; uniform RTN, GPTQ, GPTQ + incoherence and the E8 lattice quantizer (with incoherence) at 2, 3
-and 4 bits; CASP + E8 (Q/K ranks and bits chosen jointly + incoherence) at 2.0, 2.5 and 3.25; and, where the
+and 4 bits; CASP + E8 (Q/K ranks and bits chosen jointly + incoherence) at 2.0, 2.5, 3.25 and 4.25; and, where the
 quantizer is registered, AQLM rows. Each row runs in its own process (so its peak RSS is its own) with one
 torch thread, and reports: measured average bits (every stored bit: codes, scales, zeros, codebooks,
 sign vectors, factors), token perplexity (SmolLM2) or KL vs FP and VQA accuracy (embedded VLM),
@@ -25,7 +25,7 @@ def row_specs(model: str) -> list[dict]:
         for b in (2, 3, 4):
             rows.append({"label": f"{name} {b}-bit", "quantizer": q, "bits": b, "allocation": "uniform", "qk_rank": 0,
                          "transform": transform})
-    for target in (2.0, 2.5, 3.25):
+    for target in (2.0, 2.5, 3.25, 4.25):
         rows.append({"label": f"CASP+E8 @ {target}", "quantizer": "e8", "bits": target, "allocation": "rd",
                      "qk_rank": "joint", "transform": "incoherence"})
     rows.append({"label": "AQLM 2-bit", "quantizer": "aqlm", "bits": 2, "allocation": "uniform", "qk_rank": 0})
