@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from casp.algorithms.lowrank import factor_input_xtx, whitened_lowrank
+from casp.io.storage import dense_equivalent
 from casp.models.adapters import Adapter
 from casp.nn.lowrank_linear import LowRankLinear
 from casp.nn.packed_linear import PackedLinear
@@ -40,11 +41,7 @@ def unit_weight_and_xtx(unit: Unit, layer: nn.Module, lowrank: dict, moments: di
     if unit.role is Role.UP:
         lr = lowrank[unit.module]
         down = lr.down
-        if isinstance(down, TransformedLinear):
-            w_down = torch.eye(down.in_features, dtype=torch.float32)
-            w_down = (down(w_down) - (down.bias if down.bias is not None else 0)).t()
-        else:
-            w_down = _dense_weight(down)
+        w_down = dense_equivalent(down).weight.data if isinstance(down, TransformedLinear) else _dense_weight(down)
         h = moments[unit.input_group]
         return lr.up.weight.data, factor_input_xtx(w_down.to(h.dtype), h)
     if unit.role is Role.DOWN:
