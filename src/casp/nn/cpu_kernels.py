@@ -70,14 +70,18 @@ def kernel_available() -> bool:
 
 @dataclass
 class Int4Weight:
-    """A layer repacked for `_weight_int4pack_mm_for_cpu`, with the stored buffers it came from."""
+    """A layer repacked for `_weight_int4pack_mm_for_cpu`, with the stored buffers it came from.
+
+    The kernel's K holds one block of `k_pad` columns per entry of `x_scales`; block c is multiplied
+    by x·x_scales[c] (8-bit scalar: the hi and lo nibbles; E8P: one block per code stage).
+    """
 
     key: tuple
     packed: torch.Tensor          # uint8 (n_pad, k_kernel / 2), torch's int4 layout
     scales_zeros: torch.Tensor    # bfloat16 (k_kernel / group, n_pad, 2)
     group: int                    # kernel group size
     k_pad: int                    # columns per copy of x (in_features padded to a multiple of 32)
-    copies: int                   # 1, or 2 for 8 bits (hi and lo nibbles)
+    x_scales: tuple[float, ...] = (1.0,)
 
 
 def kernel_layout(meta: dict) -> tuple[int, int] | None:
@@ -89,12 +93,22 @@ def kernel_layout(meta: dict) -> tuple[int, int] | None:
     bits, gs, k = meta["bits"], meta["group_size"], meta["in_features"]
     if bits not in (2, 3, 4, 8) or (gs != -1 and gs % 32):
         return None
-    k_pad = math.ceil(k / 32) * 32
+    k_pad = padded_inputs(k)
     group = next(G for G in _KERNEL_GROUPS if k_pad % G == 0 and (gs == -1 or gs % G == 0))
     return group, k_pad
 
 
-def _buffers_key(module) -> tuple:
+def padded_inputs(in_features: int) -> int:
+    """in_features padded to the kernel's multiple of 32."""
+    return math.ceil(in_features / 32) * 32
+
+
+def largest_group(k_pad: int) -> int:
+    """The largest kernel group size dividing k_pad (for weights whose scale is constant along K)."""
+    return next(G for G in _KERNEL_GROUPS if k_pad % G == 0)
+
+
+def buffers_key(module) -> tuple:
     """Identity of the stored buffers: storage and in-place version of each."""
     key = []
     for name in module._tensor_names:
@@ -108,6 +122,32 @@ def _buffers_key(module) -> tuple:
     return tuple(key)
 
 
+def pack_int4(read_q, n: int, k_total: int) -> torch.Tensor:
+    """torch's int4 layout of an (n, k_total) matrix of int32 values in [0, 16).
+
+    `read_q(start, end)` gives rows [start, end) (< n) as int32 (end - start, k_total); rows are read
+    `_REPACK_ROWS` at a time and padded with 8s (weight = zero term, 0 for a zero scale) to a
+    multiple of 16.
+    """
+    n_pad = math.ceil(n / 16) * 16
+    parts = []
+    for start in range(0, n_pad, _REPACK_ROWS):
+        end = min(start + _REPACK_ROWS, n_pad)
+        rows = max(0, min(end, n) - start)
+        q = torch.full((end - start, k_total), 8, dtype=torch.int32)
+        if rows:
+            q[:rows] = read_q(start, start + rows)
+        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+    return torch.cat(parts)
+
+
+def pack_scales_zeros(sz: torch.Tensor) -> torch.Tensor:
+    """(n, k_kernel / group, 2) float pairs as the kernel's bfloat16 (k_kernel / group, n_pad, 2); pad rows 0."""
+    n = sz.shape[0]
+    sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, math.ceil(n / 16) * 16 - n))
+    return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 def repack(module) -> Int4Weight | None:
     """Build the int4 kernel's layout of a scalar `PackedLinear` (None if unsupported)."""
     m = module.meta
@@ -117,7 +157,6 @@ def repack(module) -> Int4Weight | None:
     group, k_pad = layout
     bits, gs, sym = m["bits"], m["group_size"], m["sym"]
     n, k = m["out_features"], m["in_features"]
-    n_pad = math.ceil(n / 16) * 16
     width = k if gs == -1 else gs
     ng = num_groups(k, gs)
 
@@ -134,66 +173,70 @@ def repack(module) -> Int4Weight | None:
         pairs = [(scale, (8.0 - shift - zero) * scale)]
     of_group = (torch.arange(k_pad // group) * group // width).clamp(max=ng - 1)   # stored group of each kernel group
     sz = torch.cat([torch.stack([s, z], -1).index_select(1, of_group) for s, z in pairs], dim=1)
-    sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, n_pad - n))        # zero rows: scale 0, zero 0
-    scales_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-
     shift = shift.to(torch.int32)
-    parts = []
-    for start in range(0, n_pad, _REPACK_ROWS):
-        end = min(start + _REPACK_ROWS, n_pad)
-        rows = max(0, min(end, n) - start)
-        q = torch.full((end - start, k_pad), 8, dtype=torch.int32)
-        if rows:
-            codes = unpack_codes(module.codes[start:start + rows], bits, k, dtype=torch.int32)
-            if ng == 1:
-                q[:rows] = torch.nn.functional.pad(codes, (0, k_pad - k)) + shift[start:start + rows]
-            else:   # ng·width ≥ k_pad: add the shift group-wise, then cut to k_pad
-                codes = torch.nn.functional.pad(codes, (0, ng * width - k)).view(rows, ng, width)
-                q[:rows] = (codes + shift[start:start + rows, :, None]).view(rows, ng * width)[:, :k_pad]
-        if bits == 8:
-            q = torch.cat([q >> 4, q & 15], dim=1)
-        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-    return Int4Weight(_buffers_key(module), torch.cat(parts), scales_zeros, group, k_pad,
-                      2 if bits == 8 else 1)
+
+    def read_q(start: int, end: int) -> torch.Tensor:
+        rows = end - start
+        codes = unpack_codes(module.codes[start:end], bits, k, dtype=torch.int32)
+        if ng == 1:
+            q = torch.nn.functional.pad(codes + shift[start:end], (0, k_pad - k), value=8)
+        else:   # ng·width ≥ k_pad: add the shift group-wise, then cut to k_pad
+            codes = torch.nn.functional.pad(codes, (0, ng * width - k)).view(rows, ng, width)
+            q = (codes + shift[start:end, :, None]).view(rows, ng * width)[:, :k_pad]
+        return torch.cat([q >> 4, q & 15], dim=1) if bits == 8 else q
+
+    packed = pack_int4(read_q, n, k_pad * len(pairs))
+    return Int4Weight(buffers_key(module), packed, pack_scales_zeros(sz), group, k_pad,
+                      (1.0,) * len(pairs))
 
 
-def _cached(module) -> Int4Weight | None:
-    """The module's repacked weight, rebuilt when the stored buffers changed; None if unsupported."""
+def declines(module, x: torch.Tensor, max_tokens: int = MAX_TOKENS) -> bool:
+    """The shared decline rules on the call: x not float32, x needing a gradient, more than `max_tokens`
+    rows, or `cache_dequantized` set on the module."""
+    return (x.dtype != torch.float32 or x.numel() > max_tokens * module.in_features or module.cache_dequantized
+            or (x.requires_grad and torch.is_grad_enabled()))
+
+
+def cached_layout(module, build):
+    """The module's kernel layout `build(module)` (key = `buffers_key`), rebuilt when the stored buffers
+    changed; None if the layer is under `MIN_WEIGHTS`, the CPU lacks AVX2/AVX512 or `build` declines."""
     cache = module.__dict__.get("_kernel_cache")
-    if cache is not None and cache.key == _buffers_key(module):
+    if cache is not None and cache.key == buffers_key(module):
         return cache
     m = module.meta
     if m["out_features"] * m["in_features"] < MIN_WEIGHTS or not kernel_available():
         return None
     with torch.no_grad():
-        cache = repack(module)
+        cache = build(module)
     module.__dict__["_kernel_cache"] = cache
     return cache
 
 
-def scalar_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor | None:
-    """y = x Wᵀ + b for a scalar-format `PackedLinear` on CPU via torch's int4 kernel, or None to decline."""
-    k = module.in_features
-    if (x.dtype != torch.float32 or x.numel() > MAX_TOKENS * k or module.cache_dequantized
-            or (x.requires_grad and torch.is_grad_enabled())):
-        return None
-    w = _cached(module)
-    if w is None:
-        return None
-    n = module.out_features
+def int4_matmul(w: Int4Weight, x: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x Wᵀ + b (float32, x's leading dims) through the int4 kernel for a repacked weight."""
+    k = x.shape[-1]
     xs = x.reshape(-1, k)
-    if w.copies == 1 and w.k_pad == k:
+    if w.x_scales == (1.0,) and w.k_pad == k:
         xb = xs.to(torch.bfloat16)
     else:
-        xb = xs.new_zeros(xs.shape[0], w.k_pad * w.copies, dtype=torch.bfloat16)
-        for c in range(w.copies):
-            xb[:, c * w.k_pad: c * w.k_pad + k] = xs
+        xb = xs.new_zeros(xs.shape[0], w.k_pad * len(w.x_scales), dtype=torch.bfloat16)
+        for c, s in enumerate(w.x_scales):
+            xb[:, c * w.k_pad: c * w.k_pad + k] = xs if s == 1.0 else xs * s
     y = torch.ops.aten._weight_int4pack_mm_for_cpu.default(xb, w.packed, w.group, w.scales_zeros)
-    if y.shape[1] != n:
-        y = y[:, :n]
-    bias = module.bias
+    if y.shape[1] != out_features:
+        y = y[:, :out_features]
     y = y.float() if bias is None else torch.add(y, bias.float())   # bfloat16 + float32 → float32
-    return y.view(*x.shape[:-1], n)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def scalar_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor | None:
+    """y = x Wᵀ + b for a scalar-format `PackedLinear` on CPU via torch's int4 kernel, or None to decline."""
+    if declines(module, x):
+        return None
+    w = cached_layout(module, repack)
+    if w is None:
+        return None
+    return int4_matmul(w, x, module.out_features, module.bias)
 
 
 SCALAR_FORMAT.kernels["cpu"] = scalar_cpu_matmul
