@@ -84,7 +84,7 @@ def main() -> None:
                             seed=args.seed).validate()
     quantizer, transform = cfg.build_quantizer(), cfg.build_transform()
     t0 = time.time()
-    _, model, _, adapter, batches = load_with_calibration(None if args.model == "embedded" else args.model, cfg)
+    _, model, _, adapter, batches, _ = load_with_calibration(None if args.model == "embedded" else args.model, cfg)
     batches, held = hold_out(batches, args.held_out)
     layers = adapter.decoder_layers(model)
     _, units, qk_tables, database = plan_ranks_and_units(model, adapter, batches, cfg, quantizer, transform, True)

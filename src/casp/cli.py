@@ -1,4 +1,4 @@
-"""The `casp` command: compress, eval, sparsity, demo, info, export-dense.
+"""The `casp` command: compress, eval, sparsity, demo, info, export-dense, generate.
 
 Logs go to stderr; `--json` prints machine-readable results on stdout. A user mistake is
 one line on stderr and exit status 2, never a traceback (`--debug` shows it).
@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress only these decoder layers (comma-separated indices; default all)")
     c.add_argument("--device", default="cpu", help="device for the layer being compressed (default cpu)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--stream", action="store_true",
+                   help="read the model one decoder layer at a time from its safetensors and write each compressed "
+                        "layer as it finishes (for models bigger than memory; implied by --resume / --max-memory)")
+    c.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="with --stream: GB of caught activations kept in memory (fp16) before spilling to disk")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from OUT.partial (same options; same bytes as an "
+                        "uninterrupted run)")
     _calib(c)
     _common(c)
 
@@ -193,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("dst", help="output directory")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _common(x)
+
+    g = sub.add_parser("generate", help="greedy answer to a prompt, decode tokens/s beside the dense model's")
+    g.add_argument("model", nargs="?", help="model directory or built-in name (default: embedded model)")
+    g.add_argument("--prompt", required=True, help="the prompt (a question about --image for a VLM)")
+    g.add_argument("--image", help="image file for a multimodal model")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens per timed run and answer cap (default 32)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per model; the median is reported (default 3)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    _common(g)
     return parser
 
 
@@ -214,7 +231,7 @@ def cmd_compress(args) -> None:
         search_steps=args.search_steps, search_samples=args.search_samples,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
         calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,
-        layers=args.layers,
+        layers=args.layers, stream=args.stream, max_memory=args.max_memory, resume=args.resume,
     )
     result = compress(args.model, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
     r = result.report
@@ -291,8 +308,20 @@ def cmd_export_dense(args) -> None:
     _emit(args, {"out": str(out)}, f"wrote dense fp16 checkpoint {out}")
 
 
+def cmd_generate(args) -> None:
+    from casp.generate import run_generate
+
+    res = run_generate(args.model, args.prompt, image=args.image, max_new_tokens=args.max_new_tokens,
+                       repeats=args.repeats, seed=args.seed, threads=args.threads)
+    speed = (f"decode: {res['tokens_per_s']:.1f} tokens/s, dense {res['dense_tokens_per_s']:.1f} tokens/s "
+             f"({res['new_tokens']} new tokens, median of {res['repeats']}, {res['threads']} thread(s); "
+             f"prefill {res['prefill_s'] * 1e3:.0f} ms, dense {res['dense_prefill_s'] * 1e3:.0f} ms; "
+             f"peak RSS {res['peak_rss_mb']:.0f} MB)")
+    _emit(args, res, f"{res['text']}\n{speed}")
+
+
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "sparsity": cmd_sparsity, "demo": cmd_demo,
-            "info": cmd_info, "export-dense": cmd_export_dense}
+            "info": cmd_info, "export-dense": cmd_export_dense, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,9 @@ class CompressionConfig:
     seed: int = 0
     device: str = "cpu"
     layers: tuple[int, ...] | None = None
+    stream: bool = False         # read the model one decoder layer at a time; write layers as they finish
+    max_memory: float | None = None   # GB of caught activations held in memory before spilling to disk
+    resume: bool = False         # continue the interrupted streamed run in OUT.partial
 
     def validate(self) -> "CompressionConfig":
         if self.qk_rank is None:
@@ -58,6 +61,12 @@ class CompressionConfig:
                                   or self.qk_rank not in (0, 0.0, "joint") or self.qk_rank_overrides):
             raise CaspError("--search-steps searches the rd allocation of whole matrices: it needs --allocation rd, "
                             "a quantizer, and --qk-rank 0 or joint")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise CaspError(f"--max-memory must be a positive number of GB, got {self.max_memory}")
+        if self.resume or self.max_memory is not None:
+            self.stream = True
+        if self.stream and self.search_steps:
+            raise CaspError("--search-steps measures KL on the whole model in memory; it cannot run with --stream")
         if self.allocation not in ("rd", "paper", "uniform"):
             raise CaspError(f"--allocation must be rd, paper or uniform, got {self.allocation!r}")
         if self.granularity not in ("matrix", "layer"):

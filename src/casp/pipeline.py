@@ -1,8 +1,9 @@
 """One compression run, top to bottom.
 
-load -> check the budget from the shapes -> calibrate -> plan (Q/K ranks, units, each unit's damage at
-each candidate, joint Q/K options) -> allocate bits (optionally searched by held-out KL) -> compress
-layer by layer (low-rank Q/K, transform, quantizer) -> report -> save.
+load (whole, or only the non-layer parts when streaming) -> check the budget from the shapes ->
+calibrate -> plan (Q/K ranks, units, each unit's damage at each candidate, joint Q/K options) ->
+allocate bits (optionally searched by held-out KL) -> compress layer by layer (low-rank Q/K,
+transform, quantizer; a streamed run writes each layer as it finishes and can resume) -> report -> save.
 Each step is a function in `casp.steps` that gets only what it needs.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
+from casp.models.streaming import InMemoryLayers, load_streamed, tied_keys
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.plan import plan_ranks_and_units
@@ -38,21 +40,30 @@ class CompressionResult:
     out: Path | None = None
 
 
-def load_with_calibration(model, config: CompressionConfig, processor=None, before_calibration=None):
-    """The (uncompressed) model, its processor, adapter and calibration batches.
+def load_with_calibration(model, config: CompressionConfig, processor=None, before_calibration=None, spill_dir=None):
+    """The (uncompressed) model, its processor, adapter, calibration batches and layer source.
 
     `model` is a local directory, a built-in name, None (the embedded model), or a model already
     in memory (then compressed in place; its processor is loaded from its `name_or_path` unless given).
+    With `config.stream` only the non-layer parts are loaded; the layer source (`casp.models.streaming`)
+    reads each decoder layer when the walk reaches it and spills activations into `spill_dir`.
     `before_calibration(model, adapter)` runs checks that need only the shapes, before any data work.
     """
+    layer_source = InMemoryLayers()
     if isinstance(model, nn.Module):
+        if config.stream:
+            raise CaspError("--stream reads the model from its directory; it cannot compress a model in memory")
         loaded, source = model, Path(getattr(model.config, "_name_or_path", "") or ".")
         processor = processor if processor is not None else load_processor(source)
     else:
         source = resolve_model_path(model)
         if is_compressed(source):
             raise CaspError(f"{source} is already compressed by casp; use the original model")
-        loaded = load_model(source)
+        if config.stream:
+            cap = None if config.max_memory is None else int(config.max_memory * 2**30)
+            loaded, layer_source = load_streamed(source, max_bytes=cap, spill_dir=spill_dir)
+        else:
+            loaded = load_model(source)
         processor = processor if processor is not None else load_processor(source)
     adapter = adapter_for(loaded)
     if before_calibration is not None:
@@ -61,7 +72,7 @@ def load_with_calibration(model, config: CompressionConfig, processor=None, befo
     batches = build_calibration(adapter, processor, source, n_samples=config.calib_samples + held,
                                 seq_len=config.calib_seq_len, seed=config.seed, jsonl=config.calib_jsonl,
                                 text_file=config.calib_text)
-    return source, loaded, processor, adapter, batches
+    return source, loaded, processor, adapter, batches, layer_source
 
 
 def compress(model: str | Path | nn.Module | None = None, out: str | Path | None = None,
@@ -70,10 +81,17 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
     """Compress a model with CASP; write it to `out` when given. Returns the in-memory model and report."""
     config = (config or CompressionConfig()).validate()
     quantizer, transform = config.build_quantizer(), config.build_transform()
+    writer = None
     if out is not None:
         from casp.io.storage import check_output_dir
 
         check_output_dir(Path(out), overwrite)
+    if config.stream:
+        if out is None:
+            raise CaspError("--stream writes each layer as it finishes: it needs an output directory")
+        from casp.io.stream_writer import StreamWriter
+
+        writer = StreamWriter(out, config.to_dict(), resume=config.resume, overwrite=overwrite)
     torch.manual_seed(config.seed)
     t_start = time.time()
 
@@ -82,13 +100,66 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
         if quantizer is not None and config.allocation != "uniform" and config.qk_rank != "auto":
             check_feasible(adapter.decoder_layers(model), adapter, quantizer, config, transform)
 
-    source, model, processor, adapter, batches = load_with_calibration(model, config, processor, feasible)
+    source, model, processor, adapter, batches, layer_source = load_with_calibration(
+        model, config, processor, feasible, spill_dir=writer and writer.dir / "spill")
     held = []
     if config.search_steps:
         batches, held = hold_out(batches, config.search_samples)
     layers = adapter.decoder_layers(model)
+    saved = writer.saved_plan() if writer is not None else None
+    if saved is None:
+        ranks, units, plan, summary = plan_and_allocate(model, adapter, batches, held, config, quantizer, transform,
+                                                        progress, cache, layer_source)
+        if writer is not None:
+            writer.save_plan((ranks, units, plan, summary))
+    else:
+        ranks, units, plan, summary = saved
+
+    geometry = adapter.attention_geometry(model)
+    start, hidden = writer.resume_point(len(layers)) if writer is not None else (0, None)
+    layer_reports = {}
+
+    def layer_done(i, layer, inputs):
+        if writer is not None:
+            writer.layer_done(i, layer, f"{adapter.layers}.{i}.", layer_reports.get(i),
+                              inputs.hidden.fp16() if i < len(layers) - 1 else None)
+
+    for step in walk_layers(model, adapter, batches, device=config.device, only=config.layers, desc="compress",
+                            progress=progress, source=layer_source, start=start, hidden=hidden, on_done=layer_done):
+        if writer is not None:
+            torch.manual_seed(config.seed + step.index)
+        mine = [u for u in units if u.layer == step.index]
+        layer_reports[step.index] = compress_layer(step, adapter, mine, ranks[step.index], plan, quantizer,
+                                                   geometry=geometry, density_mass=config.density_mass,
+                                                   device=config.device, transform=transform, seed=config.seed)
+    if writer is not None:
+        layer_reports = {r["index"]: r for r in writer.layer_rows()}
+
+    from casp.report import build_report
+
+    report = build_report(
+        config=config, source=source, adapter=adapter, layer_reports=[layer_reports[i] for i in sorted(layer_reports)],
+        seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(config.device),
+        calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
+    )
+    report.update(summary)
+    result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
+    if writer is not None:
+        result.model = None
+        result.out = writer.finish(model, adapter.layers, tied_keys(model), report, config, source)
+    elif out is not None:
+        from casp.io.storage import save_compressed
+
+        result.out = save_compressed(result, Path(out), overwrite=overwrite)
+    return result
+
+
+def plan_and_allocate(model, adapter, batches, held, config: CompressionConfig, quantizer, transform, progress, cache,
+                      layer_source):
+    """Q/K ranks, units and each unit's setting: measured on the original model, then allocated."""
+    layers = adapter.decoder_layers(model)
     ranks, units, qk_tables, database = plan_ranks_and_units(model, adapter, batches, config, quantizer, transform,
-                                                             progress, cache)
+                                                             progress, cache, layer_source)
     plan, summary = {}, {}
     if qk_tables is not None or config.search_steps:
         if qk_tables is not None:
@@ -107,27 +178,4 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
     elif quantizer is not None:
         plan = allocate(units, quantizer, bits=config.bits, rule=config.allocation, granularity=config.granularity,
                         num_layers=len(layers), transform=transform)
-
-    geometry = adapter.attention_geometry(model)
-    layer_reports = []
-    for step in walk_layers(model, adapter, batches, device=config.device, only=config.layers, desc="compress",
-                            progress=progress):
-        mine = [u for u in units if u.layer == step.index]
-        layer_reports.append(compress_layer(step, adapter, mine, ranks[step.index], plan, quantizer, geometry=geometry,
-                                            density_mass=config.density_mass, device=config.device,
-                                            transform=transform, seed=config.seed))
-
-    from casp.report import build_report
-
-    report = build_report(
-        config=config, source=source, adapter=adapter, layer_reports=layer_reports,
-        seconds=time.time() - t_start, peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(config.device),
-        calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
-    )
-    report.update(summary)
-    result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
-    if out is not None:
-        from casp.io.storage import save_compressed
-
-        result.out = save_compressed(result, Path(out), overwrite=overwrite)
-    return result
+    return ranks, units, plan, summary

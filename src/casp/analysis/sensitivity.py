@@ -25,6 +25,11 @@ def _labels(batch: dict, image_token_id: int | None) -> torch.Tensor:
 FISHER_TOKENS = 16384
 
 
+def _image_token(model: nn.Module) -> int | None:
+    token = getattr(model.config, "image_token_id", None)
+    return token if token is not None else getattr(model.config, "image_token_index", None)
+
+
 BACKWARD_TOKENS = 1024
 
 
@@ -47,45 +52,22 @@ def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progr
     A backward pass costs about three forward passes, so only the first batches up to
     `max_tokens` tokens are used: the estimate only has to rank layers, not be exact.
     """
-    used, kept = 0, []
-    for b in batches:
-        if used >= max_tokens:
-            break
-        kept.append(b)
-        used += b["input_ids"].numel()
-    batches = kept
+    batches = _kept_batches(batches, max_tokens)
     layers = adapter.decoder_layers(model)
     prefix = adapter.layers
     names = [f"{prefix}.{i}.{n}" for i in range(len(layers)) for n in adapter.linear_names()]
-    sums = {n: None for n in names}
-    counts = {n: 0 for n in names}
-    handles = []
-
-    def make_hook(name):
-        def fwd(_m, _inp, out):
-            def grad_hook(g):
-                g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
-                sums[name] = g2.sum(0) if sums[name] is None else sums[name] + g2.sum(0)
-                counts[name] += g2.shape[0]
-
-            if out.requires_grad:
-                out.register_hook(grad_hook)
-
-        return fwd
-
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_hook(make_hook(n)))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = [_grad_recorder(model.get_submodule(n), n, sums, counts) for n in names]
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers:
         layer.get_submodule(adapter.input_norm).weight.requires_grad_(True)
-    image_token = getattr(model.config, "image_token_id", None)
-    if image_token is None:
-        image_token = getattr(model.config, "image_token_index", None)
+    image_token = _image_token(model)
     try:
-        for batch in tqdm(_small_batches(batches), desc="sensitivity", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
             out = model(**batch, labels=_labels(batch, image_token), use_cache=False)
             out.loss.backward()
     finally:
@@ -95,4 +77,90 @@ def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progr
             p.requires_grad_(f)
             p.grad = None
         model.train(was_training)
-    return {n: (sums[n] / max(counts[n], 1)) for n in names if sums[n] is not None}
+    return {n: (sums[n] / max(counts[n], 1)) for n in names if n in sums}
+
+
+def _kept_batches(batches: list[dict], max_tokens: int) -> list[dict]:
+    """The first batches up to `max_tokens` tokens, split for backward passes."""
+    used, kept = 0, []
+    for b in batches:
+        if used >= max_tokens:
+            break
+        kept.append(b)
+        used += b["input_ids"].numel()
+    return list(_small_batches(kept))
+
+
+def _head_loss(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy from the last decoder layer's output: final norm, LM head, softcap."""
+    logits = model.get_output_embeddings()(model.get_submodule(adapter.final_norm)(hidden)).float()
+    cap = getattr(adapter.text_config(model), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+
+
+def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[dict], source, progress: bool = True,
+                            max_tokens: int = FISHER_TOKENS) -> dict[str, torch.Tensor]:
+    """`output_fisher` for a model whose layers are streamed: backpropagation one decoder layer at a time.
+
+    A forward walk keeps every layer's inputs (fp16, spilled to disk above the cap); the loss
+    gradient at the last layer's output is then carried back layer by layer, each layer loaded
+    once more and re-run with its input requiring a gradient. Same quantity as `output_fisher`,
+    up to the fp16 rounding of the kept inputs.
+    """
+    from casp.models.engine import run_layer, walk_layers
+
+    batches = _kept_batches(batches, max_tokens)
+    layers = adapter.decoder_layers(model)
+    kept, kwargs = [], []
+    for step in walk_layers(model, adapter, batches, desc="sensitivity (forward)", progress=progress, source=source):
+        kept.append(source.keep(list(step.inputs.hidden)))
+        kwargs.append(step.inputs.kwargs_for(step.layer))
+        if step.index == len(layers) - 1:
+            last = run_layer(step.layer, step.inputs)
+    image_token = _image_token(model)
+    grads = []
+    for h, batch in zip(last, batches):
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            _head_loss(model, adapter, h, _labels(batch, image_token)).backward()
+        grads.append(h.grad.detach())
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="sensitivity (backward)",
+                  disable=not progress, leave=False):
+        layer = layers[i]
+        source.fetch(i, layer)
+        handles = [_grad_recorder(layer.get_submodule(n), f"{adapter.layers}.{i}.{n}", sums, counts)
+                   for n in adapter.linear_names()]
+        try:
+            for b in range(len(grads)):
+                h = kept[i][b].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = layer(h, **kwargs[i][b], use_cache=False)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.backward(grads[b])
+                grads[b] = h.grad.detach()
+        finally:
+            for handle in handles:
+                handle.remove()
+            source.release(i, layer)
+            if hasattr(kept[i], "drop"):
+                kept[i].drop()
+    return {n: sums[n] / max(counts[n], 1) for n in sums}
+
+
+def _grad_recorder(module: nn.Module, name: str, sums: dict, counts: dict):
+    """Forward hook that adds the squared output gradient of `module` per channel into sums[name]."""
+    def fwd(_m, _inp, out):
+        def grad_hook(g):
+            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
+            sums[name] = g2.sum(0) if name not in sums else sums[name] + g2.sum(0)
+            counts[name] = counts.get(name, 0) + g2.shape[0]
+
+        if out.requires_grad:
+            out.register_hook(grad_hook)
+
+    return module.register_forward_hook(fwd)

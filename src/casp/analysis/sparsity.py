@@ -21,7 +21,7 @@ def measure_sparsity(model: str | Path | None = None, config: CompressionConfig 
 
     config = (config or CompressionConfig()).validate()
     torch.manual_seed(config.seed)
-    source, model, _, adapter, batches = load_with_calibration(model, config)
+    source, model, _, adapter, batches, _ = load_with_calibration(model, config)
     geometry = adapter.attention_geometry(model)
     layers = adapter.decoder_layers(model)
     analysis = None

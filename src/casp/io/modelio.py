@@ -63,6 +63,17 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+def load_config(path: Path):
+    """The model's transformers config, read from its local directory."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CaspError(f"cannot read the model config in {str(path)!r}: {msg}") from None
+
+
 def load_processor(path: Path):
     """AutoProcessor for multimodal models, tokenizer for text-only ones."""
     from transformers import AutoProcessor, AutoTokenizer

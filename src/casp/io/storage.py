@@ -91,11 +91,26 @@ def round_through_fp16(model: nn.Module) -> None:
                 t.data.copy_(t.data.half().float())
 
 
-def _storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    sd = {}
-    for k, v in model.state_dict().items():
-        sd[k] = v.half() if v.is_floating_point() and v.dtype != torch.float16 else v
-    return sd
+def quantization_config(modules: dict[str, dict], report: dict, config) -> dict:
+    """The `quantization_config` entry of OUT/config.json: every casp module and the run's settings."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "modules": modules,
+        "average_bits": report["average_bits"],
+        "target_bits": config.bits,
+        "quantizer": config.quantizer,
+        "transform": config.transform,
+        "qk_rank": config.qk_rank,
+        "layers": [{k: v for k, v in u.items() if k in ("name", "setting", "bits", "group_size", "sym", "rank")}
+                   for u in report["layers"]],
+    }
+
+
+def storage_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors as stored: floating point in fp16, codes as they are; names prefixed."""
+    return {prefix + k: (v.half() if v.is_floating_point() and v.dtype != torch.float16 else v).contiguous()
+            for k, v in module.state_dict().items()}
 
 
 def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
@@ -107,21 +122,10 @@ def save_compressed(result, out: Path, overwrite: bool = False) -> Path:
     model = result.model
     round_through_fp16(model)
     with atomic_dir(out) as tmp:
-        qcfg = {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            "modules": module_specs(model),
-            "average_bits": result.report["average_bits"],
-            "target_bits": result.config.bits,
-            "quantizer": result.config.quantizer,
-            "transform": result.config.transform,
-            "qk_rank": result.config.qk_rank,
-            "layers": [{k: v for k, v in u.items() if k in ("name", "setting", "bits", "group_size", "sym", "rank")}
-                       for u in result.report["layers"]],
-        }
+        qcfg = quantization_config(module_specs(model), result.report, result.config)
         model.config.quantization_config = qcfg
         try:
-            model.save_pretrained(tmp, state_dict=_storage_state_dict(model), safe_serialization=True,
+            model.save_pretrained(tmp, state_dict=storage_state_dict(model), safe_serialization=True,
                                   max_shard_size="2GB")
         finally:
             del model.config.quantization_config

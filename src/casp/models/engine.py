@@ -219,27 +219,53 @@ class LayerStep:
     outputs: list[torch.Tensor] | None = None
 
 
+def _replace(old, new):
+    """`new`, after deleting the spill files of `old` (a spilling store)."""
+    if hasattr(old, "drop"):
+        old.drop()
+    return new
+
+
 def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, device="cpu", only=None,
-                desc: str = "layers", progress: bool = True):
+                desc: str = "layers", progress: bool = True, source=None, start: int = 0, hidden=None,
+                on_done=None):
     """Yield a `LayerStep` per decoder layer (those in `only`, all by default), on `device`.
 
     The caller observes or modifies the layer inside its loop body; when it asks for the next
     layer, this layer is run (as modified) on its inputs to produce the next one's inputs. Layers
     not in `only` are just run. The one walker behind every layer-by-layer pass.
+
+    `source` (`casp.models.streaming`) fetches each layer before use and releases it after, and
+    stores the hidden states between layers; by default the model is in memory. `start` and
+    `hidden` resume a walk at layer `start` with that layer's saved inputs. `on_done(i, inputs)`
+    is called once layer i is finished, with the next layer's inputs.
     """
     from tqdm.auto import tqdm
 
+    from casp.models.streaming import InMemoryLayers
+
+    source = source or InMemoryLayers()
     inputs = capture_layer0_inputs(model, adapter, batches)
+    inputs.hidden = source.keep(inputs.hidden if hidden is None else hidden)
     layers = adapter.decoder_layers(model)
     last = len(layers) - 1
-    for i, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+    bar = tqdm(range(start, len(layers)), desc=desc, disable=not progress, initial=start, total=len(layers))
+    for i in bar:
+        layer = layers[i]
+        source.fetch(i, layer)
         if only is not None and i not in only:
             if i < last:
-                inputs.hidden = run_layer(layer, inputs, device)
-            continue
-        step = LayerStep(i, layer, inputs)
-        layer.to(device)
-        yield step
-        if i < last:
-            inputs.hidden = step.outputs if step.outputs is not None else run_layer(layer, inputs, device)
-        layer.to("cpu")
+                layer.to(device)
+                inputs.hidden = _replace(inputs.hidden, source.keep(run_layer(layer, inputs, device)))
+                layer.to("cpu")
+        else:
+            step = LayerStep(i, layer, inputs)
+            layer.to(device)
+            yield step
+            if i < last:
+                outputs = step.outputs if step.outputs is not None else run_layer(layer, inputs, device)
+                inputs.hidden = _replace(inputs.hidden, source.keep(outputs))
+            layer.to("cpu")
+        if on_done is not None:
+            on_done(i, layer, inputs)
+        source.release(i, layer)

@@ -30,17 +30,22 @@ def observe_layer(layer, adapter: Adapter, inputs, groups, device):
     return outs, moments, attn_inputs
 
 
-def analyse(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
-            progress: bool = True) -> list[LayerAnalysis]:
-    """A `LayerAnalysis` per decoder layer of the original model."""
+def analyse_layers(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
+                   progress: bool = True, source=None):
+    """Yield (layer step, `LayerAnalysis`) per decoder layer of the original model, while the layer is loaded."""
     geometry = adapter.attention_geometry(model)
-    out = []
-    for step in walk_layers(model, adapter, batches, desc="analyse", progress=progress):
+    for step in walk_layers(model, adapter, batches, desc="analyse", progress=progress, source=source):
         step.outputs, moments, attn_inputs = observe_layer(step.layer, adapter, step.inputs, adapter.linears, device)
         stats = layer_attention_stats(step.layer, adapter, geometry, attn_inputs, mass=density_mass)
         h = moments.xtx["attn_in"]
         spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h)
                    for p in QK}
         kept = {k: v.float() for k, v in moments.xtx.items()} if keep_moments else None
-        out.append(LayerAnalysis(stats, spectra, kept))
-    return out
+        yield step, LayerAnalysis(stats, spectra, kept)
+
+
+def analyse(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
+            progress: bool = True, source=None) -> list[LayerAnalysis]:
+    """A `LayerAnalysis` per decoder layer of the original model."""
+    return [a for _, a in analyse_layers(model, adapter, batches, density_mass=density_mass,
+                                         keep_moments=keep_moments, device=device, progress=progress, source=source)]

@@ -4,18 +4,30 @@ from __future__ import annotations
 import copy
 
 from casp.config import CompressionConfig
-from casp.steps.analyse import analyse
+from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
 from casp.steps.measure import measure_distortions
 from casp.steps.ranks import check_separate_qk, choose_ranks
 from casp.steps.units import plan_units
 
 
-def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, quantizer, transform, progress, cache=None):
+def fisher_of(model, adapter, batches, source, progress):
+    """Output Fisher of every decoder linear: one backward pass, or layer by layer when the model is streamed."""
+    from casp.analysis.sensitivity import output_fisher, output_fisher_layerwise
+
+    if source is not None and source.streamed:
+        return output_fisher_layerwise(model, adapter, batches, source, progress)
+    return output_fisher(model, adapter, batches, progress)
+
+
+def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, quantizer, transform, progress, cache=None,
+                         source=None):
     """Everything measured on the original model: Q/K ranks, and the units with their distortions.
 
     The sensitivity and analysis passes run only when something needs them (rate-distortion
-    allocation, auto ranks). `cache` (a dict) lets runs that differ only in the target bits or
+    allocation, auto ranks). Unless ranks are "auto" (they need every layer's spectrum first), each
+    layer's units are measured while the analysis walk holds that layer, and its XᵀX is then dropped:
+    one layer's second moments in memory at a time, and one pass over a streamed model. `cache` (a dict) lets runs that differ only in the target bits or
     the allocation rule share this work, e.g. in the demo and benchmarks.
     """
     measure = quantizer is not None and config.allocation == "rd"
@@ -31,26 +43,40 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     layers = adapter.decoder_layers(model)
     auto = config.qk_rank == "auto"
     ranks = None if auto else choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
-    analysis = fisher = None
+    analysis = fisher = qk_tables = None
     if measure:
-        from casp.analysis.sensitivity import output_fisher
-
-        fisher = output_fisher(model, adapter, batches, progress)
-    if measure or auto:
-        analysis = analyse(model, adapter, batches, density_mass=config.density_mass, keep_moments=measure,
-                           progress=progress)
-        ranks = ranks or choose_ranks(layers, adapter, config.qk_rank, config.qk_rank_overrides, analysis)
-    units = plan_units(layers, adapter, ranks, config.layers)
-    if measure:
-        measure_distortions(layers, adapter, units, analysis, ranks, quantizer.candidates(), quantizer, fisher,
-                            transform=transform, seed=config.seed, keep=database, progress=progress)
-    qk_tables = None
+        fisher = fisher_of(model, adapter, batches, source, progress)
     if joint:
         check_separate_qk(layers, adapter, config.qk_rank)
-        qk_tables = measure_qk_options(layers, adapter, units, analysis, fisher, quantizer, config.qk_rank_ladder,
-                                       transform=transform, seed=config.seed,
-                                       rank_multiple=quantizer.in_features_multiple, keep=database,
-                                       progress=progress)
+    if auto:
+        analysis = analyse(model, adapter, batches, density_mass=config.density_mass, keep_moments=measure,
+                           progress=progress, source=source)
+        ranks = choose_ranks(layers, adapter, config.qk_rank, config.qk_rank_overrides, analysis)
+    units = plan_units(layers, adapter, ranks, config.layers)
+    if measure:
+        qk_tables = {} if joint else None
+        if analysis is not None:
+            measure_distortions(layers, adapter, units, analysis, ranks, quantizer.candidates(), quantizer, fisher,
+                                transform=transform, seed=config.seed, keep=database, progress=progress)
+        else:
+            _measure_while_analysing(model, adapter, batches, config, quantizer, transform, progress, source, units,
+                                     ranks, fisher, qk_tables, database)
     if cache is not None:
         cache[key] = (ranks, copy.deepcopy(units), qk_tables, database)
     return ranks, units, qk_tables, database
+
+
+def _measure_while_analysing(model, adapter, batches, config, quantizer, transform, progress, source, units, ranks,
+                             fisher, qk_tables, database) -> None:
+    """One walk: per layer, its XᵀX, then its units' distortions (and Q/K options) while it is loaded."""
+    for step, layer_analysis in analyse_layers(model, adapter, batches, density_mass=config.density_mass,
+                                               keep_moments=True, progress=progress, source=source):
+        i, mine = step.index, [u for u in units if u.layer == step.index]
+        one_layer, one_analysis = {i: step.layer}, {i: layer_analysis}
+        measure_distortions(one_layer, adapter, mine, one_analysis, ranks, quantizer.candidates(), quantizer,
+                            fisher, transform=transform, seed=config.seed, keep=database, progress=False)
+        if qk_tables is not None:
+            qk_tables.update(measure_qk_options(one_layer, adapter, mine, one_analysis, fisher, quantizer,
+                                                config.qk_rank_ladder, transform=transform, seed=config.seed,
+                                                rank_multiple=quantizer.in_features_multiple, keep=database,
+                                                progress=False))

@@ -1,0 +1,101 @@
+"""Read single tensors from a (possibly sharded) safetensors checkpoint, without loading the rest.
+
+`LazyCheckpoint(path)` indexes the tensor names of every `*.safetensors` file in a model directory
+(through `model.safetensors.index.json` when present) and reads a tensor on request. Files are
+memory-mapped by safetensors, so reading one decoder layer touches only that layer's bytes.
+`model_key_map` matches the checkpoint's names to a model's state-dict names, undoing the legacy
+renames some families apply when saving (LLaVA's `language_model.model.` prefix and the like).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from casp.errors import CaspError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class LazyCheckpoint:
+    """Tensor name -> file of one model directory; tensors read one at a time."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CaspError(f"{str(self.path)!r} holds no .safetensors weights (casp streams safetensors only)")
+        self.files: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CaspError(f"corrupt safetensors file {str(f)!r}: {str(e).splitlines()[0]}") from None
+            self._open[f] = handle
+            for key in handle.keys():
+                self.files[key] = f
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                listed = json.loads(index.read_text()).get("weight_map", {})
+            except (OSError, json.JSONDecodeError) as e:
+                raise CaspError(f"cannot read {index}: {e}") from None
+            absent = sorted(set(listed) - set(self.files))
+            if absent:
+                raise CaspError(f"{index} lists tensors no shard holds (e.g. {absent[0]!r}): incomplete download?")
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self._open[self.files[key]].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CaspError(f"cannot read tensor {key!r} from {str(self.files[key])!r}: {e}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open[self.files[key]].get_slice(key).get_shape())
+
+
+def _renamed(key: str, mapping: dict[str, str]) -> str:
+    for pattern, repl in mapping.items():
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def model_key_map(model_keys: list[str], checkpoint_keys: list[str], mapping: dict[str, str] | None = None,
+                  tied: set[str] = frozenset()) -> dict[str, str]:
+    """Model state-dict name -> checkpoint name, for every model tensor the checkpoint holds.
+
+    A checkpoint name is used as is, else renamed by the model's legacy `mapping` (regex -> repl),
+    else matched to the one model name that ends with it or that it ends with (prefix differences
+    between releases). Model tensors left without a source, other than `tied` ones, are an error.
+    """
+    wanted = set(model_keys)
+    out: dict[str, str] = {}
+    left = []
+    for ck in checkpoint_keys:
+        mk = ck if ck in wanted else _renamed(ck, mapping or {})
+        if mk in wanted:
+            out[mk] = ck
+        else:
+            left.append(ck)
+    unmatched = [k for k in model_keys if k not in out]
+    for ck in left:
+        hits = [mk for mk in unmatched if mk.endswith("." + ck) or ck.endswith("." + mk)]
+        if len(hits) == 1:
+            out[hits[0]] = ck
+            unmatched.remove(hits[0])
+    missing = [k for k in unmatched if k not in tied]
+    if missing:
+        raise CaspError(f"the checkpoint holds no tensor for {len(missing)} model weights (e.g. {missing[0]!r})")
+    return out
