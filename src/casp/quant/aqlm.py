@@ -34,6 +34,7 @@ FORMAT = "aqlm"
 MAX_CODEBOOK_BITS = 16
 _CPU_SLAB_ELEMENTS = 1 << 20
 LUT_MAX_TOKENS = 8          # the CPU kernel uses lookup tables up to this many input rows
+LUT_MAX_CODEBOOK_BITS = 8   # ... and codebooks of up to 2^8 entries
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,12 @@ def dequantize_aqlm(qw: QuantizedWeight) -> torch.Tensor:
 def aqlm_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
     """y = x Wᵀ + b on CPU without the dense W.
 
-    Up to `LUT_MAX_TOKENS` input rows: lookup tables, x_grp·C_m[k] for every group, codebook and
-    entry (T·G·M·K products), then each output is s_r times a sum of G·M gathered entries. More rows:
-    W is rebuilt a slab of output rows at a time and multiplied. Computes in float32 for the tables,
-    in x's dtype for the slabs.
+    Up to `LUT_MAX_TOKENS` input rows and codebooks of at most 2^`LUT_MAX_CODEBOOK_BITS` entries:
+    lookup tables, x_grp·C_m[k] for every group, codebook and entry (T·G·M·K products), then each
+    output is s_r times a sum of G·M gathered entries. Otherwise W is rebuilt a slab of output rows at
+    a time and multiplied (with 2^16 entries the tables would be larger than W). Computes in float32
+    for the tables, in x's dtype for the slabs. (`casp.nn.aqlm_kernels` is the faster path registered
+    for large layers; this one serves the calls it declines.)
     """
     m = module.meta
     in_f, out_f = m["in_features"], m["out_features"]
@@ -222,7 +225,7 @@ def aqlm_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
     if width != in_f:
         xs = F.pad(xs, (0, width - in_f))
     tokens = xs.shape[0]
-    if tokens <= LUT_MAX_TOKENS:
+    if tokens <= LUT_MAX_TOKENS and s.codebook_bits <= LUT_MAX_CODEBOOK_BITS:
         books = qw.tensors["codebooks"].float()
         k_count = books.shape[1]
         lut = torch.einsum("tgd,mkd->tgmk", xs.float().view(tokens, groups, s.group_size), books)

@@ -1,0 +1,99 @@
+"""Small-batch CPU matmul for the E8P lattice format ("e8p") on torch's int4 kernel.
+
+Method: every E8P codeword coordinate is an odd multiple of 1/4 in [-2.75, 2.75] (|x| ∈ {½, 3/2,
+5/2} plus a ±¼ shift), so v = (q - 8)·½ - ¼ with q = 2v + 8.5 ∈ [3, 14]; every coordinate of the
+3-bit residual table is in {0, ±½, ±1, ±2}, so v = (q - 8)·½ with q = 2v + 8 ∈ [4, 12]. A layer is
+repacked once, at first use, into the int4 layout of `casp.nn.cpu_kernels` with kernel scale ½ and
+zero -¼ (E8P stage) or 0 (residual stage), both exact in bfloat16: the kernel's weights are the
+stage codewords exactly. Each stage is one block of K (2 bits: one, 3/4 bits: two, the x copies
+side by side, 4 bits of codes per weight and stage), and the stage's fp16 scale multiplies its copy
+of x in float32 before the bfloat16 rounding, so no scale is rounded. The act-order permutation is
+applied to the columns at repack time and the padding to 8·⌈in/8⌉ columns is dropped, so the kernel's
+K is the layer's own input order (padded to a multiple of 32 with zero inputs).
+
+Accuracy (bfloat16 unit roundoff u = 2^-8): x·s_k is rounded once (≤ u relative), products are
+exact and summed in float32, the output is rounded once to bfloat16 (≤ u·|y|). With Ŵ_k = s_k·V_k
+the float32 stage weights of `dequantize_e8p`, elementwise
+    |y - x·Ŵᵀ - b| ≤ u·|x·Ŵᵀ| + 2u·Σ_i |x_i|·Σ_k |Ŵ_k[n, i]|     (in_features < 2^15)
+(the factor 2 covers float32 summation). Measured ‖Δy‖/‖y‖ ≈ 2-3e-3 (tests/nn/test_vector_kernels.py
+states the bound and checks it on matrices from the quantizer).
+
+The repacked weight (4 bits per weight and stage, bfloat16 scale/zero pairs) is cached on the module
+like the scalar kernel's, never stored; `.to()`, loading and `clear_cache` drop it.
+
+Declines to the format's slab kernel (`casp.quant.e8.e8p_cpu_matmul`) on the rules of
+`casp.nn.cpu_kernels` (x not float32 or needing a gradient, more than `MAX_TOKENS` rows, fewer than
+`MIN_WEIGHTS` weights, no AVX2/AVX512, torch without the ops); to the generic path when the module
+has `cache_dequantized` set.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from casp.algorithms.e8p import e8_1bit_decode, e8p_decode
+from casp.nn import cpu_kernels as ck
+from casp.quant.e8 import E8P_FORMAT, e8p_cpu_matmul
+
+_E8P_Q = (8.5, -0.25)        # q = 2v + 8.5, zero term -¼ (with kernel scale ½)
+_RESIDUAL_Q = (8.0, 0.0)     # 3-bit residual stage: q = 2v + 8, zero 0
+
+
+def _stages(module) -> list[tuple[torch.Tensor, object, tuple[float, float]]]:
+    """(codes, decoder, (q offset, zero)) of each stored stage."""
+    stages = [(module.codes, e8p_decode, _E8P_Q)]
+    bits = module.meta["bits"]
+    if bits == 4:
+        stages.append((module.codes2, e8p_decode, _E8P_Q))
+    elif bits == 3:
+        stages.append((module.codes2, e8_1bit_decode, _RESIDUAL_Q))
+    return stages
+
+
+def stage_codes(module, start: int, end: int) -> list[torch.Tensor]:
+    """The kernel's int32 values q (end - start, in_features) of each stage for rows [start, end), in
+    input order: stage k's weights are s_k·((q - 8)·½ + zero_k) exactly."""
+    k = module.in_features
+    perm = module._buffers.get("perm")
+    inverse = torch.argsort(perm.long()) if perm is not None else None
+    out = []
+    for codes, decode, (offset, _) in _stages(module):
+        v = decode(codes[start:end]).reshape(end - start, -1)[:, :k]
+        q = (v * 2 + offset).round_().to(torch.int32)
+        out.append(q[:, inverse] if inverse is not None else q)
+    return out
+
+
+def stage_zeros(module) -> list[float]:
+    """The kernel's zero term of each stage (with scale ½)."""
+    return [zero for _, _, (_, zero) in _stages(module)]
+
+
+def repack_e8p(module) -> ck.Int4Weight:
+    """The int4 kernel's layout of an "e8p" `PackedLinear`: one block of K per stage, input order."""
+    n, k = module.out_features, module.in_features
+    k_pad = ck.padded_inputs(k)
+    group = ck.largest_group(k_pad)
+
+    def read_q(start: int, end: int) -> torch.Tensor:
+        return torch.cat([F.pad(q, (0, k_pad - k), value=8) for q in stage_codes(module, start, end)], dim=1)
+
+    pairs = torch.tensor([[0.5, zero] for zero in stage_zeros(module)])
+    sz = pairs.repeat_interleave(k_pad // group, dim=0).expand(n, -1, -1)
+    x_scales = tuple(float(s) for s in module.scales.float())
+    return ck.Int4Weight(ck.buffers_key(module), ck.pack_int4(read_q, n, k_pad * len(pairs)),
+                         ck.pack_scales_zeros(sz), group, k_pad, x_scales)
+
+
+def e8p_fast_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor | None:
+    """y = x Wᵀ + b for an "e8p" `PackedLinear` on CPU via the int4 kernel, else the slab kernel."""
+    if module.cache_dequantized:
+        return None
+    if not ck.declines(module, x):
+        w = ck.cached_layout(module, repack_e8p)
+        if w is not None:
+            return ck.int4_matmul(w, x, module.out_features, module.bias)
+    return e8p_cpu_matmul(module, x)
+
+
+E8P_FORMAT.kernels["cpu"] = e8p_fast_cpu_matmul
