@@ -1,32 +1,40 @@
-"""Per-layer CPU inference time: packed scalar layers through the int4 kernel vs the generic path vs dense.
+"""Per-layer CPU inference time: packed layers through their format's CPU kernel vs the fallback vs dense.
 
-    python benchmarks/inference.py [--models llama7b smollm2] [--bits 2 3 4] [--batches 1 16]
-                                   [--threads 0 1] [--reps 15]
+    python benchmarks/inference.py [--models llama7b smollm2] [--formats scalar e8 aqlm] [--bits 2 3 4]
+                                   [--aqlm 2x8] [--batches 1 16] [--threads 0 1] [--reps 15]
 
-For each (out, in) linear shape of LLaMA-7B and SmolLM2-135M, each bit-width (g128 asymmetric by
-default) and batch, three ways of computing y = x Wᵀ in float32 are timed:
-  dense    F.linear with the dequantized float32 weight;
-  kernel   PackedLinear with the scalar format's CPU kernel (casp.nn.cpu_kernels, bfloat16 compute);
-  generic  PackedLinear with the kernel unregistered (dequantize slabs + F.linear).
+For each (out, in) linear shape of LLaMA-7B and SmolLM2-135M, each stored format and batch, three
+ways of computing y = x Wᵀ in float32 are timed:
+  dense     F.linear with the dequantized float32 weight;
+  kernel    PackedLinear with the format's registered CPU kernel (casp.nn.cpu_kernels: scalar
+            g128 asymmetric; casp.nn.e8p_kernels: e8p 2/3/4 bits; casp.nn.aqlm_kernels: aqlm MxB, g8);
+  fallback  PackedLinear without that kernel: the generic dequantize-slabs + F.linear path (scalar),
+            the format's own slab kernel (e8p) or slab / table kernel (aqlm), i.e. what ran before.
 Timings are paired: each round times the three once, in a rotating order, so that a slow-down of
 the (shared) machine hits all three alike. Reported: the median time of each, and the median over
-rounds of the per-round ratios dense/kernel and dense/generic (speed-ups: > 1 is faster than dense).
+rounds of the per-round ratios dense/kernel and dense/fallback (speed-ups: > 1 is faster than dense).
 --threads 0 means torch's default thread count. Weights are random codes and scales: timing does
-not depend on their values. `rel err` is ‖y_kernel - y_dense‖ / ‖y_dense‖.
+not depend on their values. `rel err` is ‖y_kernel - y_dense‖ / ‖y_dense‖; `prep ms` the one-off
+repack (or index build) at first use.
+
+`layer_table(...)` prints and returns the table, so that other sections can be composed with it.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from casp.nn import PackedLinear
-from casp.nn.cpu_kernels import scalar_cpu_matmul
-from casp.quant import QuantizedWeight
+from casp.quant import QuantizedWeight, get_format
+from casp.quant.aqlm import aqlm_cpu_matmul, pack_aqlm_codes
+from casp.quant.e8 import e8p_cpu_matmul
 from casp.quant.packing import pack_codes
-from casp.quant.scalar import SCALAR_FORMAT, num_groups
+from casp.quant.scalar import num_groups
 
 MODELS = {
     "llama7b": [(4096, 4096), (11008, 4096), (4096, 11008)],   # (out, in): q/k/v/o, gate/up, down
@@ -48,14 +56,75 @@ def random_packed(out_f: int, in_f: int, bits: int, group: int, gen: torch.Gener
     return QuantizedWeight({"codes": codes, "scales": scales, "zeros": zeros}, meta)
 
 
-def generic_forward(module: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The module's forward with the CPU kernel unregistered for the call."""
-    kernel = SCALAR_FORMAT.kernels.pop("cpu", None)
+def random_e8p(out_f: int, in_f: int, bits: int, gen: torch.Generator) -> QuantizedWeight:
+    """An "e8p" weight with random 16-bit (and residual) codes and 3-bit/4-bit-like stage scales."""
+    groups = -(-in_f // 8)
+
+    def e8p_codes():
+        return torch.randint(-(1 << 15), 1 << 15, (out_f, groups), generator=gen, dtype=torch.int16)
+
+    tensors = {"codes": e8p_codes(), "scales": torch.tensor([0.01, 0.003][:1 if bits == 2 else 2]).half()}
+    if bits == 3:
+        tensors["codes2"] = torch.randint(0, 256, (out_f, groups), generator=gen, dtype=torch.uint8)
+    elif bits == 4:
+        tensors["codes2"] = e8p_codes()
+    meta = {"format": "e8p", "method": "e8", "bits": bits, "act_order": False,
+            "out_features": out_f, "in_features": in_f}
+    return QuantizedWeight(tensors, meta)
+
+
+def random_aqlm(out_f: int, in_f: int, num_codebooks: int, codebook_bits: int, gen: torch.Generator,
+                group: int = 8) -> QuantizedWeight:
+    """An "aqlm" weight with random codes, fp16 codebooks and row scales."""
+    codes = torch.randint(0, 1 << codebook_bits, (out_f, -(-in_f // group), num_codebooks), generator=gen)
+    tensors = {"codes": pack_aqlm_codes(codes, codebook_bits),
+               "codebooks": (torch.randn(num_codebooks, 1 << codebook_bits, group, generator=gen) * 0.1).half(),
+               "scales": (torch.rand(out_f, generator=gen) + 0.5).half()}
+    meta = {"format": "aqlm", "method": "aqlm", "bits": num_codebooks * codebook_bits / group,
+            "num_codebooks": num_codebooks, "codebook_bits": codebook_bits, "group_size": group,
+            "out_features": out_f, "in_features": in_f}
+    return QuantizedWeight(tensors, meta)
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """One row kind of the table: a label, a random-weight builder and the path that runs without the kernel."""
+
+    label: str
+    build: Callable[[int, int, torch.Generator], QuantizedWeight]
+    fallback: Callable | None       # the format's kernel before the fast one (None: the generic path)
+
+
+def layer_formats(formats=("scalar", "e8", "aqlm"), bits=(2, 3, 4), group: int = 128,
+                  aqlm=("2x8",)) -> list[LayerFormat]:
+    """The row kinds: scalar g`group` and e8p at each of `bits`, aqlm at each "MxB" of `aqlm`."""
+    out = []
+    if "scalar" in formats:
+        out += [LayerFormat(f"scalar-{b}b", lambda o, i, g, b=b: random_packed(o, i, b, group, g), None)
+                for b in bits]
+    if "e8" in formats:
+        out += [LayerFormat(f"e8p-{b}b", lambda o, i, g, b=b: random_e8p(o, i, b, g), e8p_cpu_matmul)
+                for b in bits if b in (2, 3, 4)]
+    if "aqlm" in formats:
+        for spec in aqlm:
+            m_count, cb_bits = (int(t) for t in spec.split("x"))
+            out.append(LayerFormat(f"aqlm-{spec}", lambda o, i, g, m=m_count, b=cb_bits: random_aqlm(o, i, m, b, g),
+                                   aqlm_cpu_matmul))
+    return out
+
+
+def fallback_forward(module: PackedLinear, x: torch.Tensor, fallback) -> torch.Tensor:
+    """The module's forward with the format's CPU kernel replaced by `fallback` (None: removed)."""
+    kernels = get_format(module.meta["format"]).kernels
+    kernel = kernels.pop("cpu", None)
+    if fallback is not None:
+        kernels["cpu"] = fallback
     try:
         return module(x)
     finally:
+        kernels.pop("cpu", None)
         if kernel is not None:
-            SCALAR_FORMAT.kernels["cpu"] = kernel
+            kernels["cpu"] = kernel
 
 
 def paired_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -73,70 +142,88 @@ def paired_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, list[float]
     return times
 
 
-def bench_layer(out_f, in_f, bits, group, batches, reps, gen) -> list[dict]:
-    qw = random_packed(out_f, in_f, bits, group, gen)
+def bench_layer(qw: QuantizedWeight, fallback, batches, reps, gen) -> list[dict]:
+    """Paired dense / kernel / fallback timings of one packed weight at each batch size."""
     module = PackedLinear.from_quantized(qw)
+    out_f, in_f = module.out_features, module.in_features
     dense_w = module.dequantized_weight()
     t0 = time.perf_counter()
-    probe = scalar_cpu_matmul(module, torch.zeros(1, in_f))
-    repack_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        module(torch.zeros(1, in_f))
+    prep_s = time.perf_counter() - t0
+    used = module.__dict__.get("_kernel_cache") is not None
     rows = []
     with torch.inference_mode():
         for batch in batches:
             x = torch.randn(batch, in_f, generator=gen)
             ref = torch.nn.functional.linear(x, dense_w)
-            kernel_y = module(x)
-            rel = ((kernel_y - ref).norm() / ref.norm()).item() if probe is not None else float("nan")
+            rel = ((module(x) - ref).norm() / ref.norm()).item()
             times = paired_times({
                 "dense": lambda: torch.nn.functional.linear(x, dense_w),
                 "kernel": lambda: module(x),
-                "generic": lambda: generic_forward(module, x),
+                "fallback": lambda: fallback_forward(module, x, fallback),
             }, reps)
             ratio = {name: statistics.median(d / t for d, t in zip(times["dense"], times[name]))
-                     for name in ("kernel", "generic")}
+                     for name in ("kernel", "fallback")}
             rows.append({
-                "shape": f"{out_f}x{in_f}", "bits": bits, "batch": batch,
+                "shape": f"{out_f}x{in_f}", "batch": batch,
                 "dense_ms": statistics.median(times["dense"]) * 1e3,
                 "kernel_ms": statistics.median(times["kernel"]) * 1e3,
-                "generic_ms": statistics.median(times["generic"]) * 1e3,
-                "kernel_speedup": ratio["kernel"], "generic_speedup": ratio["generic"],
-                "rel_err": rel, "repack_ms": repack_s * 1e3, "kernel_used": probe is not None,
+                "fallback_ms": statistics.median(times["fallback"]) * 1e3,
+                "kernel_speedup": ratio["kernel"], "fallback_speedup": ratio["fallback"],
+                "rel_err": rel, "prep_ms": prep_s * 1e3, "kernel_used": used,
             })
+    return rows
+
+
+def layer_table(models=tuple(MODELS), formats: list[LayerFormat] | None = None, batches=(1, 16),
+                threads=(0, 1), reps: int = 15, seed: int = 0) -> list[dict]:
+    """Print (and return) the per-layer table: every thread count × model shape × format × batch."""
+    formats = layer_formats() if formats is None else formats
+    default_threads = torch.get_num_threads()
+    print(f"{'thr':>3} {'out x in':>11} {'format':>10} {'batch':>5} {'dense ms':>9} {'kernel ms':>9} "
+          f"{'fallbk ms':>9} {'dense/kern':>10} {'dense/fb':>8} {'rel err':>8} {'prep ms':>8}")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for threads in threads:
+            torch.set_num_threads(threads or default_threads)
+            for model in models:
+                for out_f, in_f in MODELS[model]:
+                    for fmt in formats:
+                        for r in bench_layer(fmt.build(out_f, in_f, gen), fmt.fallback, batches, reps, gen):
+                            r.update(threads=torch.get_num_threads(), model=model, format=fmt.label)
+                            rows.append(r)
+                            note = "" if r["kernel_used"] else "  (kernel declined)"
+                            print(f"{r['threads']:>3} {r['shape']:>11} {fmt.label:>10} {r['batch']:>5} "
+                                  f"{r['dense_ms']:9.3f} {r['kernel_ms']:9.3f} {r['fallback_ms']:9.3f} "
+                                  f"{r['kernel_speedup']:10.2f} {r['fallback_speedup']:8.2f} {r['rel_err']:8.1e} "
+                                  f"{r['prep_ms']:8.0f}{note}", flush=True)
+    finally:
+        torch.set_num_threads(default_threads)
     return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--formats", nargs="+", default=["scalar", "e8", "aqlm"], choices=["scalar", "e8", "aqlm"])
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="scalar and e8 bit-widths")
+    ap.add_argument("--group-size", type=int, default=128, help="scalar group size")
+    ap.add_argument("--aqlm", nargs="+", default=["2x8"], help="aqlm settings MxB (M codebooks of 2^B entries, g8)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1],
                     help="thread counts to run (0: torch's default)")
     ap.add_argument("--reps", type=int, default=15, help="paired rounds per measurement")
     args = ap.parse_args(argv)
 
-    default_threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"default threads {default_threads}; scalar format g{args.group_size} asymmetric, float32 inputs")
+          f"default threads {torch.get_num_threads()}; float32 inputs")
     print("NOTE: absolute times are noisy (shared, loaded machine); the speed-ups are medians of paired, "
           "alternating rounds and are the figures to read.")
-    print(f"{'thr':>3} {'out x in':>11} {'bits':>4} {'batch':>5} {'dense ms':>9} {'kernel ms':>9} "
-          f"{'generic ms':>10} {'dense/kern':>10} {'dense/gen':>9} {'rel err':>8} {'repack ms':>9}")
     t_start = time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    for threads in args.threads:
-        torch.set_num_threads(threads or default_threads)
-        for model in args.models:
-            for out_f, in_f in MODELS[model]:
-                for bits in args.bits:
-                    for r in bench_layer(out_f, in_f, bits, args.group_size, args.batches, args.reps, gen):
-                        used = "" if r["kernel_used"] else "  (kernel declined)"
-                        print(f"{torch.get_num_threads():>3} {r['shape']:>11} {r['bits']:>4} {r['batch']:>5} "
-                              f"{r['dense_ms']:9.3f} {r['kernel_ms']:9.3f} {r['generic_ms']:10.3f} "
-                              f"{r['kernel_speedup']:10.2f} {r['generic_speedup']:9.2f} {r['rel_err']:8.1e} "
-                              f"{r['repack_ms']:9.0f}{used}", flush=True)
-    torch.set_num_threads(default_threads)
+    layer_table(args.models, layer_formats(args.formats, args.bits, args.group_size, args.aqlm), args.batches,
+                args.threads, args.reps)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
