@@ -78,10 +78,13 @@ def load_with_calibration(model, config: CompressionConfig, processor=None, befo
 def compress(model: str | Path | nn.Module | None = None, out: str | Path | None = None,
              config: CompressionConfig | None = None, *, processor=None, overwrite: bool = False,
              progress: bool = True, cache: dict | None = None) -> CompressionResult:
-    """Compress a model with CASP; write it to `out` when given. Returns the in-memory model and report."""
+    """Compress a model with CASP; write it to `out` when given. Returns the in-memory model and report.
+
+    With `config.stream` the model is read and written one decoder layer at a time (see
+    `casp.io.stream_writer`); the result then holds the report and `out`, and `model` is None.
+    """
     config = (config or CompressionConfig()).validate()
     quantizer, transform = config.build_quantizer(), config.build_transform()
-    writer = None
     if out is not None:
         from casp.io.storage import check_output_dir
 
@@ -92,6 +95,16 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
         from casp.io.stream_writer import StreamWriter
 
         writer = StreamWriter(out, config.to_dict(), resume=config.resume, overwrite=overwrite)
+        try:
+            return _compress(model, out, config, quantizer, transform, processor, overwrite, progress, cache, writer)
+        except BaseException:
+            writer.abandon()
+            raise
+    return _compress(model, out, config, quantizer, transform, processor, overwrite, progress, cache, None)
+
+
+def _compress(model, out, config, quantizer, transform, processor, overwrite, progress, cache, writer):
+    """The run itself; `writer` (streamed runs) receives each finished layer."""
     torch.manual_seed(config.seed)
     t_start = time.time()
 

@@ -77,6 +77,11 @@ class StreamWriter:
             self.dir.mkdir()
             _write_atomic(state, lambda p: p.write_text(json.dumps(options, indent=1, sort_keys=True)))
 
+    def abandon(self) -> None:
+        """After a failure: delete OUT.partial unless it holds work worth resuming (a plan or a finished layer)."""
+        if self.dir.is_dir() and not (self.dir / PLAN).exists() and not any(self.dir.glob("layer-*.json")):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
     def save_plan(self, plan) -> None:
         _write_atomic(self.dir / PLAN, lambda p: p.write_bytes(pickle.dumps(plan)))
 
