@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import casp.nn.aqlm_kernels as ak
 import casp.nn.cpu_kernels as ck
 from casp.algorithms.additive import reconstruct
 from casp.nn import PackedLinear
@@ -113,8 +114,11 @@ def test_e8p_stage_values_are_the_stored_codewords(bits, act_order):
 
 @pytest.mark.parametrize("setting,in_f", [(AQLMSetting(2, 8, 8), 512), (AQLMSetting(3, 8, 8), 300),
                                           (AQLMSetting(2, 6, 8), 300), (AQLMSetting(1, 8, 4), 512)])
-def test_aqlm_matches_dequantized_matmul(setting, in_f):
-    """2x8 / 3x8 (uint8 codes), 2x6 (packed codes), 1x8 with groups of 4; 300 inputs padded to 304."""
+@pytest.mark.parametrize("one_call_bytes", [ak.ONE_CALL_BYTES, 0])
+def test_aqlm_matches_dequantized_matmul(setting, in_f, one_call_bytes, monkeypatch):
+    """2x8 / 3x8 (uint8 codes), 2x6 (packed codes), 1x8 with groups of 4; 300 inputs padded to 304 (and
+    to 3 chunks of 16 groups); all tables in one call, or one chunk at a time."""
+    monkeypatch.setattr(ak, "ONE_CALL_BYTES", one_call_bytes)
     m, deq = _aqlm_layer(setting, in_f, bias=in_f == 512)
     gen = torch.Generator().manual_seed(1)
     for shape in [(1, in_f), (16, in_f), (2, 3, in_f)]:

@@ -36,53 +36,66 @@ from casp.nn import cpu_kernels as ck
 from casp.quant.aqlm import AQLM_FORMAT, aqlm_cpu_matmul, unpack_aqlm_codes
 
 MAX_CODEBOOK_BITS = 8
-CHUNK_GROUPS = 16        # input groups per lookup table (M·2^B·16·T float32: 32 KB per token at 2x8)
+CHUNK_GROUPS = 16              # input groups per lookup table (M·2^B·16·T float32: 32 KB per token at 2x8)
+ONE_CALL_BYTES = 8 << 20       # tables + per-chunk partial sums up to this size: one embedding_bag call
 
 
 @dataclass
 class AQLMTables:
-    """A layer's cached flat indices, one (out, chunk·M) int32 tensor per chunk of input groups."""
+    """A layer's cached flat indices: (chunks·out, CHUNK_GROUPS·M) int32, chunk-major; row c·out + r
+    holds output row r's indices into chunk c's table, offset by c·M·2^B·CHUNK_GROUPS."""
 
     key: tuple
-    bounds: list[tuple[int, int]]      # [start, end) groups of each chunk
-    indices: list[torch.Tensor]
+    chunks: int
+    indices: torch.Tensor
 
 
 def build_indices(module) -> AQLMTables | None:
-    """The flat lookup indices (m·K + code)·chunk + j of an "aqlm" `PackedLinear` (None if B > 8)."""
+    """The flat lookup indices of an "aqlm" `PackedLinear` (None if B > 8). Input groups are padded to
+    whole chunks with code 0 (their table rows are 0: x is zero-padded)."""
     meta = module.meta
     bits, m_count = meta["codebook_bits"], meta["num_codebooks"]
     if bits > MAX_CODEBOOK_BITS:
         return None
-    k_count = 1 << bits
+    k_count, width = 1 << bits, CHUNK_GROUPS
     codes = unpack_aqlm_codes(module.codes, meta).to(torch.int32)        # (out, G, M)
-    groups = codes.shape[1]
-    bounds = [(s, min(s + CHUNK_GROUPS, groups)) for s in range(0, groups, CHUNK_GROUPS)]
-    indices = []
-    for s, e in bounds:
-        width = e - s
-        base = (torch.arange(m_count, dtype=torch.int32) * (k_count * width)
-                + torch.arange(width, dtype=torch.int32)[:, None])                  # (width, M)
-        indices.append((codes[:, s:e] * width + base).reshape(codes.shape[0], -1).contiguous())
-    return AQLMTables(ck.buffers_key(module), bounds, indices)
+    n, groups = codes.shape[:2]
+    chunks = -(-groups // width)
+    codes = F.pad(codes, (0, 0, 0, chunks * width - groups)).view(n, chunks, width, m_count)
+    offset = (torch.arange(chunks, dtype=torch.int32).view(-1, 1, 1) * (m_count * k_count * width)
+              + torch.arange(m_count, dtype=torch.int32) * (k_count * width)
+              + torch.arange(width, dtype=torch.int32)[:, None])                    # (chunks, width, M)
+    indices = (codes.transpose(0, 1) * width + offset[:, None]).reshape(chunks * n, width * m_count)
+    return AQLMTables(ck.buffers_key(module), chunks, indices.contiguous())
 
 
 def lut_matmul(module, tables: AQLMTables, x: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ + b (float32) by chunked lookup tables; x (…, in_features) float32."""
+    """y = x Wᵀ + b (float32) by chunked lookup tables; x (…, in_features) float32.
+
+    Small problems (tables and partial sums ≤ `ONE_CALL_BYTES`, e.g. batch 1) make all tables in one
+    batched matmul and sum them in one embedding_bag call (bags chunk-major, so each chunk's table is
+    read while it is in cache); larger ones make each chunk's table just before its embedding_bag
+    (the chunk's offset taken off its indices, a cheap pass next to T lookups per index).
+    """
     meta = module.meta
     n, k, g = module.out_features, module.in_features, meta["group_size"]
+    chunks, idx = tables.chunks, tables.indices
     xs = x.reshape(-1, k)
     tokens = xs.shape[0]
-    groups = tables.bounds[-1][1]
-    if groups * g != k:
-        xs = F.pad(xs, (0, groups * g - k))
-    xt = xs.view(tokens, groups, g).permute(2, 1, 0).contiguous()               # (g, G, T)
-    books = module.codebooks.float().reshape(-1, g)                                # (M·K, g)
-    y = None
-    for (s, e), idx in zip(tables.bounds, tables.indices):
-        lut = (books @ xt[:, s:e].reshape(g, -1)).view(-1, tokens)               # ((m·K + k)·chunk + j, T)
-        part = F.embedding_bag(idx, lut, mode="sum")                               # (out, T)
-        y = part if y is None else y.add_(part)
+    if chunks * CHUNK_GROUPS * g != k:
+        xs = F.pad(xs, (0, chunks * CHUNK_GROUPS * g - k))
+    xt = xs.view(tokens, chunks, CHUNK_GROUPS, g).permute(1, 3, 2, 0).reshape(chunks, g, -1)  # (c, g, j·T)
+    books = module.codebooks.float().reshape(-1, g)                                          # (M·K, g)
+    if 4 * tokens * (books.shape[0] * CHUNK_GROUPS + n) * chunks <= ONE_CALL_BYTES:
+        lut = torch.matmul(books, xt).view(-1, tokens)
+        y = F.embedding_bag(idx, lut, mode="sum").view(chunks, n, tokens).sum(0)
+    else:
+        rows = books.shape[0] * CHUNK_GROUPS
+        y = None
+        for c in range(chunks):
+            lut = (books @ xt[c]).view(-1, tokens)
+            part = F.embedding_bag(idx[c * n:(c + 1) * n] - c * rows, lut, mode="sum")
+            y = part if y is None else y.add_(part)
     y = y.t().contiguous().mul_(module.scales.float())
     if module.bias is not None:
         y.add_(module.bias.float())
