@@ -28,25 +28,37 @@ has `cache_dequantized` set.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from casp.algorithms.e8p import e8_1bit_decode, e8p_decode
+from casp.algorithms.e8p import e8_1bit_table, e8p_codebook
 from casp.nn import cpu_kernels as ck
 from casp.quant.e8 import E8P_FORMAT, e8p_cpu_matmul
 
-_E8P_Q = (8.5, -0.25)        # q = 2v + 8.5, zero term -¼ (with kernel scale ½)
-_RESIDUAL_Q = (8.0, 0.0)     # 3-bit residual stage: q = 2v + 8, zero 0
+_E8P_ZERO = -0.25            # q = 2v + 8.5 with kernel scale ½ and zero -¼
+_RESIDUAL_ZERO = 0.0         # 3-bit residual stage: q = 2v + 8, zero 0
 
 
-def _stages(module) -> list[tuple[torch.Tensor, object, tuple[float, float]]]:
-    """(codes, decoder, (q offset, zero)) of each stored stage."""
-    stages = [(module.codes, e8p_decode, _E8P_Q)]
+@functools.cache
+def _q_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's q of every E8P code (2^16) and every residual code (256), the 8 uint8 values of a
+    code packed in one int64 (so that decoding is a gather of 8-byte words)."""
+    e8p = (e8p_codebook(torch.float32) * 2 + 8.5).round_().to(torch.uint8)
+    residual = (e8_1bit_table(torch.float32) * 2 + 8).round_().to(torch.uint8)
+    return e8p.view(torch.int64).view(-1), residual.view(torch.int64).view(-1)
+
+
+def _stages(module) -> list[tuple[torch.Tensor, int, torch.Tensor, float]]:
+    """(codes, code mask, q table, zero) of each stored stage."""
+    e8p, residual = _q_tables()
+    stages = [(module.codes, 0xFFFF, e8p, _E8P_ZERO)]
     bits = module.meta["bits"]
     if bits == 4:
-        stages.append((module.codes2, e8p_decode, _E8P_Q))
+        stages.append((module.codes2, 0xFFFF, e8p, _E8P_ZERO))
     elif bits == 3:
-        stages.append((module.codes2, e8_1bit_decode, _RESIDUAL_Q))
+        stages.append((module.codes2, 0xFF, residual, _RESIDUAL_ZERO))
     return stages
 
 
@@ -57,16 +69,16 @@ def stage_codes(module, start: int, end: int) -> list[torch.Tensor]:
     perm = module._buffers.get("perm")
     inverse = torch.argsort(perm.long()) if perm is not None else None
     out = []
-    for codes, decode, (offset, _) in _stages(module):
-        v = decode(codes[start:end]).reshape(end - start, -1)[:, :k]
-        q = (v * 2 + offset).round_().to(torch.int32)
-        out.append(q[:, inverse] if inverse is not None else q)
+    for codes, mask, table, _ in _stages(module):
+        words = table.index_select(0, (codes[start:end].long() & mask).view(-1))
+        q = words.view(torch.uint8).view(end - start, -1)[:, :k]
+        out.append((q[:, inverse] if inverse is not None else q).to(torch.int32))
     return out
 
 
 def stage_zeros(module) -> list[float]:
     """The kernel's zero term of each stage (with scale ½)."""
-    return [zero for _, _, (_, zero) in _stages(module)]
+    return [zero for *_, zero in _stages(module)]
 
 
 def repack_e8p(module) -> ck.Int4Weight:
