@@ -142,8 +142,8 @@ def paired_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, list[float]
     return times
 
 
-def bench_layer(qw: QuantizedWeight, fallback, batches, reps, gen) -> list[dict]:
-    """Paired dense / kernel / fallback timings of one packed weight at each batch size."""
+def bench_layer(qw: QuantizedWeight, fallback, batches, reps, gen, time_fallback: bool = True) -> list[dict]:
+    """Paired dense / kernel (/ fallback) timings of one packed weight at each batch size."""
     module = PackedLinear.from_quantized(qw)
     out_f, in_f = module.out_features, module.in_features
     dense_w = module.dequantized_weight()
@@ -158,11 +158,11 @@ def bench_layer(qw: QuantizedWeight, fallback, batches, reps, gen) -> list[dict]
             x = torch.randn(batch, in_f, generator=gen)
             ref = torch.nn.functional.linear(x, dense_w)
             rel = ((module(x) - ref).norm() / ref.norm()).item()
-            times = paired_times({
-                "dense": lambda: torch.nn.functional.linear(x, dense_w),
-                "kernel": lambda: module(x),
-                "fallback": lambda: fallback_forward(module, x, fallback),
-            }, reps)
+            fns = {"dense": lambda: torch.nn.functional.linear(x, dense_w), "kernel": lambda: module(x)}
+            if time_fallback:
+                fns["fallback"] = lambda: fallback_forward(module, x, fallback)
+            times = paired_times(fns, reps)
+            times.setdefault("fallback", [float("nan")])
             ratio = {name: statistics.median(d / t for d, t in zip(times["dense"], times[name]))
                      for name in ("kernel", "fallback")}
             rows.append({
@@ -177,7 +177,7 @@ def bench_layer(qw: QuantizedWeight, fallback, batches, reps, gen) -> list[dict]
 
 
 def layer_table(models=tuple(MODELS), formats: list[LayerFormat] | None = None, batches=(1, 16),
-                threads=(0, 1), reps: int = 15, seed: int = 0) -> list[dict]:
+                threads=(0, 1), reps: int = 15, seed: int = 0, time_fallback: bool = True) -> list[dict]:
     """Print (and return) the per-layer table: every thread count × model shape × format × batch."""
     formats = layer_formats() if formats is None else formats
     default_threads = torch.get_num_threads()
@@ -191,7 +191,8 @@ def layer_table(models=tuple(MODELS), formats: list[LayerFormat] | None = None, 
             for model in models:
                 for out_f, in_f in MODELS[model]:
                     for fmt in formats:
-                        for r in bench_layer(fmt.build(out_f, in_f, gen), fmt.fallback, batches, reps, gen):
+                        for r in bench_layer(fmt.build(out_f, in_f, gen), fmt.fallback, batches, reps, gen,
+                                             time_fallback):
                             r.update(threads=torch.get_num_threads(), model=model, format=fmt.label)
                             rows.append(r)
                             note = "" if r["kernel_used"] else "  (kernel declined)"
@@ -215,6 +216,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1],
                     help="thread counts to run (0: torch's default)")
     ap.add_argument("--reps", type=int, default=15, help="paired rounds per measurement")
+    ap.add_argument("--no-fallback", action="store_true",
+                    help="do not time the fallback path (seconds per call for the vector formats' slabs)")
     args = ap.parse_args(argv)
 
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -223,7 +226,7 @@ def main(argv=None) -> None:
           "alternating rounds and are the figures to read.")
     t_start = time.perf_counter()
     layer_table(args.models, layer_formats(args.formats, args.bits, args.group_size, args.aqlm), args.batches,
-                args.threads, args.reps)
+                args.threads, args.reps, time_fallback=not args.no_fallback)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

@@ -1,29 +1,33 @@
 """Small-batch CPU matmul for the additive-codebook format ("aqlm") by lookup tables and embedding_bag.
 
-Method: y_r = s_r · Σ_{grp, m} x_grp · C_m[b_{r,grp,m}]. For a chunk of `chunk` input groups the
-lookup table L[(m·K + k)·chunk + j, t] = x_t,grp_j · C_m[k] is one float32 matmul
-(M·K × g)·(g × chunk·T), small enough to stay in cache; `F.embedding_bag(mode="sum")` then sums, for
-every output row, its chunk·M looked-up rows of L (T values each): a fused, multi-threaded
-gather-sum in torch. Chunks accumulate into y, then the row scales and the bias are applied. The
-flat int32 indices (m·K + code)·chunk + j of every chunk are built once, at first use, and cached on
-the module (32 bits per code: 4× the stored 8-bit codes; never stored, dropped on `.to()`, loading
-and `clear_cache`).
+Method: y_r = s_r · Σ_{grp, m} x_grp · C_m[b_{r,grp,m}]. The input groups are cut into chunks of
+`CHUNK_GROUPS`; chunk c's lookup table L_c[(m·K + k)·16 + j, t] = x_t,grp_j · C_m[k] is a float32
+matmul (M·K × g)·(g × 16·T), 32 KB per token at 2x8, so it stays in cache while it is read.
+`F.embedding_bag(mode="sum")` then sums, for every output row, its 16·M looked-up rows of L_c
+(T values each): a fused, multi-threaded gather-sum in torch. At batch 1 (tables and partial sums
+≤ `ONE_CALL_BYTES`) all tables come from one batched matmul and all chunks go through one
+embedding_bag call (bags chunk-major), fewer parallel regions; above, chunk by chunk. Then the row
+scales and the bias. The flat int32 indices of every code are built once, at first use, and cached
+on the module (32 bits per code, i.e. 8 bits per weight at 2x8 g8, 4× the stored codes; never
+stored, dropped on `.to()`, loading and `clear_cache`).
 
 Accuracy: everything is float32; only the order of the sums differs from dequantize-then-matmul.
-Elementwise, with u = 2^-24, G groups of g inputs and M codebooks,
-    |y - x·Ŵᵀ - b| ≤ 2(G·M + g + 4)·u · |s_r| · Σ_i |x_i| · Σ_m |C_m[b_{r,i}]_i|.
-Measured ‖Δy‖/‖y‖ ≈ 1e-6.
+Elementwise, with u = 2^-24, G groups of g inputs and M codebooks (the reference's own rounding
+included),
+    |y - x·Ŵᵀ - b| ≤ (G·(g + M) + g + 4)·u · |s_r| · Σ_i |x_i| · Σ_m |C_m[b_{r,i,m}]_i|.
+Measured ‖Δy‖/‖y‖ ≈ 3e-7 to 1e-6.
 
-Speed: each code is one table read per token, so the work is out·G·M lookups per token, while the
-table is M·2^B·G·g products per token, which is cheap only for small codebooks. On one AVX512 core
-(tests/benchmarks: benchmarks/inference.py) 2x8 codes at 4096x4096 run ~0.7x dense float32 at batch
-1 (a lookup costs about as much as streaming four float32 weights) and 1.5-2x faster than dense at
-batch 16; they are always much faster than the slab path they replace.
+Speed (benchmarks/inference.py, one AVX512 core): the work is out·G·M table reads per token. At
+2x8 a read costs about as much as streaming four float32 weights, so batch 1 runs at 0.85-0.95x
+dense float32 on LLaMA-7B shapes, batch 16 at 1.6-1.9x; SmolLM2 shapes, whose dense weights fit
+in cache, at 0.3-0.65x. It is 4-10x faster than the slab / table kernel it replaces. The table is
+M·2^B·G·g products per token: codebooks above 2^8 entries (AQLM's 1x16) would cost more than the
+layer, so they decline.
 
 Declines to the format's slab/table kernel (`casp.quant.aqlm.aqlm_cpu_matmul`) on the rules of
 `casp.nn.cpu_kernels` (x not float32 or needing a gradient, more than `MAX_TOKENS` rows, fewer than
-`MIN_WEIGHTS` weights, no AVX2/AVX512) and when codebooks have more than 2^8 entries (the tables
-would outgrow the layer); to the generic path when the module has `cache_dequantized` set.
+`MIN_WEIGHTS` weights, no AVX2/AVX512) and when codebooks have more than 2^8 entries; to the generic
+path when the module has `cache_dequantized` set.
 """
 from __future__ import annotations
 
