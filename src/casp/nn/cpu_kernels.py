@@ -38,6 +38,10 @@ than `MIN_WEIGHTS` weights (toy layers keep exact float32 results, at a cost of 
 group size is not a multiple of 32; the CPU has neither AVX2 nor AVX512 (torch's bfloat16 path is
 not vectorized there); or the running torch lacks the ops. To force the generic path everywhere:
 `casp.nn.packed_linear.unregister_matmul_kernel("scalar", "cpu")`.
+
+The int4 pieces (`pack_int4`, `pack_scales_zeros`, `int4_matmul`) and the cache and decline rules
+(`cached_layout`, `declines`) are plain functions shared with the vector formats' kernels
+(`casp.nn.e8p_kernels`, `casp.nn.aqlm_kernels`).
 """
 from __future__ import annotations
 
@@ -216,8 +220,8 @@ def int4_matmul(w: Int4Weight, x: torch.Tensor, out_features: int, bias: torch.T
     """y = x Wᵀ + b (float32, x's leading dims) through the int4 kernel for a repacked weight."""
     k = x.shape[-1]
     xs = x.reshape(-1, k)
-    if w.x_scales == (1.0,) and w.k_pad == k:
-        xb = xs.to(torch.bfloat16)
+    if len(w.x_scales) == 1 and w.k_pad == k:
+        xb = (xs if w.x_scales[0] == 1.0 else xs * w.x_scales[0]).to(torch.bfloat16)
     else:
         xb = xs.new_zeros(xs.shape[0], w.k_pad * len(w.x_scales), dtype=torch.bfloat16)
         for c, s in enumerate(w.x_scales):
