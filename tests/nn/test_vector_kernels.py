@@ -224,3 +224,12 @@ def test_saved_and_reloaded_model_gives_the_same_logits(llama_256_dir, scene_tex
     packed = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 7 and all(m.__dict__.get("_kernel_cache") is not None for m in packed)
     assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("fmt", ["e8p", "aqlm"])
+def test_inference_mode_cache_is_usable_outside(fmt):
+    m, _ = _e8_layer(3) if fmt == "e8p" else _aqlm_layer(AQLMSetting(2, 8, 8))
+    x = torch.randn(2, 512)
+    with torch.inference_mode():
+        y = m(x)
+    assert m.__dict__.get("_kernel_cache") is not None and torch.equal(m(x), y)
