@@ -21,7 +21,7 @@ from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
-from casp.models.streaming import InMemoryLayers, load_streamed, tied_keys
+from casp.models.streaming import InMemoryLayers, load_streamed
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.plan import plan_ranks_and_units
@@ -159,7 +159,7 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
     if writer is not None:
         result.model = None
-        result.out = writer.finish(model, adapter.layers, tied_keys(model), report, config, source)
+        result.out = writer.finish(layer_source.rest_tensors(), model.config, report, config, source)
     elif out is not None:
         from casp.io.storage import save_compressed
 

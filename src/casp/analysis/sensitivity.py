@@ -122,11 +122,15 @@ def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[di
             last = run_layer(step.layer, step.inputs)
     image_token = _image_token(model)
     grads = []
-    for h, batch in zip(last, batches):
-        h = h.detach().requires_grad_(True)
-        with torch.enable_grad():
-            _head_loss(model, adapter, h, _labels(batch, image_token)).backward()
-        grads.append(h.grad.detach())
+    source.open_rest()
+    try:
+        for h, batch in zip(last, batches):
+            h = h.detach().requires_grad_(True)
+            with torch.enable_grad():
+                _head_loss(model, adapter, h, _labels(batch, image_token)).backward()
+            grads.append(h.grad.detach())
+    finally:
+        source.close_rest()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="sensitivity (backward)",

@@ -1,8 +1,9 @@
 """Read single tensors from a (possibly sharded) safetensors checkpoint, without loading the rest.
 
 `LazyCheckpoint(path)` indexes the tensor names of every `*.safetensors` file in a model directory
-(through `model.safetensors.index.json` when present) and reads a tensor on request. Files are
-memory-mapped by safetensors, so reading one decoder layer touches only that layer's bytes.
+(through `model.safetensors.index.json` when present) and reads tensors on request. Each read opens
+the shards it needs and closes them again: a file stays memory-mapped only while it is read, so the
+pages of layers already done do not stay in the process's resident memory.
 `model_key_map` matches the checkpoint's names to a model's state-dict names, undoing the legacy
 renames some families apply when saving (LLaVA's `language_model.model.` prefix and the like).
 """
@@ -30,15 +31,15 @@ class LazyCheckpoint:
         if not files:
             raise CaspError(f"{str(self.path)!r} holds no .safetensors weights (casp streams safetensors only)")
         self.files: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt")
+                with safe_open(str(f), framework="pt") as handle:
+                    for key in handle.keys():
+                        self.files[key] = f
+                        self._shapes[key] = tuple(handle.get_slice(key).get_shape())
             except (SafetensorError, OSError) as e:
                 raise CaspError(f"corrupt safetensors file {str(f)!r}: {str(e).splitlines()[0]}") from None
-            self._open[f] = handle
-            for key in handle.keys():
-                self.files[key] = f
         index = self.path / INDEX_FILE
         if index.is_file():
             try:
@@ -52,16 +53,28 @@ class LazyCheckpoint:
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        try:
-            return self._open[self.files[key]].get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise CaspError(f"cannot read tensor {key!r} from {str(self.files[key])!r}: {e}") from None
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open[self.files[key]].get_slice(key).get_shape())
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.get_many([key])[key]
+
+    def get_many(self, keys) -> dict[str, torch.Tensor]:
+        """The tensors named `keys`, each shard opened once and closed after."""
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for path, names in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in names:
+                        out[name] = handle.get_tensor(name).clone()
+            except (SafetensorError, OSError) as e:
+                raise CaspError(f"cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
+        return out
 
 
 def _renamed(key: str, mapping: dict[str, str]) -> str:

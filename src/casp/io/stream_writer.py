@@ -129,8 +129,8 @@ class StreamWriter:
                 rows.append(row)
         return rows
 
-    def finish(self, model: nn.Module, layer_prefix: str, tied: set[str], report: dict, config, source: Path) -> Path:
-        """Write the non-layer weights, index, config, processor files and report; rename to OUT."""
+    def finish(self, rest: dict[str, torch.Tensor], model_config, report: dict, config, source: Path) -> Path:
+        """Write the non-layer weights `rest`, index, config, processor files and report; rename to OUT."""
         from casp.report import write_report
 
         modules, weight_map = {}, {}
@@ -141,18 +141,16 @@ class StreamWriter:
 
             with safe_open(str(shard), framework="pt") as f:
                 weight_map.update({k: shard.name for k in f.keys()})
-        rest = {k: v for k, v in storage_state_dict(model).items()
-                if not k.startswith(layer_prefix + ".") and k not in tied}
         _save_tensors(self.dir / REST, rest, {"format": "pt"})
         weight_map.update({k: REST for k in rest})
         total = sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
         (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        model.config.quantization_config = quantization_config(modules, report, config)
+        model_config.quantization_config = quantization_config(modules, report, config)
         try:
-            model.config.save_pretrained(self.dir)
+            model_config.save_pretrained(self.dir)
         finally:
-            del model.config.quantization_config
+            del model_config.quantization_config
         for fname in PROCESSOR_FILES:
             src = Path(source) / fname
             if src.is_file() and not (self.dir / fname).exists():

@@ -245,7 +245,11 @@ def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, devi
     from casp.models.streaming import InMemoryLayers
 
     source = source or InMemoryLayers()
-    inputs = capture_layer0_inputs(model, adapter, batches)
+    source.open_rest()
+    try:
+        inputs = capture_layer0_inputs(model, adapter, batches)
+    finally:
+        source.close_rest()
     inputs.hidden = source.keep(inputs.hidden if hidden is None else hidden)
     layers = adapter.decoder_layers(model)
     last = len(layers) - 1

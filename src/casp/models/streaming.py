@@ -1,12 +1,13 @@
 """A model whose decoder layers stay on disk until the layer walk reaches them.
 
-`load_streamed(path)` builds the model with its parameters on the meta device (no memory),
-then reads from the safetensors only what runs before and after the decoder stack (vision
-tower, projector, embeddings, final norm, LM head) in float32. `LayerStream` is what the
-layer walker (`casp.models.engine.walk_layers`) asks for a layer: `fetch` reads that layer's
-tensors, `release` returns them to the meta device, and `keep` stores the hidden states
-between layers in fp16 with a memory cap (`SpillingActivations`). Peak memory is then about
-the non-layer parts + one decoder layer + the activations held in memory.
+`load_streamed(path)` builds the model with its parameters on the meta device (no memory).
+`LayerStream` is what the layer walker (`casp.models.engine.walk_layers`) asks for weights:
+`open_rest` / `close_rest` read and drop what runs around the decoder stack (vision tower,
+projector, embeddings, final norm, LM head) — needed only while the walk catches layer 0's
+inputs, or for the loss — `fetch` reads one decoder layer, `release` returns it to the meta
+device, and `keep` stores the hidden states between layers in fp16 with a memory cap
+(`SpillingActivations`). Everything is float32 while in memory; peak memory is about the larger
+of (the non-layer parts) and (one decoder layer + its compression's work) + the activations.
 
 `InMemoryLayers` is the same interface for a model that is already loaded whole: it does nothing.
 """
@@ -37,6 +38,12 @@ class InMemoryLayers:
     def keep(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         return hidden
 
+    def open_rest(self) -> None:
+        pass
+
+    def close_rest(self) -> None:
+        pass
+
 
 def tied_keys(model: nn.Module) -> set[str]:
     """State-dict names that share storage with another weight (e.g. an LM head tied to the embeddings)."""
@@ -46,6 +53,17 @@ def tied_keys(model: nn.Module) -> set[str]:
                                                                  False)):
         return set()
     return {k for k in model.state_dict() if any(k == t or k.endswith("." + t) or t.endswith(k) for t in names)}
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise, and RSS stays high)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -58,7 +76,7 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 class LayerStream:
-    """Decoder layers read from the checkpoint on demand; hidden states in fp16 under a memory cap."""
+    """Decoder layers (and the parts around them) read from the checkpoint on demand."""
 
     streamed = True
 
@@ -66,6 +84,33 @@ class LayerStream:
                  dtype: torch.dtype = torch.float32, max_bytes: int | None = None, spill_dir: Path | None = None):
         self.model, self.adapter, self.checkpoint, self.keymap = model, adapter, checkpoint, keymap
         self.dtype, self.max_bytes, self.spill_dir = dtype, max_bytes, spill_dir
+        prefix = adapter.layers + "."
+        self.rest_keys = {k: v for k, v in keymap.items() if not k.startswith(prefix)}
+
+    def _load(self, module: nn.Module, names: dict[str, str]) -> None:
+        tensors = self.checkpoint.get_many(names.values())
+        for name, key in names.items():
+            t = tensors.pop(key)
+            _assign(module, name, t.to(self.dtype) if t.is_floating_point() else t)
+
+    def open_rest(self) -> None:
+        """Read every weight outside the decoder layers (float32)."""
+        self._load(self.model, self.rest_keys)
+        self.model.tie_weights()
+
+    def close_rest(self) -> None:
+        for name in self.rest_keys:
+            _assign(self.model, name, torch.empty_like(self.model.get_parameter(name) if _is_param(self.model, name)
+                                                       else self.model.get_buffer(name), device="meta"))
+        _trim_heap()
+
+    def rest_tensors(self) -> dict[str, torch.Tensor]:
+        """The non-layer weights as stored (fp16 floats), named as in the model, tied copies left out."""
+        tied = tied_keys(self.model)
+        names = {k: v for k, v in self.rest_keys.items() if k not in tied}
+        tensors = self.checkpoint.get_many(names.values())
+        return {k: (tensors[v].half() if tensors[v].is_floating_point() else tensors[v]).contiguous()
+                for k, v in names.items()}
 
     def layer_keys(self, index: int) -> dict[str, str]:
         """Layer-local tensor name -> checkpoint name, for decoder layer `index`."""
@@ -73,12 +118,11 @@ class LayerStream:
         return {k[len(prefix):]: v for k, v in self.keymap.items() if k.startswith(prefix)}
 
     def fetch(self, index: int, layer: nn.Module) -> None:
-        for name, key in self.layer_keys(index).items():
-            t = self.checkpoint.get(key)
-            _assign(layer, name, t.to(self.dtype) if t.is_floating_point() else t)
+        self._load(layer, self.layer_keys(index))
 
     def release(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
+        _trim_heap()
 
     def keep(self, hidden: list[torch.Tensor]) -> SpillingActivations:
         return SpillingActivations(hidden, max_bytes=self.max_bytes, spill_dir=self.spill_dir)
@@ -103,21 +147,14 @@ def load_streamed(path: str | Path, *, dtype: torch.dtype = torch.float32, max_b
     names = list(model.state_dict().keys())
     keymap = model_key_map(names, checkpoint.keys(), getattr(model, "_checkpoint_conversion_mapping", None),
                            tied_keys(model))
-    layer_prefix = adapter.layers + "."
-    for name in names:
-        if name.startswith(layer_prefix) or name not in keymap:
-            continue
-        t = checkpoint.get(keymap[name])
-        expected = tuple(model.get_parameter(name).shape) if _is_param(model, name) else None
-        if expected is not None and tuple(t.shape) != expected:
-            raise CaspError(f"checkpoint tensor {keymap[name]!r} has shape {tuple(t.shape)}, the config says {expected}")
-        _assign(model, name, t.to(dtype) if t.is_floating_point() else t)
-    model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(layer_prefix)]
-    if still_meta:
-        raise CaspError(f"the checkpoint in {str(path)!r} holds no weight for {still_meta[0]!r}")
+    source = LayerStream(model, adapter, checkpoint, keymap, dtype, max_bytes, spill_dir)
+    shapes = {k: checkpoint.shape(v) for k, v in keymap.items()}
+    wrong = [k for k, v in model.state_dict().items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise CaspError(f"checkpoint tensor {keymap[wrong[0]]!r} has shape {shapes[wrong[0]]}, the config says "
+                        f"{tuple(model.state_dict()[wrong[0]].shape)}")
     model.eval()
-    return model, LayerStream(model, adapter, checkpoint, keymap, dtype, max_bytes, spill_dir)
+    return model, source
 
 
 def _is_param(model: nn.Module, name: str) -> bool:

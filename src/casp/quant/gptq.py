@@ -38,18 +38,21 @@ def inverse_hessian_cholesky(
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp · mean(diag H).
 
     If a factorization fails, λ is raised tenfold and it is tried again (with a warning).
-    Returns U (in h's dtype) and the λ that worked.
+    Returns U (in h's dtype) and the λ that worked. `h` is damped in place (its diagonal gains
+    λ): GPTQ's n×n matrices are the largest objects of a layer's compression, so no copy is made.
     """
-    n = h.shape[0]
     mean_diag = float(h.diagonal().mean())
     scale = mean_diag if mean_diag > 0 else 1.0
     lam = damp * scale
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    diagonal = h.diagonal().clone()
     for attempt in range(max_tries):
-        low, info = torch.linalg.cholesky_ex(h + lam * eye)
+        h.diagonal().copy_(diagonal + lam)
+        low, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(low)
+            del low
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, lam
         new_lam = lam * 10 if lam > 0 else 1e-6 * scale
@@ -107,7 +110,8 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = h.index_select(0, perm)
+        h = h.index_select(1, perm)
         group_of = perm // g
     else:
         perm = None
