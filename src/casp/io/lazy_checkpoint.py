@@ -5,7 +5,7 @@
 the shards it needs and closes them again: a file stays memory-mapped only while it is read, so the
 pages of layers already done do not stay in the process's resident memory.
 `model_key_map` matches the checkpoint's names to a model's state-dict names, undoing the legacy
-renames some families apply when saving (LLaVA's `language_model.model.` prefix and the like).
+renames some families apply when saving (a prefix moved between releases, and the like).
 """
 from __future__ import annotations
 
