@@ -16,8 +16,9 @@ Projections to the 7B, 13B, 34B and 70B language models (the same CLIP tower in 
   the process before any weights) and k is fitted so that the formula gives the measured 7B peak.
 - Time: GPTQ's FLOPs per layer Σ over linears (2·out·in² + in³) + XᵀX (2·tokens·in² per group) +
   the layer's forward (2·tokens·params), divided by the rate measured on the compressed 7B layers;
-  plus the measured per-layer streaming overhead scaled by the layer's parameters. GPU rows use
-  `--gpu-tflops` (an assumption, printed as such: no GPU was measured) for the same FLOPs.
+  plus the measured per-layer streaming overhead scaled by the layer's parameters. The GPU column is
+  an assumption, printed as such (no GPU was measured): the same FLOPs at `--gpu-tflops`, plus
+  `--gpu-column-us` per GPTQ column (its column loop is sequential: a few small kernels per column).
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ def layer_flops(shape, tokens: int) -> float:
     return gptq + moments + 2 * tokens * layer_params(shape)
 
 
+def layer_columns(shape) -> int:
+    hidden, mlp, _, heads, kv_heads, _ = shape
+    return sum(i for _, i in layer_linears(hidden, mlp, heads, kv_heads))
+
+
 def rest_params(shape) -> int:
     hidden, _, _, _, _, vocab = shape
     return VISION_PARAMS + 2 * vocab * hidden + hidden
@@ -82,6 +88,9 @@ def run(args) -> dict:
     if not model.exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shaped_model.py"), str(model)], check=True)
     out = Path(args.out or tempfile.mkdtemp(prefix="casp-scale-")) / "compressed"
+    if args.reuse and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+        return {"report": report, "wall": report["seconds"], "out": out}
     cmd = [sys.executable, "-m", "casp", "compress", str(model), "-o", str(out), "--stream", "--overwrite",
            "--bits", str(args.bits), "--allocation", args.allocation, "--calib-samples", str(args.calib_samples),
            "--calib-seq-len", str(args.calib_seq_len), "--layers", args.layers, "--json"]
@@ -106,17 +115,23 @@ def main(argv=None) -> int:
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpu-tflops", type=float, default=20.0, help="assumed sustained GPU rate for the GPU column")
+    p.add_argument("--gpu-column-us", type=float, default=50.0,
+                   help="assumed GPU latency of one GPTQ column step (microseconds)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read OUT/compressed/report.json of an earlier run instead of compressing again "
+                        "(wall time is then the run's own seconds, without process start-up)")
     args = p.parse_args(argv)
 
     res = run(args)
     report, wall = res["report"], res["wall"]
-    rows = [r for r in report["decoder_layers"] if r.get("units")]
+    rows = report["decoder_layers"]
+    matrices = {r["index"]: sum(u["layer"] == r["index"] for u in report["layers"]) for r in rows}
     seven = SHAPES["7B"]
-    tokens = report["calibration_tokens"]
+    tokens = report["calibration"]["tokens"]
     per_layer = [r["seconds"] for r in rows]
     mean_layer = sum(per_layer) / len(per_layer)
     rate = layer_flops(seven, tokens) / mean_layer
-    overhead = max(wall - sum(per_layer), 0.0) / seven[2]
+    overhead = max(wall - sum(per_layer), 0.0) / (seven[2] - len(rows))
     peak = report["peak_rss_mb"] * 2**20
     base = base_rss_bytes()
     k = max((peak - base - working_set(seven, 0.0)) / (8 * seven[1] ** 2), 0.0)
@@ -127,9 +142,10 @@ def main(argv=None) -> int:
           f"{args.threads} thread(s)); compressed layers {args.layers}, the rest streamed through")
     print("\nmeasured")
     for r in rows:
-        print(f"  layer {r['index']:2d}: {r['seconds']:7.1f} s   ({len(r['units'])} matrices)")
-    print(f"  whole run: {wall:.0f} s wall, peak RSS {peak / 2**30:.2f} GB (process base {base / 2**30:.2f} GB); "
-          f"GPTQ rate {rate / 1e9:.1f} GFLOP/s; streaming a layer through {overhead:.1f} s")
+        print(f"  layer {r['index']:2d}: {r['seconds']:7.1f} s   ({matrices[r['index']]} matrices)")
+    print(f"  whole run: {wall:.0f} s wall, average {report['average_bits']:.4f} bits on the compressed layers, "
+          f"peak RSS {peak / 2**30:.2f} GB (process base {base / 2**30:.2f} GB)")
+    print(f"  GPTQ rate {rate / 1e9:.1f} GFLOP/s; streaming one other layer through (read, run, write) {overhead:.1f} s")
     print(f"  fitted GPTQ work: {k:.2f} x 8 i^2 bytes")
     print("\nprojected (whole model compressed, same calibration tokens)")
     print(f"  {'model':5s} {'params':>7s} {'peak RSS':>9s} {'CPU time':>9s} {'GPU time*':>9s}")
@@ -138,9 +154,10 @@ def main(argv=None) -> int:
         rss = base + max(4 * rest_params(shape), working_set(shape, k))
         flops = shape[2] * layer_flops(shape, tokens)
         cpu = flops / rate + overhead * shape[2] * layer_params(shape) / layer_params(seven)
-        gpu = flops / (args.gpu_tflops * 1e12)
+        gpu = flops / (args.gpu_tflops * 1e12) + shape[2] * layer_columns(shape) * args.gpu_column_us * 1e-6
         print(f"  {name:5s} {params / 1e9:6.1f}B {rss / 2**30:7.1f} GB {cpu / 3600:7.1f} h {gpu / 60:7.1f} min")
-    print(f"\n* GPU column: the same FLOPs at an assumed {args.gpu_tflops:g} TFLOP/s; not measured (no GPU lent).")
+    print(f"\n* GPU column: assumed, not measured (no GPU lent): the same FLOPs at {args.gpu_tflops:g} TFLOP/s "
+          f"+ {args.gpu_column_us:g} us per GPTQ column.")
     return 0
 
 

@@ -93,11 +93,11 @@ def gptq_quantize(
     device = weight.device
 
     w = weight.detach().to(torch.float32).clone()
-    h = xtx.detach().to(device=device, dtype=hessian_dtype).clone()
-    dead = h.diagonal() == 0
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+    src = xtx.detach().to(device=device, dtype=hessian_dtype)
+    diag = src.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    w[:, dead] = 0.0
 
     # Per-channel grids are fitted on the whole (original) row either way.
     fixed = static_groups or ng == 1
@@ -107,15 +107,20 @@ def gptq_quantize(
         scale = torch.zeros(out_features, ng, dtype=torch.float32, device=device)
         zero = torch.zeros_like(scale)
 
+    # h is always a copy: the caller's XᵀX is never changed (the permuted copy is made directly).
     if act_order:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
         w = w[:, perm]
-        h = h.index_select(0, perm)
-        h = h.index_select(1, perm)
+        h = src.index_select(0, perm).index_select(1, perm)
+        dead = dead[perm]
         group_of = perm // g
     else:
         perm = None
+        h = src.clone()
         group_of = torch.arange(in_features, device=device) // g
+    del src
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
     group_of = group_of.tolist()
 
     u, _ = inverse_hessian_cholesky(h, damp)
