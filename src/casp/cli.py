@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # 5.x draws "Loading weights" bars on stderr
     try:
         COMMANDS[args.command](args)
     except CaspError as e:
