@@ -1,6 +1,8 @@
 """Tiny random-weight models of every supported family, built in code (no hub)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers as tf
 
@@ -152,12 +154,19 @@ def tiny_image_batch(model, seed: int = 0, token_type_ids: bool = False) -> dict
     return batch
 
 
+# transformers 5 computes M-RoPE positions from the processor's `mm_token_type_ids` (1 on image tokens)
+_QWEN_VL_TAKES_TOKEN_TYPES = "mm_token_type_ids" in inspect.signature(tf.Qwen2VLForConditionalGeneration.forward).parameters
+
+
 def tiny_qwen_vl_image_batch(seed: int = 0) -> dict:
     """One Qwen2(.5)-VL batch with a 4×4-patch image (4 merged tokens), so M-RoPE positions differ per axis."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.cat([torch.tensor([[1, 125]]), torch.full((1, 4), 127), torch.randint(0, 120, (1, 6), generator=g)], 1)
-    return {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 4 * 4, generator=g),
-            "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    batch = {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 4 * 4, generator=g),
+             "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    if _QWEN_VL_TAKES_TOKEN_TYPES:
+        batch["mm_token_type_ids"] = (ids == IMAGE_ID).int()
+    return batch
 
 
 def tiny_padded_batch(seq: int = 12, pad: int = 3, seed: int = 0) -> dict:

@@ -115,14 +115,18 @@ def test_attention_probs_match_eager_attention(family):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_mrope_sections_matter_for_the_image_batch(family):
-    """With the temporal positions on all three M-RoPE axes (text-style RoPE) the image batch fails."""
+    """With text-style positions (the token index on all three M-RoPE axes) the image batch fails."""
     model = _prepare(tiny_model(family))
     adapter = adapter_for(model)
 
-    def temporal_only(pos):
-        return tuple(p[:1].expand_as(p) for p in pos)
+    batch = tiny_qwen_vl_image_batch()
+    rotary = model.get_submodule(adapter.rotary)
+    seq = batch["input_ids"].shape[1]
 
-    errors, _ = _compare(model, adapter, tiny_qwen_vl_image_batch(), pos_map=temporal_only)
+    def text_style(pos):  # every axis at the token's index: what plain RoPE would give
+        return rotary(pos[0], torch.arange(seq).expand(3, 1, seq))
+
+    errors, _ = _compare(model, adapter, batch, pos_map=text_style)
     assert min(errors) > 1e-3
 
 
@@ -199,12 +203,19 @@ def test_hook_applies_qk_norms_scale_and_window(family):
     assert min(wrong) > 1e-3
 
 
+def _sliding_window_rope(model, x, position_ids):
+    """Gemma 3's (cos, sin) for sliding layers: a module of its own in transformers 4, a layer type in 5."""
+    if hasattr(model.model, "rotary_emb_local"):
+        return model.model.rotary_emb_local(x, position_ids)
+    return model.model.rotary_emb(x, position_ids, "sliding_attention")
+
+
 def test_low_rank_replacements_keep_the_layers_norms_rope_and_scale():
     model, adapter = _qk_norm_model("gemma3")
     layer = adapter.decoder_layers(model)[0]
     attention = layer.get_submodule(adapter.attention)
     x = torch.randn(1, 6, TEXT["hidden_size"])
-    pos = model.model.rotary_emb_local(x, torch.arange(6)[None])
+    pos = _sliding_window_rope(model, x, torch.arange(6)[None])
     with torch.no_grad():
         own = adapter.attention_qk(attention, x, pos)
         same = adapter.attention_qk(attention, x, pos, q_proj=attention.q_proj, k_proj=attention.k_proj)

@@ -94,7 +94,7 @@ def test_tokenizer_matches_gguf_metadata(smollm):
 def test_chat_answer_is_sensible(smollm):
     model, tok = smollm
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt")
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from casp.models.adapters import adapter_for_architecture
-from casp.errors import CaspError
+from casp.errors import CaspError, first_line
 from casp.io.checkpoint import architecture_of, is_compressed, read_config
+from casp.io.hf_compat import load_config, readable_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
-    """Load a dense or casp-compressed model from a local directory (never from a hub)."""
+    """Load a dense or casp-compressed model from a local directory (never from a hub).
+
+    The config goes through `hf_compat.load_config`, so a checkpoint saved by either transformers
+    major version gets the RoPE it was saved with. Any failure is a one-line CaspError.
+    """
     import transformers
 
     path = Path(path)
@@ -49,42 +54,48 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
         from casp.io.storage import load_compressed
 
         return load_compressed(path, dtype=dtype)
-    cls = getattr(transformers, arch)
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise CaspError(f"transformers {transformers.__version__} has no class {arch} (named by {str(path)!r})")
+    config = load_config(path)
     try:
-        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CaspError(f"cannot load model weights from {str(path)!r}: {msg}") from None
-    except Exception as e:  # safetensors raises its own error type on corrupt files
-        if type(e).__name__ == "SafetensorError":
-            raise CaspError(f"corrupt safetensors file in {str(path)!r}: {e}") from None
-        raise
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
+                                          output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or mismatched weights; safetensors' own error type
+        raise CaspError(f"cannot load model weights from {str(path)!r}: {first_line(e)}") from e
+    _check_loading_info(path, info)
     model.eval()
     return model
 
 
-def load_config(path: Path):
-    """The model's transformers config, read from its local directory."""
-    from transformers import AutoConfig
+def _check_loading_info(path: Path, info: dict) -> None:
+    """Refuse a model some of whose tensors the checkpoint did not fill: transformers would leave them random."""
+    import transformers
 
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CaspError(f"cannot read the model config in {str(path)!r}: {msg}") from None
+    missing = sorted(set(info.get("missing_keys") or ()) | {m[0] for m in info.get("mismatched_keys") or ()})
+    if not missing:
+        return
+    unused = sorted(info.get("unexpected_keys") or ())
+    hint = f"; {len(unused)} checkpoint tensors went unused (e.g. {unused[0]})" if unused else ""
+    raise CaspError(f"cannot load model weights from {str(path)!r}: {len(missing)} of the model's tensors are not in "
+                    f"the checkpoint (e.g. {missing[0]}){hint}; does it come from another transformers version "
+                    f"than {transformers.__version__}?")
 
 
 def load_processor(path: Path):
-    """AutoProcessor for multimodal models, tokenizer for text-only ones."""
+    """AutoProcessor for multimodal models, tokenizer for text-only ones (files of either transformers version)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    path = Path(path)
     adapter = adapter_for_architecture(architecture_of(path))
+    loader = AutoProcessor if adapter.is_multimodal else AutoTokenizer
     try:
-        if adapter.is_multimodal:
-            return AutoProcessor.from_pretrained(path, local_files_only=True)
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CaspError(f"cannot load the processor/tokenizer from {str(path)!r}: {str(e).splitlines()[0]}") from None
+        with readable_tokenizer_dir(path) as readable:
+            return loader.from_pretrained(readable, local_files_only=True)
+    except CaspError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers and processors fail with any exception type
+        raise CaspError(f"cannot load the processor/tokenizer from {str(path)!r}: {first_line(e)}") from e
 
 
 def tokenizer_of(processor):

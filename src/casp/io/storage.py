@@ -19,6 +19,7 @@ from torch import nn
 
 from casp.errors import CaspError
 from casp.io.checkpoint import QUANT_METHOD, architecture_of, read_config
+from casp.io.hf_compat import load_config, model_keys
 
 log = logging.getLogger(__name__)
 
@@ -154,22 +155,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _modern_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo the legacy key renaming that `save_pretrained` applies for some families (e.g. LLaVA)."""
-    import re
-
-    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in mapping.items():
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                key = new
-                break
-        out[key] = value
-    return out
-
-
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a casp-compressed model from OUT: config -> empty model -> casp modules -> weights."""
     import transformers
@@ -180,12 +165,14 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     if qcfg.get("quant_method") != QUANT_METHOD:
         raise CaspError(f"{str(path)!r} is not a casp-compressed model")
     cls = getattr(transformers, architecture_of(path))
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = cls._from_config(config, dtype=dtype)
     install_modules(model, qcfg["modules"])
-    sd = _modern_keys(model, _read_state_dict(path))
+    stored = _read_state_dict(path)
+    names = model_keys(model, list(stored))
+    sd = {names[k]: v for k, v in stored.items()}
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
                                                 strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,11 +122,45 @@ class Adapter:
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
         return heads, kv, head_dim
 
+    def attention_type(self, layer: nn.Module) -> str | None:
+        """The attention type ("sliding_attention", "full_attention", ...) whose mask and RoPE the model gives `layer`.
+
+        transformers 4.x keeps it on the decoder layer; 5.x looks it up in `config.layer_types` by layer index.
+        """
+        own = getattr(layer, "attention_type", None)
+        if own is not None:
+            return own
+        attention = layer.get_submodule(self.attention)
+        types = getattr(getattr(attention, "config", None), "layer_types", None)
+        index = getattr(attention, "layer_idx", None)
+        return types[index] if types is not None and index is not None else None
+
+    @contextmanager
+    def posing_as(self, layer: nn.Module, attention_type: str):
+        """Within the block, the model treats `layer` as a layer of `attention_type` (its mask and RoPE)."""
+        if hasattr(layer, "attention_type"):
+            own, layer.attention_type = layer.attention_type, attention_type
+            try:
+                yield
+            finally:
+                layer.attention_type = own
+            return
+        attention = layer.get_submodule(self.attention)
+        config, index = attention.config, attention.layer_idx
+        own = config.layer_types
+        config.layer_types = [attention_type if i == index else t for i, t in enumerate(own)]
+        try:
+            yield
+        finally:
+            config.layer_types = own
+
     def apply_rope(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings):
         """Apply the family's own rotary embedding to q, k shaped [batch, heads, seq, head_dim]."""
         cos, sin = position_embeddings
         module = sys.modules[type(attention).__module__]
-        if self.multimodal_rope:
+        if self.multimodal_rope and hasattr(module, "apply_multimodal_rotary_pos_emb"):
+            # transformers 4.x: cos/sin carry all three M-RoPE axes; the attention picks each section's axis.
+            # 5.x merges the sections inside the rotary embedding, so plain RoPE below is exact there.
             section = attention.rope_scaling["mrope_section"]
             return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
         return module.apply_rotary_pos_emb(q, k, cos, sin)

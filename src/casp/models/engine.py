@@ -12,6 +12,7 @@ caught once per type, so every layer runs with the mask the model itself would g
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,13 +37,14 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     typed: dict[str, list[dict]] = field(default_factory=dict)
+    type_of: Callable[[nn.Module], str | None] = lambda layer: None  # a layer's attention type (the adapter's)
 
     def __len__(self) -> int:
         return len(self.hidden)
 
     def kwargs_for(self, layer: nn.Module) -> list[dict]:
         """Per batch, the keyword arguments the model passes to `layer`."""
-        return self.typed.get(getattr(layer, "attention_type", None), self.kwargs)
+        return self.typed.get(self.type_of(layer), self.kwargs)
 
     @property
     def num_tokens(self) -> int:
@@ -97,16 +99,13 @@ def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict
     """
     layers = adapter.decoder_layers(model)
     layer0 = layers[0]
-    caught = LayerInputs([], [])
+    caught = LayerInputs([], [], type_of=adapter.attention_type)
     caught.kwargs = _catch_until_layer0(model, layer0, batches, caught.hidden)
-    own = getattr(layer0, "attention_type", None)
-    others = {t for t in (getattr(layer, "attention_type", None) for layer in layers) if t is not None and t != own}
+    own = adapter.attention_type(layer0)
+    others = {t for t in map(adapter.attention_type, layers) if t is not None and t != own}
     for attention_type in sorted(others):
-        layer0.attention_type = attention_type
-        try:
+        with adapter.posing_as(layer0, attention_type):
             caught.typed[attention_type] = _catch_until_layer0(model, layer0, batches, None)
-        finally:
-            layer0.attention_type = own
     return caught
 
 

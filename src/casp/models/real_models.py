@@ -116,12 +116,15 @@ def convert_gguf(spec: BuiltinModel, gguf_path: Path, out_dir: Path) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from casp.io.hf_compat import drop_gguf_quantizer, gguf_dense_kwargs
+
     t0 = time.perf_counter()
     meta = gguf_metadata(gguf_path)
     tokenizer = _load_tokenizer(gguf_path, meta)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **gguf_dense_kwargs()
     )
+    drop_gguf_quantizer(model)
     _check_model(model, spec, expect_tied="output.weight" not in meta["tensor_names"])
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
