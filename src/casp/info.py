@@ -12,6 +12,7 @@ def describe(model=None) -> dict:
     import casp
 
     from casp.models.adapters import ADAPTERS, SUPPORTED_ARCHITECTURES
+    from casp.io.hf_compat import load_config, rope_bases
     from casp.io.modelio import architecture_of, builtin_names, read_config, resolve_model_path
     from casp.quant.base import available_quantizers
     from casp.transforms.base import available_transforms
@@ -39,6 +40,7 @@ def describe(model=None) -> dict:
     text = cfg.get("text_config", cfg)
     out.update(hidden_size=text.get("hidden_size"), num_layers=text.get("num_hidden_layers"),
                num_attention_heads=text.get("num_attention_heads"), num_key_value_heads=text.get("num_key_value_heads"))
+    out["rope_theta"] = rope_bases(load_config(path))  # as this transformers will build it (either file format)
     return out
 
 

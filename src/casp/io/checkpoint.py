@@ -14,9 +14,12 @@ def read_config(path: Path) -> dict:
     if not cfg_file.is_file():
         raise CaspError(f"{str(path)!r} has no config.json: not a Hugging Face model directory")
     try:
-        return json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CaspError(f"cannot read {cfg_file}: {e}") from None
+    if not isinstance(raw, dict):
+        raise CaspError(f"{cfg_file} is not a JSON object")
+    return raw
 
 
 def architecture_of(path: Path) -> str:

@@ -11,7 +11,9 @@ What differs between the two on disk, and what this module does about it:
   tokenizer_config.json says the same thing in 4.x terms (the generic fast tokenizer over
   tokenizer.json, the list as `additional_special_tokens`).
 - Weight names: `save_pretrained` writes some families under their historical key names, and each
-  version has its own table for undoing that; `model_keys` asks the installed version's table.
+  version has its own table for undoing that; `model_keys` asks the installed version's table. A
+  vision tower created under 5.x is saved without a wrapper level that 4.x expects;
+  `fill_unwrapped_tensors` loads those tensors under 4.x.
 - A GGUF import under 5.x stays tied to a GGUF quantizer that refuses to save; `drop_gguf_quantizer`.
 """
 from __future__ import annotations
@@ -205,6 +207,53 @@ def _renamer_v5(model):
         return key
 
     return rename
+
+
+def fill_unwrapped_tensors(model, path: Path, missing: list[str], unused: list[str]) -> list[str]:
+    """Under 4.x, load the tensors a 5.x checkpoint stores one wrapper level higher; return those still missing.
+
+    A vision tower created under 5.x is saved without the wrapper module level that 4.x models have
+    (5.x strips it on load). Each missing name must equal exactly one unused checkpoint name with the
+    same single path segment added, and the shapes must agree; otherwise nothing is filled.
+    """
+    if MAJOR >= 5 or not missing or not unused:
+        return missing
+    pairs = _one_segment_pairs(missing, unused)
+    if pairs is None:
+        return missing
+    from safetensors import safe_open
+
+    wanted = set(pairs.values())
+    params = model.state_dict()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            names = model_keys(model, list(f.keys()))
+            for raw, name in names.items():
+                if name in wanted:
+                    target = next(m for m, u in pairs.items() if u == name)
+                    tensor = f.get_tensor(raw)
+                    if tensor.shape != params[target].shape:
+                        return missing
+                    params[target].copy_(tensor.to(params[target].dtype))
+                    wanted.discard(name)
+    return sorted(m for m, u in pairs.items() if u in wanted)
+
+
+def _one_segment_pairs(missing: list[str], unused: list[str]) -> dict[str, str] | None:
+    """missing name -> the unused name that is it without one segment (the same segment for all), or None."""
+    unused_set = set(unused)
+    pairs, segments = {}, set()
+    for name in missing:
+        parts = name.split(".")
+        found = [(".".join(parts[:i] + parts[i + 1:]), parts[i]) for i in range(1, len(parts) - 1)]
+        found = [(u, seg) for u, seg in found if u in unused_set]
+        if len(found) != 1:
+            return None
+        pairs[name], seg = found[0]
+        segments.add(seg)
+    if len(segments) != 1 or len(set(pairs.values())) != len(pairs):
+        return None
+    return pairs
 
 
 def gguf_dense_kwargs() -> dict:

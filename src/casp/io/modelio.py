@@ -9,7 +9,7 @@ import torch
 from casp.models.adapters import adapter_for_architecture
 from casp.errors import CaspError, first_line
 from casp.io.checkpoint import architecture_of, is_compressed, read_config
-from casp.io.hf_compat import load_config, readable_tokenizer_dir
+from casp.io.hf_compat import fill_unwrapped_tensors, load_config, readable_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,20 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
                                           output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - missing, truncated or mismatched weights; safetensors' own error type
         raise CaspError(f"cannot load model weights from {str(path)!r}: {first_line(e)}") from e
-    _check_loading_info(path, info)
+    _check_loading_info(model, path, info)
     model.eval()
     return model
 
 
-def _check_loading_info(path: Path, info: dict) -> None:
+def _check_loading_info(model, path: Path, info: dict) -> None:
     """Refuse a model some of whose tensors the checkpoint did not fill: transformers would leave them random."""
     import transformers
 
-    missing = sorted(set(info.get("missing_keys") or ()) | {m[0] for m in info.get("mismatched_keys") or ()})
+    unused = sorted(info.get("unexpected_keys") or ())
+    missing = fill_unwrapped_tensors(model, path, sorted(info.get("missing_keys") or ()), unused)
+    missing = sorted(set(missing) | {m[0] for m in info.get("mismatched_keys") or ()})
     if not missing:
         return
-    unused = sorted(info.get("unexpected_keys") or ())
     hint = f"; {len(unused)} checkpoint tensors went unused (e.g. {unused[0]})" if unused else ""
     raise CaspError(f"cannot load model weights from {str(path)!r}: {len(missing)} of the model's tensors are not in "
                     f"the checkpoint (e.g. {missing[0]}){hint}; does it come from another transformers version "
