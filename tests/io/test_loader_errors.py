@@ -66,8 +66,6 @@ CASES = [
      "tokenizer"),
     ("processor_added_tokens_as_list", "llava",
      _edit_json("tokenizer_config.json", lambda c: c.update(added_tokens_decoder=[])), "processor"),
-    ("processor_extra_special_tokens_number", "llava",
-     _edit_json("tokenizer_config.json", lambda c: c.update(extra_special_tokens=5)), "processor"),
     ("truncated_safetensors", "llama", _truncate, "cannot load model weights"),
     ("safetensors_missing_a_tensor", "llama", _drop_a_tensor, "not in the checkpoint"),
 ]

@@ -12,8 +12,8 @@ What differs between the two on disk, and what this module does about it:
   tokenizer.json, the list as `additional_special_tokens`).
 - Weight names: `save_pretrained` writes some families under their historical key names, and each
   version has its own table for undoing that; `model_keys` asks the installed version's table. A
-  vision tower created under 5.x is saved without a wrapper level that 4.x expects;
-  `fill_unwrapped_tensors` loads those tensors under 4.x.
+  vision tower created under a recent 5.x is saved without a wrapper level that 4.x (and 5.0)
+  models have; `fill_unwrapped_tensors` loads those tensors into them.
 - A GGUF import under 5.x stays tied to a GGUF quantizer that refuses to save; `drop_gguf_quantizer`.
 """
 from __future__ import annotations
@@ -210,13 +210,13 @@ def _renamer_v5(model):
 
 
 def fill_unwrapped_tensors(model, path: Path, missing: list[str], unused: list[str]) -> list[str]:
-    """Under 4.x, load the tensors a 5.x checkpoint stores one wrapper level higher; return those still missing.
+    """Load the tensors a newer checkpoint stores one wrapper level higher; return the names still missing.
 
-    A vision tower created under 5.x is saved without the wrapper module level that 4.x models have
-    (5.x strips it on load). Each missing name must equal exactly one unused checkpoint name with the
+    A CLIP/SigLIP tower created under a recent 5.x is saved without the wrapper module level that 4.x
+    and early 5.x models have. Each missing name must equal exactly one unused checkpoint name with the
     same single path segment added, and the shapes must agree; otherwise nothing is filled.
     """
-    if MAJOR >= 5 or not missing or not unused:
+    if not missing or not unused:
         return missing
     pairs = _one_segment_pairs(missing, unused)
     if pairs is None:

@@ -92,11 +92,16 @@ def load_processor(path: Path):
     loader = AutoProcessor if adapter.is_multimodal else AutoTokenizer
     try:
         with readable_tokenizer_dir(path) as readable:
-            return loader.from_pretrained(readable, local_files_only=True)
+            processor = loader.from_pretrained(readable, local_files_only=True)
     except CaspError:
         raise
     except Exception as e:  # noqa: BLE001 - tokenizers and processors fail with any exception type
         raise CaspError(f"cannot load the processor/tokenizer from {str(path)!r}: {first_line(e)}") from e
+    tokenizer = tokenizer_of(processor)
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):  # some versions load an empty one
+        raise CaspError(f"the tokenizer in {str(path)!r} has no vocabulary beyond its special tokens "
+                        "(no tokenizer.json or vocabulary files?)")
+    return processor
 
 
 def tokenizer_of(processor):

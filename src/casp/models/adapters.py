@@ -159,10 +159,10 @@ class Adapter:
         cos, sin = position_embeddings
         module = sys.modules[type(attention).__module__]
         if self.multimodal_rope and hasattr(module, "apply_multimodal_rotary_pos_emb"):
-            # transformers 4.x: cos/sin carry all three M-RoPE axes; the attention picks each section's axis.
-            # 5.x merges the sections inside the rotary embedding, so plain RoPE below is exact there.
-            section = attention.rope_scaling["mrope_section"]
-            return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
+            # transformers 4.x and early 5.x: cos/sin carry all three M-RoPE axes and the attention picks each
+            # section's axis; later 5.x merges the sections inside the rotary embedding (plain RoPE below)
+            rope = getattr(attention, "rope_scaling", None) or attention.rope_parameters
+            return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, rope["mrope_section"])
         return module.apply_rotary_pos_emb(q, k, cos, sin)
 
     def _in_attention(self, attention: nn.Module, path: str, required: bool = True) -> nn.Module | None:
