@@ -107,16 +107,17 @@ def _apply_flat(cfg, params: dict) -> None:
 
 
 def rope_bases(config) -> list[float]:
-    """Every RoPE base the config sets (any version), for reports and tests."""
-    bases = []
+    """The distinct RoPE bases the installed version builds from this config (sorted), for `casp info` and tests."""
+    bases = set()
     for cfg in _config_tree(config):
         params = getattr(cfg, "rope_parameters", None)
         if MAJOR >= 5 and isinstance(params, dict):
             nested = [v for v in params.values() if isinstance(v, dict)]
-            bases += [float(p["rope_theta"]) for p in (nested or [params]) if "rope_theta" in p]
-        elif getattr(cfg, "rope_theta", None) is not None:
-            bases.append(float(cfg.rope_theta))
-    return bases
+            bases |= {float(p["rope_theta"]) for p in (nested or [params]) if "rope_theta" in p}
+        elif MAJOR < 5:
+            bases |= {float(b) for b in (getattr(cfg, "rope_theta", None), getattr(cfg, "rope_local_base_freq", None))
+                      if b is not None}
+    return sorted(bases)
 
 
 # ------------------------------------------------------------------ tokenizer files
@@ -223,20 +224,20 @@ def fill_unwrapped_tensors(model, path: Path, missing: list[str], unused: list[s
         return missing
     from safetensors import safe_open
 
-    wanted = set(pairs.values())
+    target_of = {u: m for m, u in pairs.items()}
     params = model.state_dict()
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            names = model_keys(model, list(f.keys()))
-            for raw, name in names.items():
-                if name in wanted:
-                    target = next(m for m, u in pairs.items() if u == name)
-                    tensor = f.get_tensor(raw)
-                    if tensor.shape != params[target].shape:
-                        return missing
-                    params[target].copy_(tensor.to(params[target].dtype))
-                    wanted.discard(name)
-    return sorted(m for m, u in pairs.items() if u in wanted)
+            for raw, name in model_keys(model, list(f.keys())).items():
+                target = target_of.get(name)
+                if target is None:
+                    continue
+                tensor = f.get_tensor(raw)
+                if tensor.shape != params[target].shape:
+                    return missing
+                params[target].copy_(tensor.to(params[target].dtype))
+                del target_of[name]
+    return sorted(target_of.values())
 
 
 def _one_segment_pairs(missing: list[str], unused: list[str]) -> dict[str, str] | None:
@@ -257,8 +258,9 @@ def _one_segment_pairs(missing: list[str], unused: list[str]) -> dict[str, str] 
 
 
 def gguf_dense_kwargs() -> dict:
-    """`from_pretrained` arguments that load a GGUF file as a dense model (5.x may keep blocks packed)."""
-    return {"quantization_config": transformers.GgufConfig(dequantize=True)} if MAJOR >= 5 else {}
+    """`from_pretrained` arguments that load a GGUF file as a dense model (recent 5.x may keep blocks packed)."""
+    gguf_config = getattr(transformers, "GgufConfig", None)  # absent in 4.x and 5.0, which always dequantize
+    return {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
 
 
 def drop_gguf_quantizer(model) -> None:
