@@ -217,10 +217,8 @@ def fill_unwrapped_tensors(model, path: Path, missing: list[str], unused: list[s
     and early 5.x models have. Each missing name must equal exactly one unused checkpoint name with the
     same single path segment added, and the shapes must agree; otherwise nothing is filled.
     """
-    if not missing or not unused:
-        return missing
-    pairs = _one_segment_pairs(missing, unused)
-    if pairs is None:
+    pairs = unwrapped_names(missing, unused)
+    if not pairs:
         return missing
     from safetensors import safe_open
 
@@ -240,8 +238,8 @@ def fill_unwrapped_tensors(model, path: Path, missing: list[str], unused: list[s
     return sorted(target_of.values())
 
 
-def _one_segment_pairs(missing: list[str], unused: list[str]) -> dict[str, str] | None:
-    """missing name -> the unused name that is it without one segment (the same segment for all), or None."""
+def unwrapped_names(missing: list[str], unused: list[str]) -> dict[str, str]:
+    """missing name -> the unused name that is it without one segment, the same segment for all; {} if not so."""
     unused_set = set(unused)
     pairs, segments = {}, set()
     for name in missing:
@@ -249,11 +247,11 @@ def _one_segment_pairs(missing: list[str], unused: list[str]) -> dict[str, str] 
         found = [(".".join(parts[:i] + parts[i + 1:]), parts[i]) for i in range(1, len(parts) - 1)]
         found = [(u, seg) for u, seg in found if u in unused_set]
         if len(found) != 1:
-            return None
+            return {}
         pairs[name], seg = found[0]
         segments.add(seg)
     if len(segments) != 1 or len(set(pairs.values())) != len(pairs):
-        return None
+        return {}
     return pairs
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from casp.errors import CaspError
 from casp.io.checkpoint import QUANT_METHOD, architecture_of, read_config
-from casp.io.hf_compat import load_config, model_keys
+from casp.io.hf_compat import load_config, model_keys, unwrapped_names
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,13 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     stored = _read_state_dict(path)
     names = model_keys(model, list(stored))
     sd = {names[k]: v for k, v in stored.items()}
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
-                                                strict=False)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    pairs = unwrapped_names(missing, unexpected)  # a vision tower saved without its wrapper level (hf_compat)
+    if pairs:
+        model.load_state_dict({m: sd[u] for m, u in pairs.items()}, strict=False)
+        missing = [k for k in missing if k not in pairs]
+        unexpected = [k for k in unexpected if k not in set(pairs.values())]
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
