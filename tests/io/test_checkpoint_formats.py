@@ -239,6 +239,22 @@ def test_compressed_v5_llava_keeps_its_rope_base(llava_dir, tmp_path):
             assert torch.equal(casp.load(other)(**batch).logits, want)
 
 
+def test_streamed_compression_reads_either_format(llava_dir, tmp_path):
+    """--stream reads the checkpoint's tensors itself: same names, RoPE base and weights as a whole-model run."""
+    d, batch, want = llava_dir
+    text = tmp_path / "calib.txt"
+    text.write_text("what color is the circle ? red . " * 40)
+    cfg = dict(quantizer="none", qk_rank=0, calib_samples=4, calib_seq_len=16, calib_text=str(text))
+    compress(d, tmp_path / "whole", CompressionConfig(**cfg), progress=False)
+    compress(d, tmp_path / "streamed", CompressionConfig(stream=True, **cfg), progress=False)
+    streamed = casp.load(tmp_path / "streamed")
+    _assert_rope_base(streamed)
+    with torch.no_grad():
+        got = streamed(**batch).logits
+        assert torch.equal(got, casp.load(tmp_path / "whole")(**batch).logits)
+    assert (got - want).norm() / want.norm() < 1e-2  # only fp16 storage apart from the source
+
+
 def test_rope_parameters_map_onto_the_4x_fields():
     """5.x `rope_parameters` -> rope_theta / rope_scaling / rope_local_base_freq (what 4.x models read)."""
     flat = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": BASE}, rope_theta=10000.0,

@@ -135,7 +135,7 @@ def load_streamed(path: str | Path, *, dtype: torch.dtype = torch.float32, max_b
     from accelerate import init_empty_weights
 
     from casp.io.checkpoint import architecture_of
-    from casp.io.modelio import load_config
+    from casp.io.hf_compat import load_config, model_keys, unwrapped_names
 
     path = Path(path)
     cls = getattr(transformers, architecture_of(path))
@@ -145,8 +145,13 @@ def load_streamed(path: str | Path, *, dtype: torch.dtype = torch.float32, max_b
     adapter = adapter_for(model)
     checkpoint = LazyCheckpoint(path)
     names = list(model.state_dict().keys())
-    keymap = model_key_map(names, checkpoint.keys(), getattr(model, "_checkpoint_conversion_mapping", None),
-                           tied_keys(model))
+    tied = tied_keys(model)
+    renamed = model_keys(model, checkpoint.keys())  # checkpoint name -> model name, by the installed transformers
+    found, own = set(renamed.values()), set(names)
+    unwrapped = unwrapped_names([n for n in names if n not in found and n not in tied], sorted(found - own))
+    back = {u: m for m, u in unwrapped.items()}  # a vision tower saved without its wrapper level
+    original = {back.get(r, r): ck for ck, r in renamed.items()}
+    keymap = {m: original[r] for m, r in model_key_map(names, list(original), None, tied).items()}
     source = LayerStream(model, adapter, checkpoint, keymap, dtype, max_bytes, spill_dir)
     shapes = {k: checkpoint.shape(v) for k, v in keymap.items()}
     wrong = [k for k, v in model.state_dict().items() if k in shapes and tuple(v.shape) != shapes[k]]
