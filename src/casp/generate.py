@@ -142,6 +142,7 @@ def greedy_decode(model: nn.Module, inputs: dict, max_new_tokens: int, fixed_len
     extra = {"min_new_tokens": max_new_tokens} if fixed_length else {}
     gen_cfg = model.generation_config
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else gen_cfg.eos_token_id
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
