@@ -66,9 +66,21 @@ def test_cache_dequantized():
     assert torch.equal(m(x), y1)
     m.to(torch.device("cpu"))
     assert m._cache is None
-    plain = PackedLinear.from_quantized(qw)
-    plain(x)
-    assert plain._cache is None
+    _, big_qw, _ = _quantized(out_f=300, in_f=256)
+    big = PackedLinear.from_quantized(big_qw)
+    big(torch.randn(2, 256))
+    assert big._cache is None
+
+
+def test_small_layers_cache_their_weight_and_follow_in_place_changes():
+    """Under SMALL_WEIGHTS the dense weight is kept; changing a stored buffer in place rebuilds it."""
+    lin, qw, deq = _quantized()
+    m = PackedLinear.from_quantized(qw)
+    x = torch.randn(2, 200)
+    assert torch.equal(m(x), nn.functional.linear(x, deq)) and torch.equal(m._cache, deq)
+    m.scales.mul_(2)
+    assert torch.equal(m(x), nn.functional.linear(x, m.dequantized_weight()))
+    assert torch.equal(m._cache, m.dequantized_weight()) and not torch.equal(m._cache, deq)
 
 
 def test_kernel_extension_point():

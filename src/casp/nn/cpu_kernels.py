@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from casp.nn.packed_linear import buffers_key  # noqa: F401  (re-exported for the kernels)
 from casp.quant.packing import unpack_codes
 from casp.quant.scalar import SCALAR_FORMAT, num_groups
 
@@ -110,20 +111,6 @@ def padded_inputs(in_features: int) -> int:
 def largest_group(k_pad: int) -> int:
     """The largest kernel group size dividing k_pad (for weights whose scale is constant along K)."""
     return next(G for G in _KERNEL_GROUPS if k_pad % G == 0)
-
-
-def buffers_key(module) -> tuple:
-    """Identity of the stored buffers: storage and in-place version of each."""
-    key = []
-    for name in module._tensor_names:
-        t = module._buffers[name]
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors keep no version counter
-            version = -1
-        key.append(t.data_ptr())
-        key.append(version)
-    return tuple(key)
 
 
 def pack_int4(read_q, n: int, k_total: int) -> torch.Tensor:

@@ -3,7 +3,9 @@
 The buffers are exactly `QuantizedWeight.tensors` (same names), so a state dict of a compressed
 model holds the packed form. `forward` rebuilds the weight with torch ops on the buffers' device
 and calls `F.linear` in the input dtype; the dense weight is cached only when `cache_dequantized` is
-set (a format's kernel may cache its own repacked layout, dropped on `.to()` and loading).
+set, or the layer is small (under `SMALL_WEIGHTS`: rebuilding it per call would cost more than its
+matmul; the cache follows in-place changes of the buffers). A format's kernel may cache its own
+repacked layout; every cache is dropped on `.to()` and loading.
 On CPU the weight is rebuilt a slab of output rows at a time (`chunk_rows`), so the full dense
 matrix never exists and the scratch buffers stay small enough to be reused by the allocator.
 
@@ -23,6 +25,22 @@ from torch import nn
 from casp.quant.base import MatmulKernel, QuantizedWeight, get_format
 
 _CPU_CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 weight per slab
+SMALL_WEIGHTS = 1 << 16        # below this the dense weight (<= 256 KB in float32) is cached: rebuilding it
+                               # from the codes on every call costs more than the layer's matmul
+
+
+def buffers_key(module) -> tuple:
+    """Identity of a module's stored buffers: storage and in-place version of each (for caches)."""
+    key = []
+    for name in module._tensor_names:
+        t = module._buffers[name]
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = -1
+        key.append(t.data_ptr())
+        key.append(version)
+    return tuple(key)
 
 
 def register_matmul_kernel(fmt: str, device_type: str, fn: MatmulKernel) -> None:
@@ -62,6 +80,7 @@ class PackedLinear(nn.Module):
         # rows per dequantized slab in forward; None: automatic (slabs on CPU, whole elsewhere)
         self.chunk_rows = chunk_rows
         self._cache: torch.Tensor | None = None
+        self._cache_key: tuple = ()
 
     @classmethod
     def from_quantized(
@@ -106,12 +125,13 @@ class PackedLinear(nn.Module):
         return self.quantized_weight().dequantize()
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        small = self.out_features * self.in_features < SMALL_WEIGHTS
         cache = self._cache
-        if cache is not None and cache.dtype == dtype:
+        if cache is not None and cache.dtype == dtype and (not small or self._cache_key == buffers_key(self)):
             return cache
         w = self.dequantized_weight().to(dtype)
-        if self.cache_dequantized:
-            self._cache = w
+        if self.cache_dequantized or small:
+            self._cache, self._cache_key = w, buffers_key(self)
         return w
 
     def clear_cache(self) -> None:
@@ -150,7 +170,7 @@ class PackedLinear(nn.Module):
                 return y
         b = self.bias.to(x.dtype) if self.bias is not None else None
         step = self._slab_rows(x.device)
-        if self.cache_dequantized or step >= self.out_features:
+        if self.cache_dequantized or step >= self.out_features or self.out_features * self.in_features < SMALL_WEIGHTS:
             return F.linear(x, self._weight_as(x.dtype), b)
         read = get_format(self.meta["format"]).rows(self.quantized_weight())
         y = x.new_empty(*x.shape[:-1], self.out_features)
