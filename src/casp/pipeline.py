@@ -8,6 +8,7 @@ Each step is a function in `casp.steps` that gets only what it needs.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,15 @@ from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
 from casp.models.adapters import adapter_for
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
-from casp.models.streaming import InMemoryLayers, load_streamed
+from casp.models.streaming import InMemoryLayers, load_streamed, too_big_for_memory
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.plan import plan_ranks_and_units
 from casp.steps.ranks import check_separate_qk
 from casp.steps.search import search
 from casp.steps.units import plan_units
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +92,9 @@ def compress(model: str | Path | nn.Module | None = None, out: str | Path | None
         from casp.io.storage import check_output_dir
 
         check_output_dir(Path(out), overwrite)
+    if not config.stream and out is not None and model_would_not_fit(model, config):
+        log.info("the model does not fit in memory in float32: compressing it layer by layer (--stream)")
+        config.stream = True
     if config.stream:
         if out is None:
             raise CaspError("--stream writes each layer as it finishes: it needs an output directory")
@@ -165,6 +171,14 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
 
         result.out = save_compressed(result, Path(out), overwrite=overwrite)
     return result
+
+
+def model_would_not_fit(model, config: CompressionConfig) -> bool:
+    """A directory model whose float32 weights exceed half the available memory is streamed by default."""
+    if isinstance(model, nn.Module) or config.search_steps:
+        return False
+    path = resolve_model_path(model)
+    return not is_compressed(path) and any(path.glob("*.safetensors")) and too_big_for_memory(path)
 
 
 def plan_and_allocate(model, adapter, batches, held, config: CompressionConfig, quantizer, transform, progress, cache,

@@ -249,3 +249,15 @@ def test_resume_after_sigkill_gives_the_same_bytes(tmp_path, six_layer_llama, sc
     for row in ra["decoder_layers"] + rb["decoder_layers"]:
         row.pop("seconds")
     assert ra == rb
+
+
+def test_a_model_too_big_for_memory_is_streamed_by_default(tmp_path, tiny_llama_dir, scene_text, monkeypatch):
+    import casp.models.streaming as streaming
+
+    cfg = dict(bits=3, allocation="uniform", calib_text=str(scene_text), **CALIB)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10**12)
+    assert compress(tiny_llama_dir, tmp_path / "fits", CompressionConfig(**cfg), progress=False).model is not None
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10**5)
+    result = compress(tiny_llama_dir, tmp_path / "big", CompressionConfig(**cfg), progress=False)
+    assert result.model is None and result.config.stream
+    assert (tmp_path / "big" / "layer-00000.safetensors").is_file()

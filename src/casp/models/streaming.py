@@ -13,6 +13,7 @@ of (the non-layer parts) and (one decoder layer + its compression's work) + the 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -160,6 +161,27 @@ def load_streamed(path: str | Path, *, dtype: torch.dtype = torch.float32, max_b
                         f"{tuple(model.state_dict()[wrong[0]].shape)}")
     model.eval()
     return model, source
+
+
+def available_memory() -> int:
+    """Bytes the system can give this process now (MemAvailable), or 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def too_big_for_memory(path: str | Path, fraction: float = 0.5) -> bool:
+    """Whether the model in `path`, in float32, would take more than `fraction` of the available memory."""
+    free = available_memory()
+    if not free:
+        return False
+    checkpoint = LazyCheckpoint(path)
+    params = sum(math.prod(checkpoint.shape(k)) for k in checkpoint.keys())
+    return 4 * params > fraction * free
 
 
 def _is_param(model: nn.Module, name: str) -> bool:
