@@ -239,6 +239,28 @@ def test_compressed_v5_llava_keeps_its_rope_base(llava_dir, tmp_path):
             assert torch.equal(casp.load(other)(**batch).logits, want)
 
 
+def test_compressed_llava_answers_through_the_cli(llava_dir, tmp_path, capsys):
+    """The issue's end to end: a directory in either format compresses, loads and answers, no manual edit."""
+    import json
+
+    from PIL import Image
+
+    from casp.cli import main
+
+    d, _, _ = llava_dir
+    text = tmp_path / "calib.txt"
+    text.write_text("what color is the circle ? red . " * 40)
+    image = tmp_path / "pic.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    assert main(["compress", str(d), "-o", str(tmp_path / "out"), "--bits", "3", "--calib-samples", "4",
+                 "--calib-seq-len", "16", "--calib-text", str(text), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "out"), "--prompt", "what color is the circle ?", "--image", str(image),
+                 "--max-new-tokens", "3", "--repeats", "1", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert isinstance(answer["text"], str) and answer["tokens_per_s"] > 0 and answer["dense_tokens_per_s"] > 0
+
+
 def test_streamed_compression_reads_either_format(llava_dir, tmp_path):
     """--stream reads the checkpoint's tensors itself: same names, RoPE base and weights as a whole-model run."""
     d, batch, want = llava_dir
