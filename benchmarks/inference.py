@@ -17,7 +17,10 @@ rounds of the per-round ratios dense/kernel and dense/fallback (speed-ups: > 1 i
 not depend on their values. `rel err` is ‖y_kernel - y_dense‖ / ‖y_dense‖; `prep ms` the one-off
 repack (or index build) at first use.
 
-`layer_table(...)` prints and returns the table, so that other sections can be composed with it.
+`layer_table(...)` prints and returns the table. After it, unless `--no-decode`, the end-to-end section
+of `benchmarks/decode.py` runs in the same invocation: decode tokens/s and peak RSS of SmolLM2-135M (FP,
+GPTQ 4-bit, CASP 3.25, CASP 2.5) and of the embedded VLM (FP, CASP 2.0), one fresh process per
+measurement (compressed models cached under ~/.cache/casp/bench/; the first run compresses them).
 """
 from __future__ import annotations
 
@@ -216,6 +219,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1],
                     help="thread counts to run (0: torch's default)")
     ap.add_argument("--reps", type=int, default=15, help="paired rounds per measurement")
+    ap.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode section")
+    ap.add_argument("--decode-threads", type=int, default=1, help="torch threads while decoding (default 1)")
     ap.add_argument("--no-fallback", action="store_true",
                     help="do not time the fallback path (seconds per call for the vector formats' slabs)")
     args = ap.parse_args(argv)
@@ -227,6 +232,11 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     layer_table(args.models, layer_formats(args.formats, args.bits, args.group_size, args.aqlm), args.batches,
                 args.threads, args.reps, time_fallback=not args.no_fallback)
+    if not args.no_decode:
+        from decode import decode_table, format_table
+
+        print(f"\nend-to-end decode: batch 1 greedy, KV cache, 64 new tokens, {args.decode_threads} thread(s)")
+        print(format_table(decode_table(threads=args.decode_threads)))
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
