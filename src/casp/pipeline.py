@@ -178,7 +178,10 @@ def model_would_not_fit(model, config: CompressionConfig) -> bool:
     if isinstance(model, nn.Module) or config.search_steps:
         return False
     path = resolve_model_path(model)
-    return not is_compressed(path) and any(path.glob("*.safetensors")) and too_big_for_memory(path)
+    try:
+        return not is_compressed(path) and any(path.glob("*.safetensors")) and too_big_for_memory(path)
+    except CaspError:
+        return False   # an unreadable checkpoint is reported by the loader, with its own message
 
 
 def plan_and_allocate(model, adapter, batches, held, config: CompressionConfig, quantizer, transform, progress, cache,
