@@ -168,16 +168,21 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     config = load_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = cls._from_config(config, dtype=dtype)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):   # parameters on the meta device: no dense fp32 model first
+        model = cls._from_config(config, dtype=dtype)
     install_modules(model, qcfg["modules"])
     stored = _read_state_dict(path)
     names = model_keys(model, list(stored))
-    sd = {names[k]: v for k, v in stored.items()}
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    sd = {}
+    for key in list(stored):
+        value = stored.pop(key)
+        sd[names[key]] = value.to(dtype) if value.is_floating_point() else value
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     pairs = unwrapped_names(missing, unexpected)  # a vision tower saved without its wrapper level (hf_compat)
     if pairs:
-        model.load_state_dict({m: sd[u] for m, u in pairs.items()}, strict=False)
+        model.load_state_dict({m: sd[u] for m, u in pairs.items()}, strict=False, assign=True)
         missing = [k for k in missing if k not in pairs]
         unexpected = [k for k in unexpected if k not in set(pairs.values())]
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -185,6 +190,9 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     if missing or unexpected:
         raise CaspError(f"weights in {str(path)!r} do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise CaspError(f"weights in {str(path)!r} do not match its config (missing {still_empty[:3]})")
     model.eval()
     return model
 
