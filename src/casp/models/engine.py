@@ -241,7 +241,7 @@ def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, devi
     """
     from tqdm.auto import tqdm
 
-    from casp.models.streaming import InMemoryLayers
+    from casp.models.streaming import InMemoryLayers, trim_heap
 
     source = source or InMemoryLayers()
     source.open_rest()
@@ -272,3 +272,4 @@ def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, devi
         if on_done is not None:
             on_done(i, layer, inputs)
         source.release(i, layer)
+        trim_heap()

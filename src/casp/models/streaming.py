@@ -56,8 +56,9 @@ def tied_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if any(k == t or k.endswith("." + t) or t.endswith(k) for t in names)}
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the system (glibc keeps it otherwise, and RSS stays high)."""
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system: glibc keeps it otherwise, and the many differently sized
+    temporaries of a layer's work fragment the heap until RSS is far above what is in use."""
     import ctypes
     import ctypes.util
 
@@ -103,7 +104,7 @@ class LayerStream:
         for name in self.rest_keys:
             _assign(self.model, name, torch.empty_like(self.model.get_parameter(name) if _is_param(self.model, name)
                                                        else self.model.get_buffer(name), device="meta"))
-        _trim_heap()
+        trim_heap()
 
     def rest_tensors(self) -> dict[str, torch.Tensor]:
         """The non-layer weights as stored (fp16 floats), named as in the model, tied copies left out."""
@@ -123,7 +124,7 @@ class LayerStream:
 
     def release(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
-        _trim_heap()
+        trim_heap()
 
     def keep(self, hidden: list[torch.Tensor]) -> SpillingActivations:
         return SpillingActivations(hidden, max_bytes=self.max_bytes, spill_dir=self.spill_dir)

@@ -15,9 +15,13 @@ def fisher_of(model, adapter, batches, source, progress):
     """Output Fisher of every decoder linear: one backward pass, or layer by layer when the model is streamed."""
     from casp.analysis.sensitivity import output_fisher, output_fisher_layerwise
 
+    from casp.models.streaming import trim_heap
+
     if source is not None and source.streamed:
         return output_fisher_layerwise(model, adapter, batches, source, progress)
-    return output_fisher(model, adapter, batches, progress)
+    fisher = output_fisher(model, adapter, batches, progress)
+    trim_heap()   # the backward's activations are gone; give their heap back before the layer walks
+    return fisher
 
 
 def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, quantizer, transform, progress, cache=None,
