@@ -28,7 +28,7 @@ from casp.steps.compress_layer import compress_layer
 from casp.steps.plan import plan_ranks_and_units
 from casp.steps.ranks import check_separate_qk
 from casp.steps.search import search
-from casp.steps.units import plan_units
+from casp.steps.units import plan_state, plan_units, restore_plan_state
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,9 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
         ranks, units, plan, summary = plan_and_allocate(model, adapter, batches, held, config, quantizer, transform,
                                                         progress, cache, layer_source)
         if writer is not None:
-            writer.save_plan((ranks, units, plan, summary))
+            writer.save_plan(plan_state(ranks, units, plan, summary))
     else:
-        ranks, units, plan, summary = saved
+        ranks, units, plan, summary = restore_plan_state(saved, quantizer and type(quantizer.candidates()[0]))
 
     geometry = adapter.attention_geometry(model)
     start, hidden = writer.resume_point(len(layers)) if writer is not None else (0, None)

@@ -261,3 +261,17 @@ def test_a_model_too_big_for_memory_is_streamed_by_default(tmp_path, tiny_llama_
     result = compress(tiny_llama_dir, tmp_path / "big", CompressionConfig(**cfg), progress=False)
     assert result.model is None and result.config.stream
     assert (tmp_path / "big" / "layer-00000.safetensors").is_file()
+
+
+def test_plan_state_is_plain_json_and_round_trips():
+    from casp.quant.scalar import QuantSpec
+    from casp.steps.units import Role, Unit, plan_state, restore_plan_state
+
+    units = [Unit(0, "self_attn.q_proj", Role.DOWN, "attn_in", 8, 32, 100, "q", 8, {"2b-g128": 0.5})]
+    plan = {units[0].key: QuantSpec(3, 64, True)}
+    state = json.loads(json.dumps(plan_state([{"q": 8, "k": 0}], units, plan, {"kept": "joint"})))
+    ranks, back, settings, summary = restore_plan_state(state, QuantSpec)
+    assert (ranks, back, settings, summary) == ([{"q": 8, "k": 0}], units, plan, {"kept": "joint"})
+    state["labels"][units[0].key] = "4b-ch"
+    with pytest.raises(CaspError, match="saved plan does not match"):
+        restore_plan_state(state, QuantSpec)

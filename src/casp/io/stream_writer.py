@@ -4,7 +4,7 @@ Everything goes into `OUT.partial/` beside OUT:
 - `layer-NNNNN.safetensors`: decoder layer N as stored (fp16 dense parts, packed codes), written when
   the layer finishes; its casp modules and report row in `layer-NNNNN.json`;
 - `inputs-NNNNN.safetensors`: the fp16 inputs of the next layer to compress (the previous file is
-  deleted once this one is complete); `plan.pkl`: ranks and bit plan; `state.json`: the options.
+  deleted once this one is complete); `plan.json`: ranks, units and bit plan; `state.json`: the options.
 Every file is written under a temporary name and renamed, so a kill at any moment leaves either the
 old or the new file. `--resume` continues from the next layer whose inputs are saved; because the
 inputs are fp16 and each layer's work depends only on them and the seed, the output is the same
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from casp.io.storage import PROCESSOR_FILES, check_output_dir, module_specs, qua
 
 NOT_COMPARED = ("resume", "max_memory", "stream")   # options that do not change the output
 STATE = "state.json"
-PLAN = "plan.pkl"
+PLAN = "plan.json"
 REST = "model-rest.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -82,13 +81,19 @@ class StreamWriter:
         if self.dir.is_dir() and not (self.dir / PLAN).exists() and not any(self.dir.glob("layer-*.json")):
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def save_plan(self, plan) -> None:
-        _write_atomic(self.dir / PLAN, lambda p: p.write_bytes(pickle.dumps(plan)))
+    def save_plan(self, state: dict) -> None:
+        """Keep the run's plan (JSON data, `casp.steps.units.plan_state`) for `--resume`."""
+        _write_atomic(self.dir / PLAN, lambda p: p.write_text(json.dumps(state)))
 
-    def saved_plan(self):
-        """The plan of the run being resumed (our own file, written by `save_plan`), or None."""
+    def saved_plan(self) -> dict | None:
+        """The plan data of the run being resumed, or None."""
         path = self.dir / PLAN
-        return pickle.loads(path.read_bytes()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise CaspError(f"--resume: cannot read {path}; delete the partial run and start again") from None
 
     def resume_point(self, num_layers: int) -> tuple[int, list[torch.Tensor] | None]:
         """(first layer still to do, its saved fp16 inputs); (0, None) for a fresh run."""

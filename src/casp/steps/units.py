@@ -1,11 +1,12 @@
 """The stored matrices of a run: one `Unit` per dense linear, or two per low-rank W_q / W_k."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from torch import nn
 
+from casp.errors import CaspError
 from casp.models.adapters import Adapter
 
 
@@ -66,3 +67,23 @@ def plan_units(layers: nn.ModuleList, adapter: Adapter, ranks: list[dict[str, in
             else:
                 units.append(Unit(i, name, Role.DENSE, g, m, n, m * n, qk))
     return units
+
+
+def plan_state(ranks: list[dict[str, int]], units: list[Unit], plan: dict, summary: dict) -> dict:
+    """A run's ranks, units, settings and allocation summary as plain JSON data (what `--resume` reads back)."""
+    return {
+        "ranks": ranks,
+        "units": [{**{f.name: getattr(u, f.name) for f in fields(Unit)}, "role": u.role.value} for u in units],
+        "plan": {key: asdict(setting) for key, setting in plan.items()},
+        "labels": {key: setting.label() for key, setting in plan.items()},
+        "summary": summary,
+    }
+
+
+def restore_plan_state(state: dict, setting_type) -> tuple[list, list[Unit], dict, dict]:
+    """(ranks, units, plan, summary) from `plan_state` data; settings rebuilt as `setting_type` and checked by label."""
+    units = [Unit(**{**u, "role": Role(u["role"])}) for u in state["units"]]
+    plan = {key: setting_type(**values) for key, values in state["plan"].items()}
+    if any(plan[key].label() != label for key, label in state["labels"].items()):
+        raise CaspError("--resume: the saved plan does not match this quantizer's settings; delete the partial run")
+    return state["ranks"], units, plan, state["summary"]
