@@ -27,18 +27,10 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama causal LM with the embedded word-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import save_tiny_llama
 
-    from casp.embedded.tokenizer import build_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), hidden=128, intermediate=192, layers=2, kv_heads=2,
+                           max_positions=256)
 
 
 @pytest.fixture(scope="session")

@@ -238,3 +238,20 @@ PROCESSORS = {"gemma3": _gemma3_processor, "idefics3": _idefics3_processor}
 def tiny_processor(family: str):
     """The family's processor (image families of PROCESSORS) or a word-level tokenizer for the others."""
     return PROCESSORS[family]() if family in PROCESSORS else word_tokenizer()
+
+
+def save_tiny_llama(out, *, hidden: int, intermediate: int, layers: int, kv_heads: int, max_positions: int,
+                    **save_kwargs):
+    """A random Llama (seed 0, 4 heads) with casp's embedded word-level tokenizer, saved in HF layout at `out`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from casp.embedded.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions)
+    LlamaForCausalLM(cfg).save_pretrained(out, **save_kwargs)
+    tok.save_pretrained(out)
+    return out

@@ -168,18 +168,10 @@ def test_failure_before_any_work_leaves_no_partial_directory(tmp_path, tiny_llam
 @pytest.fixture(scope="module")
 def six_layer_llama(tmp_path_factory):
     """A tiny Llama with 6 layers, to kill a compression in the middle of its walk."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import save_tiny_llama
 
-    from casp.embedded.tokenizer import build_tokenizer
-
-    out = tmp_path_factory.mktemp("llama6")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(out, max_shard_size="1MB")
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("llama6"), hidden=128, intermediate=256, layers=6, kv_heads=2,
+                           max_positions=256, max_shard_size="1MB")
 
 
 def _cli(model, out, *extra):

@@ -93,19 +93,11 @@ def test_zero_codes_and_extreme_zero_points():
 
 @pytest.mark.parametrize("case", ["bf16", "fp16", "grad", "tokens", "group50", "group16", "small", "no_simd",
                                   "cache_dequantized"])
-def test_declines_to_the_generic_path(case, monkeypatch):
+def test_declines_to_the_generic_path(case, decline_input):
     spec = QuantSpec(4, {"group50": 50, "group16": 16}.get(case, 128))
     m = _layer(*((64, 64) if case == "small" else (256, 512)), spec)
-    x = torch.randn(ck.MAX_TOKENS + 1 if case == "tokens" else 2, m.in_features)
-    if case == "bf16":
-        x = x.bfloat16()
-    elif case == "fp16":
-        x = x.half()
-    elif case == "grad":
-        x.requires_grad_(True)
-    elif case == "no_simd":
-        monkeypatch.setattr(ck, "_fast_cpu", False)
-    elif case == "cache_dequantized":
+    x = decline_input(case, m.in_features)
+    if case == "cache_dequantized":
         m.cache_dequantized = True
     assert ck.scalar_cpu_matmul(m, x) is None
     y = m(x)

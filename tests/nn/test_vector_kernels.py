@@ -140,16 +140,10 @@ def _random_aqlm(out_f, in_f, codebook_bits):
 
 @pytest.mark.parametrize("fmt", ["e8p", "aqlm"])
 @pytest.mark.parametrize("case", ["bf16", "grad", "tokens", "small", "no_simd"])
-def test_declines_to_the_formats_slab_kernel(fmt, case, monkeypatch):
+def test_declines_to_the_formats_slab_kernel(fmt, case, decline_input):
     in_f = 64 if case == "small" else 512
     m, deq = _e8_layer(3, True, in_f) if fmt == "e8p" else _aqlm_layer(AQLMSetting(2, 8, 8), in_f)
-    x = torch.randn(ck.MAX_TOKENS + 1 if case == "tokens" else 2, in_f)
-    if case == "bf16":
-        x = x.bfloat16()
-    elif case == "grad":
-        x.requires_grad_(True)
-    elif case == "no_simd":
-        monkeypatch.setattr(ck, "_fast_cpu", False)
+    x = decline_input(case, in_f)
     slab = e8mod.e8p_cpu_matmul if fmt == "e8p" else aqlm_mod.aqlm_cpu_matmul
     y = KERNELS[fmt](m, x)
     assert torch.equal(y, slab(m, x)) and m.__dict__.get("_kernel_cache") is None
