@@ -28,7 +28,7 @@ from pathlib import Path
 import transformers
 
 from casp.errors import CaspError, first_line
-from casp.io.checkpoint import read_config
+from casp.io.checkpoint import read_config, read_json_object
 
 MAJOR = int(transformers.__version__.split(".")[0])
 # Keys of a flat `rope_parameters` that 4.x keeps outside `rope_scaling`.
@@ -127,12 +127,7 @@ def tokenizer_config_fixes(path: Path) -> dict | None:
     file = Path(path) / "tokenizer_config.json"
     if not file.is_file():
         return None
-    try:
-        tc = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CaspError(f"cannot read {file}: {first_line(e)}") from e
-    if not isinstance(tc, dict):
-        raise CaspError(f"{file} is not a JSON object")
+    tc = read_json_object(file)
     fixed = dict(tc)
     name = tc.get("tokenizer_class")
     if isinstance(name, str) and not _known_tokenizer_class(name) and (Path(path) / "tokenizer.json").is_file():

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from casp.nn.packed_linear import buffers_key  # noqa: F401  (re-exported for the kernels)
+from casp.nn.packed_linear import buffers_key
 from casp.quant.packing import unpack_codes
 from casp.quant.scalar import SCALAR_FORMAT, num_groups
 
