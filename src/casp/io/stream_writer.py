@@ -2,7 +2,7 @@
 
 Everything goes into `OUT.partial/` beside OUT:
 - `layer-NNNNN.safetensors`: decoder layer N as stored (fp16 dense parts, packed codes), written when
-  the layer finishes; its casp modules and report row in `layer-NNNNN.json`;
+  the layer finishes; its casp modules, report row and tensor names in `layer-NNNNN.json`;
 - `inputs-NNNNN.safetensors`: the fp16 inputs of the next layer to compress (the previous file is
   deleted once this one is complete); `plan.json`: ranks, units and bit plan; `state.json`: the options.
 Every file is written under a temporary name and renamed, so a kill at any moment leaves either the
@@ -115,10 +115,10 @@ class StreamWriter:
     def layer_done(self, index: int, layer: nn.Module, prefix: str, row: dict | None, next_inputs) -> None:
         """Write layer `index` as stored, then the next layer's inputs (if any), then drop older inputs."""
         specs = {prefix + k: v for k, v in module_specs(layer).items()}
-        _save_tensors(self.dir / f"layer-{index:05d}.safetensors", storage_state_dict(layer, prefix),
-                      {"format": "pt"})
-        _write_atomic(self.dir / f"layer-{index:05d}.json",
-                      lambda p: p.write_text(json.dumps({"modules": specs, "report": row}, sort_keys=True)))
+        stored = storage_state_dict(layer, prefix)
+        _save_tensors(self.dir / f"layer-{index:05d}.safetensors", stored, {"format": "pt"})
+        record = {"modules": specs, "report": row, "tensors": sorted(stored)}
+        _write_atomic(self.dir / f"layer-{index:05d}.json", lambda p: p.write_text(json.dumps(record, sort_keys=True)))
         if next_inputs is not None:
             tensors = {f"b{j}": h for j, h in enumerate(next_inputs)}
             _save_tensors(self.dir / f"inputs-{index + 1:05d}.safetensors", tensors)
@@ -140,12 +140,9 @@ class StreamWriter:
 
         modules, weight_map = {}, {}
         for path in sorted(self.dir.glob("layer-*.json")):
-            modules.update(json.loads(path.read_text())["modules"])
-            shard = path.with_suffix(".safetensors")
-            from safetensors import safe_open
-
-            with safe_open(str(shard), framework="pt") as f:
-                weight_map.update({k: shard.name for k in f.keys()})
+            record = json.loads(path.read_text())
+            modules.update(record["modules"])
+            weight_map.update({k: path.with_suffix(".safetensors").name for k in record["tensors"]})
         _save_tensors(self.dir / REST, rest, {"format": "pt"})
         weight_map.update({k: REST for k in rest})
         total = sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
