@@ -114,6 +114,7 @@ class Quantizer(Configurable, ABC):
 
     format: ClassVar[StorageFormat]
     in_features_multiple: ClassVar[int] = 1   # input sizes it can store (vector quantizers: the vector length)
+    rows_independent: ClassVar[bool] = False  # each output row quantized on its own (damage sums over rows)
 
     @abstractmethod
     def candidates(self) -> list:
@@ -126,6 +127,13 @@ class Quantizer(Configurable, ABC):
     @abstractmethod
     def quantize(self, weight: torch.Tensor, xtx: torch.Tensor | None, setting) -> tuple[QuantizedWeight, torch.Tensor]:
         ...
+
+    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings) -> list[torch.Tensor]:
+        """The dequantized float32 weight at each setting: what measuring candidates needs.
+
+        A quantizer overrides it when the settings can share work (GPTQ: one Cholesky, one sweep).
+        """
+        return [self.quantize(weight, xtx, s)[1] for s in settings]
 
     def stored_bits(self, setting, out_features: int, in_features: int) -> int:
         """Exact stored bits of `setting` for a matrix of this shape."""

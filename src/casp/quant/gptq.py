@@ -24,7 +24,6 @@ from casp.quant.scalar import (
     effective_group_size,
     grid_params,
     num_groups,
-    quantize_to_grid,
     rtn_codes,
     to_quantized_weight,
 )
@@ -64,6 +63,70 @@ def inverse_hessian_cholesky(
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {lam:.3g}")
 
 
+def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: float, hessian_dtype):
+    """Weight with dead inputs zeroed (original column order), the visiting order, and U in that order.
+
+    U is the upper Cholesky factor of the damped H⁻¹ (float32); perm is None without act_order.
+    """
+    in_features = weight.shape[1]
+    if xtx.shape != (in_features, in_features):
+        raise ValueError(f"xtx has shape {tuple(xtx.shape)}, expected {(in_features, in_features)}")
+    w = weight.detach().to(torch.float32).clone()
+    src = xtx.detach().to(device=w.device, dtype=hessian_dtype)
+    diag = src.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    w[:, dead] = 0.0
+    # h is always a copy: the caller's XᵀX is never changed (the permuted copy is made directly).
+    if act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+        h = src.index_select(0, perm).index_select(1, perm)
+        dead = dead[perm]
+    else:
+        perm = None
+        h = src.clone()
+    del src
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+    u, _ = inverse_hessian_cholesky(h, damp)
+    return w, perm, u.to(torch.float32)
+
+
+def _sweep(w: torch.Tensor, u: torch.Tensor, block_size: int, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column sweep over w (columns in visiting order, updated in place): (codes int32, dequantized).
+
+    `grid(j, w1, err1, i1, i2)` gives column j's (scale, zero, maxq), each broadcastable over the rows;
+    w1 / err1 are the current block's weights and errors, for grids fitted during the sweep.
+    """
+    rows, n = w.shape
+    codes = torch.zeros(rows, n, dtype=torch.int32, device=w.device)
+    q = torch.zeros(rows, n, dtype=torch.float32, device=w.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            scale, zero, maxq = grid(j, w1, err1, i1, i2)
+            col = w1[:, i]
+            c = torch.round(col / scale + zero).clamp(min=0)
+            c = (torch.minimum(c, maxq) if torch.is_tensor(maxq) else c.clamp(max=maxq)).to(torch.int32)
+            qc = dequantize_grid(c, scale, zero)
+            e = (col - qc) / u1[i, i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+            codes[:, j] = c
+            q[:, j] = qc
+        if i2 < n:
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+    return codes, q
+
+
+def _unpermute(t: torch.Tensor, perm) -> torch.Tensor:
+    return t if perm is None else t[:, torch.argsort(perm)].contiguous()
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     xtx: torch.Tensor,
@@ -85,83 +148,69 @@ def gptq_quantize(
     if act_order and not static_groups:
         raise ValueError("act_order requires static groups in the scalar format")
     out_features, in_features = weight.shape
-    if xtx.shape != (in_features, in_features):
-        raise ValueError(f"xtx has shape {tuple(xtx.shape)}, expected {(in_features, in_features)}")
     bits, sym = spec.bits, spec.sym
     g = effective_group_size(in_features, spec.group_size)
     ng = num_groups(in_features, spec.group_size)
-    device = weight.device
-
-    w = weight.detach().to(torch.float32).clone()
-    src = xtx.detach().to(device=device, dtype=hessian_dtype)
-    diag = src.diagonal().clone()
-    dead = diag == 0
-    diag[dead] = 1.0
-    w[:, dead] = 0.0
-
+    w, perm, u = _prepare(weight, xtx, act_order, damp, hessian_dtype)
     # Per-channel grids are fitted on the whole (original) row either way.
     fixed = static_groups or ng == 1
     if fixed:
         _, scale, zero = rtn_codes(w, spec)
     else:
-        scale = torch.zeros(out_features, ng, dtype=torch.float32, device=device)
+        scale = torch.zeros(out_features, ng, dtype=torch.float32, device=w.device)
         zero = torch.zeros_like(scale)
-
-    # h is always a copy: the caller's XᵀX is never changed (the permuted copy is made directly).
-    if act_order:
-        perm = torch.argsort(diag, descending=True, stable=True)
-        w = w[:, perm]
-        h = src.index_select(0, perm).index_select(1, perm)
-        dead = dead[perm]
-        group_of = perm // g
-    else:
-        perm = None
-        h = src.clone()
-        group_of = torch.arange(in_features, device=device) // g
-    del src
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-    group_of = group_of.tolist()
-
-    u, _ = inverse_hessian_cholesky(h, damp)
-    u = u.to(torch.float32)
-    del h
-
-    codes = torch.zeros(out_features, in_features, dtype=torch.int32, device=device)
-    q = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            gi = group_of[j]
-            if not fixed and j % g == 0:
-                # Fit the group's grid on its current weights: the part in this block is up to
-                # date in w1; columns past the block still owe this block's pending updates.
-                gend = min(j + g, in_features)
-                cur = w1[:, i:min(gend, i2) - i1]
-                if gend > i2:
-                    rest = w[:, i2:gend] - err1[:, :i] @ u[i1:j, i2:gend]
-                    cur = torch.cat([cur, rest], dim=1)
-                scale[:, gi], zero[:, gi] = grid_params(cur, bits, sym)
-            col = w1[:, i]
-            c = quantize_to_grid(col, scale[:, gi], zero[:, gi], bits)
-            qc = dequantize_grid(c, scale[:, gi], zero[:, gi])
-            e = (col - qc) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-            codes[:, j] = c
-            q[:, j] = qc
-        if i2 < in_features:
-            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
-
+    group_of = ((perm if perm is not None else torch.arange(in_features, device=w.device)) // g).tolist()
     if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv].contiguous()
-        q = q[:, inv].contiguous()
-    return codes, scale, zero, q
+        w = w[:, perm]
+    maxq = (1 << bits) - 1
+
+    def grid(j, w1, err1, i1, i2):
+        gi = group_of[j]
+        if not fixed and j % g == 0:
+            # Fit the group's grid on its current weights (no act_order here, so w is in the original
+            # order): the part in this block is up to date in w1; columns past the block still owe
+            # this block's pending updates.
+            gend = min(j + g, in_features)
+            cur = w1[:, j - i1:min(gend, i2) - i1]
+            if gend > i2:
+                rest = w[:, i2:gend] - err1[:, :j - i1] @ u[i1:j, i2:gend]
+                cur = torch.cat([cur, rest], dim=1)
+            scale[:, gi], zero[:, gi] = grid_params(cur, bits, sym)
+        return scale[:, gi], zero[:, gi], maxq
+
+    codes, q = _sweep(w, u, block_size, grid)
+    return _unpermute(codes, perm), scale, zero, _unpermute(q, perm)
+
+
+MANY_ELEMENTS = 1 << 22   # weights swept at once by gptq_dequantize_many (rows of all settings × columns)
+
+
+def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[QuantSpec], damp: float = 0.01,
+                         block_size: int = 128, hessian_dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """The dequantized weight of act-order GPTQ at each of `specs`, from one sweep over stacked copies.
+
+    Equal (up to matrix-product rounding) to `gptq_quantize(..., act_order=True)` per spec: one
+    Cholesky factor serves every setting and one column loop every copy, which is most of what
+    measuring many candidates costs (on small matrices the per-column work is Python-bound).
+    """
+    out_features, in_features = weight.shape
+    w, perm, u = _prepare(weight, xtx, True, damp, hessian_dtype)
+    per_chunk = max(1, MANY_ELEMENTS // max(1, out_features * in_features))
+    result = []
+    for c0 in range(0, len(specs), per_chunk):
+        chunk = specs[c0:c0 + per_chunk]
+        scales, zeros, maxq = [], [], []
+        for s in chunk:
+            _, scale, zero = rtn_codes(w, s)
+            group_of = perm // effective_group_size(in_features, s.group_size)
+            scales.append(scale[:, group_of])
+            zeros.append(zero[:, group_of])
+            maxq.append(torch.full((out_features,), (1 << s.bits) - 1, dtype=torch.float32, device=w.device))
+        scale_cols, zero_cols, maxq = torch.cat(scales), torch.cat(zeros), torch.cat(maxq)
+        _, q = _sweep(w[:, perm].repeat(len(chunk), 1), u, block_size,
+                      lambda j, *_: (scale_cols[:, j], zero_cols[:, j], maxq))
+        result += list(_unpermute(q, perm).split(out_features))
+    return result
 
 
 @dataclass(frozen=True)
@@ -187,6 +236,7 @@ class GPTQ(Quantizer):
     """GPTQ on the scalar grid (format "scalar"); needs the input second moment XᵀX."""
 
     name = "gptq"
+    rows_independent = True
     Config = GPTQOptions
     format = SCALAR_FORMAT
 
@@ -209,3 +259,10 @@ class GPTQ(Quantizer):
             static_groups=c.static_groups, hessian_dtype=c.hessian_dtype,
         )
         return to_quantized_weight(codes, scale, zero, spec, method=self.name), q
+
+    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings) -> list[torch.Tensor]:
+        c = self.config
+        if xtx is None or not c.act_order or c.static_groups is False:
+            return super().dequantize_many(weight, xtx, settings)
+        return gptq_dequantize_many(weight, xtx, list(settings), damp=c.damp, block_size=c.block_size,
+                                    hessian_dtype=c.hessian_dtype)

@@ -15,6 +15,7 @@ class RTN(Quantizer):
     """Round-to-nearest on the scalar grid (format "scalar")."""
 
     name = "rtn"
+    rows_independent = True
     Config = ScalarOptions
     format = SCALAR_FORMAT
 

@@ -17,8 +17,8 @@ QK = ("q", "k")
 class LayerAnalysis:
     """What the original decoder layer showed on the calibration data."""
 
-    attention: LayerAttentionStats
-    spectra: dict[str, torch.Tensor]                 # "q"/"k" -> whitened singular values
+    attention: LayerAttentionStats | None            # None when not asked for
+    spectra: dict[str, torch.Tensor]                 # "q"/"k" -> whitened singular values (with attention)
     moments: dict[str, torch.Tensor] | None = None   # input group -> XᵀX (float32), when kept
 
 
@@ -31,15 +31,21 @@ def observe_layer(layer, adapter: Adapter, inputs, groups, device):
 
 
 def analyse_layers(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
-                   progress: bool = True, source=None):
-    """Yield (layer step, `LayerAnalysis`) per decoder layer of the original model, while the layer is loaded."""
+                   progress: bool = True, source=None, attention: bool = True):
+    """Yield (layer step, `LayerAnalysis`) per decoder layer of the original model, while the layer is loaded.
+
+    `attention=False` skips the attention density and Q/K spectra (only rank choices need them).
+    """
     geometry = adapter.attention_geometry(model)
     for step in walk_layers(model, adapter, batches, desc="analyse", progress=progress, source=source):
         step.outputs, moments, attn_inputs = observe_layer(step.layer, adapter, step.inputs, adapter.linears, device)
-        stats = layer_attention_stats(step.layer, adapter, geometry, attn_inputs, mass=density_mass)
-        h = moments.xtx["attn_in"]
-        spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h)
-                   for p in QK}
+        stats, spectra = None, {}
+        if attention:
+            stats = layer_attention_stats(step.layer, adapter, geometry, attn_inputs, mass=density_mass)
+            h = moments.xtx["attn_in"]
+            spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h)
+                       for p in QK}
+        del attn_inputs
         kept = {k: v.float() for k, v in moments.xtx.items()} if keep_moments else None
         yield step, LayerAnalysis(stats, spectra, kept)
 

@@ -19,7 +19,8 @@ from casp.algorithms.distortion import weighted_distortion
 from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_lowrank
 from casp.models.adapters import Adapter
 from casp.steps.costs import unit_cost
-from casp.steps.quantize import quantize_unit, transform_seed
+from casp.steps.measure import measured_rows, unit_distortions
+from casp.steps.quantize import dequantize_unit_many, quantize_unit, transform_seed
 from casp.steps.units import Role, Unit
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
@@ -49,30 +50,43 @@ def qk_options(unit: Unit, settings, ratios, rank_multiple: int = 1) -> list[QKO
     return [QKOption(0, s) for s in settings] + [QKOption(r, s) for r in ranks for s in settings]
 
 
+def _factor_units(unit: Unit, rank: int) -> tuple[Unit, Unit]:
+    down = Unit(unit.layer, unit.module, Role.DOWN, unit.input_group, rank, unit.in_features, 0, unit.qk)
+    up = Unit(unit.layer, unit.module, Role.UP, unit.input_group, unit.out_features, rank, 0, unit.qk)
+    return down, up
+
+
 def option_cost(unit: Unit, option: QKOption, quantizer, transform=None) -> int:
     """Exact stored bits of a projection under an option."""
     if not option.rank:
         return unit_cost(unit, option.setting, quantizer, transform)
-    down = Unit(unit.layer, unit.module, Role.DOWN, unit.input_group, option.rank, unit.in_features, 0, unit.qk)
-    up = Unit(unit.layer, unit.module, Role.UP, unit.input_group, unit.out_features, option.rank, 0, unit.qk)
+    down, up = _factor_units(unit, option.rank)
     return unit_cost(down, option.setting, quantizer, transform) + unit_cost(up, option.setting, quantizer, transform)
 
 
-def option_distortion(unit: Unit, option: QKOption, w: torch.Tensor, h: torch.Tensor, fisher, quantizer,
-                      transform=None, seed: int = 0, factors=None) -> tuple[float, torch.Tensor]:
-    """Fisher-weighted output distortion of the projection as stored under `option`, and that weight."""
+def lowrank_distortions(unit: Unit, rank: int, w: torch.Tensor, h: torch.Tensor, fisher, settings, quantizer,
+                        transform=None, seed: int = 0, factors=None,
+                        rows: torch.Tensor | None = None) -> list[tuple[float, torch.Tensor]]:
+    """Per setting: the Fisher-weighted distortion of Â·B̂ − W (both factors at that setting), and Â·B̂.
+
+    B̂ is quantized on the original inputs, Â on B̂'s outputs (their XᵀX). With `rows`, only those
+    output rows of Â and W are measured and the damage is scaled to the whole matrix.
+    """
     w = w.float()
-    if not option.rank:
-        _, wq, _ = quantize_unit(w, h, option.setting, quantizer, transform, transform_seed(seed, unit))
-        return weighted_distortion(wq - w, h, fisher), wq
-    a, b = factors if factors is not None else whitened_lowrank(w, h.double(), option.rank)
-    down = Unit(unit.layer, unit.module, Role.DOWN, unit.input_group, option.rank, unit.in_features, 0, unit.qk)
-    up = Unit(unit.layer, unit.module, Role.UP, unit.input_group, unit.out_features, option.rank, 0, unit.qk)
-    _, bq, _ = quantize_unit(b.float(), h, option.setting, quantizer, transform, transform_seed(seed, down))
-    h_up = factor_input_xtx(bq.to(h.dtype), h)
-    _, aq, _ = quantize_unit(a.float(), h_up, option.setting, quantizer, transform, transform_seed(seed, up))
-    product = aq.double() @ bq.double()
-    return weighted_distortion(product - w.double(), h, fisher), product.float()
+    a, b = factors if factors is not None else whitened_lowrank(w, h.double(), rank)
+    down, up = _factor_units(unit, rank)
+    scale = 1.0
+    if rows is not None:
+        scale, a, w = w.shape[0] / rows.numel(), a[rows], w[rows]
+        fisher = fisher[rows] if fisher is not None else None
+    out = []
+    for s, bq in zip(settings, dequantize_unit_many(b.float(), h, settings, quantizer, transform,
+                                                     transform_seed(seed, down))):
+        h_up = factor_input_xtx(bq.to(h.dtype), h)
+        _, aq, _ = quantize_unit(a.float(), h_up, s, quantizer, transform, transform_seed(seed, up))
+        product = aq.double() @ bq.double()
+        out.append((scale * weighted_distortion(product - w.double(), h, fisher), product.float()))
+    return out
 
 
 def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fisher: dict | None, quantizer,
@@ -80,22 +94,36 @@ def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fi
                        keep: dict | None = None, progress: bool = True) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
     """For every dense W_q / W_k unit: option label -> (option, exact cost, distortion).
 
-    With `keep`, also store each option's reconstructed projection (fp16) under (unit.key, label).
+    Dense options reuse the unit's measured distortions when it has them. Without `keep` and
+    without a transform, large projections are measured on `measured_rows` (one subset for every
+    option, so options compare on equal terms); with `keep`, each option's reconstructed projection
+    (fp16) is stored under (unit.key, label) and every row is measured.
     """
     out = {}
+    settings = quantizer.candidates()
     qk_units = [u for u in units if u.qk and u.role is Role.DENSE]
     for u in tqdm(qk_units, desc="joint Q/K", disable=not progress):
         w = layers[u.layer].get_submodule(u.module).weight.data
         h = analysis[u.layer].moments[u.input_group]
         f = fisher.get(f"{adapter.layers}.{u.layer}.{u.module}") if fisher else None
-        factors = {}
-        table = {}
-        for opt in qk_options(u, quantizer.candidates(), ratios, rank_multiple):
-            if opt.rank and opt.rank not in factors:
-                factors[opt.rank] = whitened_lowrank(w.float(), h.double(), opt.rank)
-            d, wq = option_distortion(u, opt, w, h, f, quantizer, transform, seed, factors.get(opt.rank))
-            table[opt.label] = (opt, option_cost(u, opt, quantizer, transform), d)
+        exact = keep is not None
+        options = qk_options(u, settings, ratios, rank_multiple)
+        dense = {s.label(): u.distortion[s.label()] for s in settings if s.label() in u.distortion}
+        if exact or len(dense) < len(settings):
+            dense, quantized = unit_distortions(u, w, h, f, settings, quantizer, transform=transform, seed=seed,
+                                                exact=exact)
             if keep is not None:
-                keep[(u.key, opt.label)] = wq.half()
+                for s, wq in zip(settings, quantized):
+                    keep[(u.key, QKOption(0, s).label)] = wq.half()
+        table = {o.label: (o, option_cost(u, o, quantizer, transform), dense[o.setting.label()])
+                 for o in options if not o.rank}
+        rows = measured_rows(u, w.shape[0], quantizer, exact=exact or transform is not None, seed=seed)
+        for rank in dict.fromkeys(o.rank for o in options if o.rank):
+            measured = lowrank_distortions(u, rank, w, h, f, settings, quantizer, transform, seed, rows=rows)
+            for s, (d, product) in zip(settings, measured):
+                o = QKOption(rank, s)
+                table[o.label] = (o, option_cost(u, o, quantizer, transform), d)
+                if keep is not None:
+                    keep[(u.key, o.label)] = product.half()
         out[u.key] = table
     return out

@@ -74,7 +74,8 @@ def _measure_while_analysing(model, adapter, batches, config, quantizer, transfo
                              fisher, qk_tables, database) -> None:
     """One walk: per layer, its XᵀX, then its units' distortions (and Q/K options) while it is loaded."""
     for step, layer_analysis in analyse_layers(model, adapter, batches, density_mass=config.density_mass,
-                                               keep_moments=True, progress=progress, source=source):
+                                               keep_moments=True, progress=progress, source=source,
+                                               attention=False):
         i, mine = step.index, [u for u in units if u.layer == step.index]
         one_layer, one_analysis = {i: step.layer}, {i: layer_analysis}
         measure_distortions(one_layer, adapter, mine, one_analysis, ranks, quantizer.candidates(), quantizer,

@@ -54,17 +54,29 @@ def transform_seed(seed: int, unit: Unit) -> int:
     return zlib.crc32(f"{seed}:{unit.key}".encode())
 
 
-def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0):
-    """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
+def _in_basis(w: torch.Tensor, h: torch.Tensor, transform, seed: int):
+    """(W, XᵀX) in the transform's basis (float32), its parameters, and the map back to the original basis."""
     if transform is None:
-        qw, deq = quantizer.quantize(w.float(), h.float(), setting)
-        return qw, deq, None
+        return w.float(), h.float(), None, lambda d: d
     cls = type(transform)
     params = transform.build(w.shape[0], w.shape[1], seed)
     wt = transform_weight(cls, params, w.float())
     ht = transform_xtx(cls, params, h.double()).to(h.dtype)
-    qw, deq = quantizer.quantize(wt, ht.float(), setting)
-    return qw, restore_weight(cls, params, deq), params
+    return wt, ht.float(), params, lambda d: restore_weight(cls, params, d)
+
+
+def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0):
+    """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
+    wt, ht, params, back = _in_basis(w, h, transform, seed)
+    qw, deq = quantizer.quantize(wt, ht, setting)
+    return qw, back(deq), params
+
+
+def dequantize_unit_many(w: torch.Tensor, h: torch.Tensor, settings, quantizer, transform=None,
+                         seed: int = 0) -> list[torch.Tensor]:
+    """The dequantized float32 weight (original basis) at each setting: `quantize_unit`'s, with shared work."""
+    wt, ht, _, back = _in_basis(w, h, transform, seed)
+    return [back(d) for d in quantizer.dequantize_many(wt, ht, settings)]
 
 
 def stored_module(qw, params, bias: torch.Tensor | None) -> nn.Module:
