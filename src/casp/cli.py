@@ -237,8 +237,13 @@ def cmd_compress(args) -> None:
     r = result.report
     summary = {k: r[k] for k in ("average_bits", "stored_bytes", "original_weights", "seconds", "peak_rss_mb")}
     summary["out"] = str(result.out)
-    _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight, "
-          f"{r['stored_bytes'] / 2**20:.3f} MiB stored, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    summary["target_bits"] = cfg.bits
+    excluded = r.get("excluded_candidates")
+    if excluded:
+        summary["excluded_candidates"] = excluded["settings"]
+    note = f"; left out {', '.join(excluded['settings'])} ({excluded['why']})" if excluded else ""
+    _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight (target {cfg.bits}), "
+          f"{r['stored_bytes'] / 2**20:.3f} MiB stored, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB{note}")
 
 
 def cmd_eval(args) -> None:

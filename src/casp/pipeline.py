@@ -119,6 +119,7 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
         if quantizer is not None and config.allocation != "uniform" and config.qk_rank != "auto":
             check_feasible(adapter.decoder_layers(model), adapter, quantizer, config, transform)
 
+    quantizer, excluded = without_source_grid(quantizer, model, config)
     source, model, processor, adapter, batches, layer_source = load_with_calibration(
         model, config, processor, feasible, spill_dir=writer and writer.dir / "spill")
     held = []
@@ -162,6 +163,8 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
         calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
     )
     report.update(summary)
+    if excluded:
+        report["excluded_candidates"] = excluded
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
     if writer is not None:
         result.model = None
@@ -171,6 +174,33 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
 
         result.out = save_compressed(result, Path(out), overwrite=overwrite)
     return result
+
+
+def without_source_grid(quantizer, model, config: CompressionConfig):
+    """The quantizer less the candidates that reproduce the grid a built-in model's weights lie on.
+
+    SmolLM2-135M ships Q4_1-dequantized weights: 4-bit grids with groups of 32 or less land on them
+    exactly, so their measured damage is near zero and the allocator would pick them for that alone.
+    Returns (quantizer, what was left out or None) for the report.
+    """
+    from dataclasses import fields, replace
+
+    from casp.models.real_models import source_grid
+
+    if quantizer is None or config.allocation == "uniform" or "source_grid" not in {f.name for f in fields(quantizer.config)}:
+        return quantizer, None
+    path = Path(getattr(model.config, "_name_or_path", "") or ".") if isinstance(model, nn.Module) else resolve_model_path(model)
+    grid = source_grid(path)
+    if grid is None:
+        return quantizer, None
+    trimmed = type(quantizer)(replace(quantizer.config, source_grid=grid))
+    kept = {s.label() for s in trimmed.candidates()}
+    dropped = [s.label() for s in quantizer.candidates() if s.label() not in kept]
+    if not dropped:
+        return quantizer, None
+    return trimmed, {"settings": dropped, "source_grid": {"bits": grid[0], "group_size": grid[1]},
+                     "why": f"the weights were stored on a {grid[0]}-bit grid with groups of {grid[1]}; these settings "
+                            "reproduce it and would measure almost no error"}
 
 
 def model_would_not_fit(model, config: CompressionConfig) -> bool:

@@ -74,6 +74,13 @@ def _fmt(v, spec=".4f"):
     return "–" if v is None else format(v, spec)
 
 
+def _excluded_lines(report: dict) -> list[str]:
+    ex = report.get("excluded_candidates")
+    if not ex:
+        return []
+    return [f"Candidates left out: {', '.join(ex['settings'])} ({ex['why']}).", ""]
+
+
 def render_markdown(report: dict, plots: list[str]) -> str:
     cfg = report["config"]
     lines = [
@@ -89,6 +96,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         "",
         report["accounting"] + ".",
         "",
+        *_excluded_lines(report),
         "## Per decoder layer",
         "",
         "Density: per head and query row, the fraction of visible keys needed to hold "

@@ -38,6 +38,7 @@ class BuiltinModel:
     gguf_file: str
     architecture: str  # expected `config.architectures[0]` after conversion
     note: str = ""
+    source_grid: tuple[int, int] | None = None  # (bits, group size) the linear weights were stored on
 
     @property
     def install_hint(self) -> str:
@@ -54,6 +55,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         architecture="LlamaForCausalLM",
         note="SmolLM2-135M-Instruct (Apache-2.0); linear weights are Q4_1-dequantized, "
         "embeddings Q8_0-dequantized (see docs/data.md).",
+        source_grid=(4, 32),
     ),
 }
 
@@ -190,6 +192,13 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def source_grid(path: Path) -> tuple[int, int] | None:
+    """(bits, group size) of the grid a converted built-in model's linear weights lie on, else None."""
+    marker = _read_marker(Path(path))
+    spec = BUILTIN_MODELS.get(marker.get("name")) if marker else None
+    return spec.source_grid if spec is not None else None
 
 
 def _read_marker(target: Path) -> dict | None:

@@ -56,11 +56,12 @@ class ScalarOptions:
     sym: bool = field(default=False, metadata={"flag": "--sym", "help": "symmetric quantization grid"})
     group_size: int = field(default=128, metadata={
         "flag": "--group-size", "type": int, "help": "group size of a uniform run (-1: per output channel)"})
-    candidate_bits: tuple[int, ...] = field(default=(2, 3, 4), metadata={
-        "flag": "--candidate-bits", "type": "ints", "help": "bit-widths the allocator may choose (default 2,3,4)"})
-    candidate_group_sizes: tuple[int, ...] = field(default=(128, -1), metadata={
+    candidate_bits: tuple[int, ...] = field(default=(2, 3, 4, 8), metadata={
+        "flag": "--candidate-bits", "type": "ints", "help": "bit-widths the allocator may choose (default 2,3,4,8)"})
+    candidate_group_sizes: tuple[int, ...] = field(default=(32, 64, 128, -1), metadata={
         "flag": "--candidate-group-sizes", "type": "ints",
-        "help": "group sizes the allocator may choose (default 128,-1; -1 = per channel)"})
+        "help": "group sizes the allocator may choose (default 32,64,128,-1; -1 = per channel)"})
+    source_grid: tuple[int, int] | None = None   # (bits, group size) of a grid the weights already lie on
 
     def __post_init__(self):
         for b in self.candidate_bits:
@@ -71,13 +72,28 @@ class ScalarOptions:
                 raise ValueError(f"group sizes must be positive or -1 (per channel), got {g}")
 
     def candidates(self) -> list[QuantSpec]:
+        """The ladder, less the settings that would reproduce `source_grid` (see `reproduces`)."""
         groups = list(dict.fromkeys(self.candidate_group_sizes))
-        return [QuantSpec(b, g, self.sym) for b in sorted(set(self.candidate_bits)) for g in groups]
+        ladder = [QuantSpec(b, g, self.sym) for b in sorted(set(self.candidate_bits)) for g in groups]
+        return [s for s in ladder if not reproduces(s, self.source_grid)]
 
     def uniform_setting(self, bits: float) -> QuantSpec:
         return QuantSpec(int(bits), self.group_size, self.sym)
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal); keeps scales non-zero
+
+
+def reproduces(spec: QuantSpec, grid: tuple[int, int] | None) -> bool:
+    """Whether an asymmetric min/max grid of `spec` can land exactly on weights stored on `grid`.
+
+    Weights dequantized from a b-bit grid with groups of G (e.g. GGUF Q4_1: 4 bits, G = 32) are
+    reproduced by the same bit-width on any group inside one of the source groups: such a setting
+    measures almost no error and would be chosen for that reason alone.
+    """
+    if grid is None or spec.sym or spec.group_size == -1:
+        return False
+    bits, group = grid
+    return spec.bits == bits and spec.group_size <= group and group % spec.group_size == 0
 
 
 def num_groups(in_features: int, group_size: int) -> int:
