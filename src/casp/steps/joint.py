@@ -77,16 +77,18 @@ def option_distortion(unit: Unit, option: QKOption, w: torch.Tensor, h: torch.Te
 
 def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fisher: dict | None, quantizer,
                        ratios=DEFAULT_RATIOS, *, transform=None, seed: int = 0, rank_multiple: int = 1,
-                       keep: dict | None = None, progress: bool = True) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
+                       keep: dict | None = None, progress: bool = True,
+                       device="cpu") -> dict[str, dict[str, tuple[QKOption, int, float]]]:
     """For every dense W_q / W_k unit: option label -> (option, exact cost, distortion).
 
-    With `keep`, also store each option's reconstructed projection (fp16) under (unit.key, label).
+    With `keep`, also store each option's reconstructed projection (fp16, on the CPU) under (unit.key, label).
+    The layers are on `device`; each XᵀX is moved there.
     """
     out = {}
     qk_units = [u for u in units if u.qk and u.role is Role.DENSE]
     for u in tqdm(qk_units, desc="joint Q/K", disable=not progress):
         w = layers[u.layer].get_submodule(u.module).weight.data
-        h = analysis[u.layer].moments[u.input_group]
+        h = analysis[u.layer].moments[u.input_group].to(device)
         f = fisher.get(f"{adapter.layers}.{u.layer}.{u.module}") if fisher else None
         factors = {}
         table = {}
@@ -96,6 +98,6 @@ def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fi
             d, wq = option_distortion(u, opt, w, h, f, quantizer, transform, seed, factors.get(opt.rank))
             table[opt.label] = (opt, option_cost(u, opt, quantizer, transform), d)
             if keep is not None:
-                keep[(u.key, opt.label)] = wq.half()
+                keep[(u.key, opt.label)] = wq.half().cpu()
         out[u.key] = table
     return out
