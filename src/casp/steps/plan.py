@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from casp.config import CompressionConfig
 from casp.models.placement import off_cpu, on_device
+from casp.models.streaming import InMemoryLayers
 from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
 from casp.steps.measure import measure_distortions
@@ -19,7 +20,7 @@ def fisher_of(model, adapter, batches, source, progress, device="cpu"):
     or the work runs on a device (the model stays on the CPU)."""
     from casp.analysis.sensitivity import output_fisher, output_fisher_layerwise
 
-    from casp.models.streaming import InMemoryLayers, trim_heap
+    from casp.models.streaming import trim_heap
 
     if (source is not None and source.streamed) or off_cpu(device):
         return output_fisher_layerwise(model, adapter, batches, source or InMemoryLayers(), progress, device=device)
@@ -65,7 +66,7 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
         qk_tables = {} if joint else None
         if analysis is not None:
             _measure_after_analysis(layers, adapter, units, analysis, ranks, quantizer, fisher, config, transform,
-                                    database, progress)
+                                    database, progress, source or InMemoryLayers())
         else:
             _measure_while_analysing(model, adapter, batches, config, quantizer, transform, progress, source, units,
                                      ranks, fisher, qk_tables, database)
@@ -93,10 +94,12 @@ def _measure_while_analysing(model, adapter, batches, config, quantizer, transfo
 
 
 def _measure_after_analysis(layers, adapter, units, analysis, ranks, quantizer, fisher, config, transform, database,
-                            progress) -> None:
-    """Auto ranks: each layer's units measured once every spectrum is known, the layer back on the device."""
+                            progress, source) -> None:
+    """Auto ranks: each layer's units measured once every spectrum is known, the layer fetched again onto the device."""
     for i in tqdm(sorted({u.layer for u in units}), desc="measure", disable=not progress):
+        source.fetch(i, layers[i])
         with on_device(layers[i], config.device):
             measure_distortions({i: layers[i]}, adapter, [u for u in units if u.layer == i], analysis, ranks,
                                 quantizer.candidates(), quantizer, fisher, transform=transform, seed=config.seed,
                                 keep=database, progress=False, device=config.device)
+        source.release(i, layers[i])
