@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py [--model DIR] [--layers 0,1] [--bits 2] [--allocation uniform]
                                [--calib-samples 4] [--calib-seq-len 128] [--threads 1] [--gpu-tflops 20]
+                               [--device cuda]
 
 `--model` is a checkpoint written by `scripts/make_shaped_model.py` (LLaVA-1.5-7B shapes, random fp16
 weights); it is written first when the directory does not exist. One `casp compress --stream` run
@@ -19,6 +20,8 @@ Projections to the 7B, 13B, 34B and 70B language models (the same CLIP tower in 
   plus the measured per-layer streaming overhead scaled by the layer's parameters. The GPU column is
   an assumption, printed as such (no GPU was measured): the same FLOPs at `--gpu-tflops`, plus
   `--gpu-column-us` per GPTQ column (its column loop is sequential: a few small kernels per column).
+`--device cuda` runs the same compression with each layer's work on the GPU (docs/gpu.md) and prints its
+peak device memory: the measured GPU row, once a GPU is lent (none has been yet).
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ def run(args) -> dict:
         return {"report": report, "wall": report["seconds"], "out": out}
     cmd = [sys.executable, "-m", "casp", "compress", str(model), "-o", str(out), "--stream", "--overwrite",
            "--bits", str(args.bits), "--allocation", args.allocation, "--calib-samples", str(args.calib_samples),
-           "--calib-seq-len", str(args.calib_seq_len), "--layers", args.layers, "--json"]
+           "--calib-seq-len", str(args.calib_seq_len), "--layers", args.layers, "--device", args.device, "--json"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="device for each layer's work (casp compress --device)")
     p.add_argument("--gpu-tflops", type=float, default=20.0, help="assumed sustained GPU rate for the GPU column")
     p.add_argument("--gpu-column-us", type=float, default=50.0,
                    help="assumed GPU latency of one GPTQ column step (microseconds)")
@@ -147,6 +151,8 @@ def main(argv=None) -> int:
           f"peak RSS {peak / 2**30:.2f} GB (process base {base / 2**30:.2f} GB)")
     print(f"  GPTQ rate {rate / 1e9:.1f} GFLOP/s; streaming one other layer through (read, run, write) {overhead:.1f} s")
     print(f"  fitted GPTQ work: {k:.2f} x 8 i^2 bytes")
+    if report.get("peak_device_mb") is not None:
+        print(f"  on {args.device}: peak device memory {report['peak_device_mb'] / 1024:.2f} GB")
     print("\nprojected (whole model compressed, same calibration tokens)")
     print(f"  {'model':5s} {'params':>7s} {'peak RSS':>9s} {'CPU time':>9s} {'GPU time*':>9s}")
     for name, shape in SHAPES.items():

@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--search-samples", type=int, default=8, help="calibration samples held out for the search (default 8)")
     c.add_argument("--layers", type=_int_list, default=None,
                    help="compress only these decoder layers (comma-separated indices; default all)")
-    c.add_argument("--device", default="cpu", help="device for the layer being compressed (default cpu)")
+    c.add_argument("--device", default="cpu",
+                   help="device for the heavy work (XᵀX, quantizers, measurements, sensitivity, search), one decoder "
+                        "layer at a time; the model stays on the CPU (default cpu)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--stream", action="store_true",
                    help="read the model one decoder layer at a time from its safetensors and write each compressed "
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", help="text file for token perplexity")
     e.add_argument("--context-length", type=int, default=2048, help="perplexity window (default 2048 or model max)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    e.add_argument("--device", default="cpu",
+                   help="run each decoder layer on this device in turn; the model stays on the CPU (default cpu)")
     _common(e)
 
     s = sub.add_parser("sparsity", help="attention density per layer and head")
@@ -250,7 +254,8 @@ def cmd_eval(args) -> None:
     from casp.eval.evaluate import evaluate
 
     res = evaluate(args.model, reference=args.reference, vqa_jsonl=args.vqa_jsonl, text=args.text,
-                   context_length=args.context_length, limit=args.limit, progress=not args.quiet)
+                   context_length=args.context_length, limit=args.limit, progress=not args.quiet,
+                   device=args.device)
     lines = []
     if "vqa_accuracy" in res:
         lines.append(f"VQA exact-match accuracy: {res['vqa_accuracy']:.4f} ({res.get('n', '?')} questions)")

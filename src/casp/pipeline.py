@@ -230,9 +230,9 @@ def plan_and_allocate(model, adapter, batches, held, config: CompressionConfig, 
             solution = solve(units, quantizer, bits=config.bits, rule="rd", granularity=config.granularity,
                              num_layers=len(layers), transform=transform)
         if config.search_steps:
-            summary["search"] = search(model, layers, solution, database, held, steps=config.search_steps,
+            summary["search"] = search(model, adapter, solution, database, held, steps=config.search_steps,
                                        seed=config.seed, starts=[uniform_choice(solution, quantizer, config.bits)],
-                                       progress=progress)
+                                       progress=progress, device=config.device)
         ranks, plan = decode(solution, units, quantizer, qk_tables or {}, len(layers))
         units = plan_units(layers, adapter, ranks, config.layers)
     elif quantizer is not None:

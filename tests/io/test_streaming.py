@@ -98,6 +98,17 @@ def test_streamed_fp16_run_equals_in_memory_closely(tmp_path, tiny_llava_dir, qk
         assert 0 < (a - b).norm() / a.norm() < 3e-2
 
 
+def test_streamed_auto_ranks_read_each_layer_again_to_measure_it(tmp_path, tiny_llama_dir, scene_text):
+    """Auto ranks measure after the analysis walk has released every layer; the device path gives the same bytes."""
+    cfg = dict(bits=3.0, qk_rank="auto", calib_text=str(scene_text), stream=True, **CALIB)
+    cpu = compress(tiny_llama_dir, tmp_path / "cpu", CompressionConfig(**cfg), progress=False)
+    dev = compress(tiny_llama_dir, tmp_path / "dev", CompressionConfig(device="cpu:0", **cfg), progress=False)
+    assert 2.5 < cpu.report["average_bits"] <= 3.0
+    files = sorted(f.name for f in cpu.out.glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in dev.out.glob("*.safetensors"))
+    assert all(filecmp.cmp(cpu.out / f, dev.out / f, shallow=False) for f in files)
+
+
 def test_streamed_output_loads_with_from_pretrained(tmp_path, tiny_llama_dir, scene_text):
     import transformers
 

@@ -111,13 +111,13 @@ def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator,
     """
     n, d = points.shape
     if n == 0:
-        return points.new_zeros(k, d), torch.zeros(0, dtype=torch.long)
+        return points.new_zeros(k, d), torch.zeros(0, dtype=torch.long, device=points.device)
     fit = points
     if max_points is not None and n > max_points:
-        fit = points[torch.randperm(n, generator=generator)[:max_points]]
+        fit = points[torch.randperm(n, generator=generator)[:max_points].to(points.device)]
     start = (torch.randperm(fit.shape[0], generator=generator)[:k] if fit.shape[0] >= k
              else torch.randint(fit.shape[0], (k,), generator=generator))
-    centroids = fit[start].clone()
+    centroids = fit[start.to(points.device)].clone()
     for _ in range(iters):
         assign = nearest(fit, centroids, chunk)
         sums = torch.zeros_like(centroids).index_add_(0, assign, fit)
@@ -132,7 +132,7 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) ->
     norms = (centroids * centroids).sum(1)
     out = [torch.addmm(norms, points[s:s + chunk], centroids.T, alpha=-2.0).argmin(1)
            for s in range(0, points.shape[0], chunk)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=points.device)
 
 
 def init_codebooks(w_scaled: torch.Tensor, num_codebooks: int, codebook_bits: int, group_size: int, *,
@@ -183,8 +183,8 @@ def beam_search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks
     hd = _diag_blocks(h, g)
     # q[grp, m, k] = c_mkᵀ H_grp,grp c_mk: the quadratic term of a codeword in a group
     q = torch.einsum("mka,gab,mkb->gmk", codebooks, hd, codebooks)
-    out_codes = torch.empty(rows, n // g, m_count, dtype=torch.long)
-    out_loss = torch.empty(rows, dtype=torch.float64)
+    out_codes = torch.empty(rows, n // g, m_count, dtype=torch.long, device=w.device)
+    out_loss = torch.empty(rows, dtype=torch.float64, device=w.device)
     if row_block is None:   # about 64 MB of per-hypothesis H(ŵ − w) at a time
         row_block = max(64, (1 << 24) // (max(1, beam) * max(1, n)))
     for r0 in range(0, rows, row_block):
@@ -202,7 +202,7 @@ def _row_min(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tens
         return x.min(1, keepdim=True)
     blocks = x.view(rows, -1, block)
     value, which = blocks.amin(2).min(1, keepdim=True)
-    inner = blocks[torch.arange(rows), which[:, 0]].argmin(1, keepdim=True)
+    inner = blocks[torch.arange(rows, device=x.device), which[:, 0]].argmin(1, keepdim=True)
     return value, which * block + inner
 
 
@@ -215,19 +215,19 @@ def _beam_rows(w, h, codes, books, s, beam, block_groups, hd, q):
     hyps = rows * kb
     d = s[:, None] * reconstruct(codes, books) - w
     grad = d @ h                                            # H(ŵ − w) per row at the pass start
-    loss = torch.full((rows, kb), float("inf"))
+    loss = torch.full((rows, kb), float("inf"), device=w.device)
     loss[:, 0] = (grad * d).sum(1)
     base = grad.repeat_interleave(kb, 0)                    # H(ŵ − w) from the block start on, per hypothesis
     s3, s2 = s[:, None, None], (s * s)[:, None]
-    ar = torch.arange(rows)
+    ar = torch.arange(rows, device=w.device)
     first = (ar * kb)[:, None]
     inf = float("inf")
     parents, choices = [], []
     for b0 in range(0, groups, block_groups):
         b1 = min(b0 + block_groups, groups)
         c0, c1 = b0 * g, b1 * g
-        delta = torch.zeros(hyps, c1 - c0)                  # change of ŵ − w inside the block
-        root = torch.arange(hyps)                           # the hypothesis at the block start of each slot
+        delta = torch.zeros(hyps, c1 - c0, device=w.device)  # change of ŵ − w inside the block
+        root = torch.arange(hyps, device=w.device)          # the hypothesis at the block start of each slot
         h_blk = h[c0:c1, c0:c1]
         for grp in range(b0, b1):
             j0 = (grp - b0) * g
@@ -292,7 +292,8 @@ def _scatter_groups(y: torch.Tensor, idx: torch.Tensor, m_count: int, k_count: i
     """Σ over (row, group) of y's group vectors into the codebook entries they use: (M, K, g)."""
     rows = y.shape[0]
     src = y.reshape(rows, -1, 1, g).expand(rows, y.shape[1] // g, m_count, g).reshape(-1, g)
-    return torch.zeros(m_count * k_count, g, dtype=y.dtype).index_add_(0, idx, src).reshape(m_count, k_count, g)
+    return (torch.zeros(m_count * k_count, g, dtype=y.dtype, device=y.device).index_add_(0, idx, src)
+            .reshape(m_count, k_count, g))
 
 
 def update_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
@@ -311,21 +312,22 @@ def update_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, code
     groups = n // g
     if loss is None:
         loss = objective(w, codes, codebooks, scales, h)
-    idx = (codes.long() + torch.arange(m_count) * k_count).reshape(-1)
+    device = w.device
+    idx = (codes.long() + torch.arange(m_count, device=device) * k_count).reshape(-1)
     s = scales[:, None]
 
     def apply(p):   # (Σ_r s_r² Pᵣᵀ H Pᵣ) p
         return _scatter_groups((s * s * reconstruct(codes, p)) @ h, idx, m_count, k_count, g)
 
     resid = -_scatter_groups(s * ((s * reconstruct(codes, codebooks) - w) @ h), idx, m_count, k_count, g)
-    cell = (idx.reshape(rows, groups, m_count) * groups + torch.arange(groups)[None, :, None]).reshape(-1)
+    cell = (idx.reshape(rows, groups, m_count) * groups + torch.arange(groups, device=device)[None, :, None]).reshape(-1)
     s2 = (scales * scales).double()[:, None, None].expand(rows, groups, m_count).reshape(-1)
     weight = torch.bincount(cell, weights=s2, minlength=m_count * k_count * groups).float()
     weight = weight.reshape(m_count * k_count, groups)
     diag = (weight @ _diag_blocks(h, g).reshape(groups, g * g)).reshape(m_count * k_count, g, g)
     lam = ridge * float(diag.diagonal(dim1=1, dim2=2).mean()) if diag.numel() else ridge
     lam = lam if lam > 0 else 1e-12
-    eye = torch.eye(g)
+    eye = torch.eye(g, device=device)
     precond = torch.linalg.inv(diag + lam * eye)
 
     def pre(r):
@@ -436,7 +438,7 @@ def quantize_additive(w: torch.Tensor, h: torch.Tensor | None, num_codebooks: in
         raise ValueError(f"weight must be 2-D, got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
     g = group_size
-    h = torch.eye(in_f) if h is None else h
+    h = torch.eye(in_f, device=w.device) if h is None else h
     if h.shape != (in_f, in_f):
         raise ValueError(f"H has shape {tuple(h.shape)}, expected {(in_f, in_f)}")
     h64 = h.detach().to(torch.float64)

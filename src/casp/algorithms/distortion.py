@@ -11,6 +11,7 @@ def weighted_distortion(delta: torch.Tensor, xtx: torch.Tensor, fisher: torch.Te
     Δ (m×n) is the weight error, H = XᵀX of its input, F (m, or the lifted size) the per-output
     Fisher weights (all ones when None). `lift` L maps a low-rank down factor's output error onto
     the projection's output (L = up factor), so factor errors are priced where the loss sees them.
+    Computes on Δ's device (F is moved there).
     """
     d = delta.double()
     cross = d @ xtx.double()
@@ -19,5 +20,5 @@ def weighted_distortion(delta: torch.Tensor, xtx: torch.Tensor, fisher: torch.Te
         per_row = ((l @ cross) * (l @ d)).sum(1)
     else:
         per_row = (cross * d).sum(1)
-    w = fisher.double() if fisher is not None else torch.ones_like(per_row)
+    w = fisher.double().to(per_row.device) if fisher is not None else torch.ones_like(per_row)
     return float((w * per_row).sum())

@@ -15,6 +15,7 @@ from torch import nn
 
 from casp.algorithms import attention as attn_math
 from casp.models.adapters import Adapter
+from casp.models.placement import to_device
 
 
 @dataclass
@@ -51,8 +52,13 @@ def layer_attention_stats(
     mass: float = 0.9,
     lowrank: tuple[nn.Module, nn.Module] | None = None,
 ) -> LayerAttentionStats:
-    """Density per head; with `lowrank=(q', k')` also the map error and our bound, on the same inputs."""
+    """Density per head; with `lowrank=(q', k')` also the map error and our bound, on the same inputs.
+
+    The caught inputs are moved to the layer's device one batch at a time.
+    """
     attention = layer.get_submodule(adapter.attention)
+    device = next(attention.parameters()).device
+    attn_inputs = (to_device(pair, device) for pair in attn_inputs)
     if lowrank is None:
         acc = attn_math.DensityAccumulator(mass=mass)
         for x, pos in attn_inputs:

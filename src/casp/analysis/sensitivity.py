@@ -102,33 +102,38 @@ def _head_loss(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, labels:
 
 
 def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[dict], source, progress: bool = True,
-                            max_tokens: int = FISHER_TOKENS) -> dict[str, torch.Tensor]:
-    """`output_fisher` for a model whose layers are streamed: backpropagation one decoder layer at a time.
+                            max_tokens: int = FISHER_TOKENS, device="cpu") -> dict[str, torch.Tensor]:
+    """`output_fisher` by backpropagation one decoder layer at a time (streamed layers, or `--device`).
 
-    A forward walk keeps every layer's inputs (fp16, spilled to disk above the cap); the loss
-    gradient at the last layer's output is then carried back layer by layer, each layer loaded
-    once more and re-run with its input requiring a gradient. Same quantity as `output_fisher`,
-    up to the fp16 rounding of the kept inputs.
+    A forward walk keeps every layer's inputs (fp16, spilled to disk above the cap, when streamed);
+    the loss gradient at the last layer's output is then carried back layer by layer, each layer
+    loaded once more and re-run on `device` with its input requiring a gradient. Same quantity as
+    `output_fisher`, up to the fp16 rounding of the kept inputs. Gradients between layers and the
+    returned sums are on the CPU.
     """
     from casp.models.engine import run_layer, walk_layers
+    from casp.models.offload import parts_on
+    from casp.models.placement import on_device, to_device
 
     batches = _kept_batches(batches, max_tokens)
     layers = adapter.decoder_layers(model)
     kept, kwargs = [], []
-    for step in walk_layers(model, adapter, batches, desc="sensitivity (forward)", progress=progress, source=source):
+    for step in walk_layers(model, adapter, batches, device=device, desc="sensitivity (forward)", progress=progress,
+                            source=source):
         kept.append(source.keep(list(step.inputs.hidden)))
         kwargs.append(step.inputs.kwargs_for(step.layer))
         if step.index == len(layers) - 1:
-            last = run_layer(step.layer, step.inputs)
+            last = run_layer(step.layer, step.inputs, device)
     image_token = _image_token(model)
     grads = []
     source.open_rest()
     try:
-        for h, batch in zip(last, batches):
-            h = h.detach().requires_grad_(True)
-            with torch.enable_grad():
-                _head_loss(model, adapter, h, _labels(batch, image_token)).backward()
-            grads.append(h.grad.detach())
+        with parts_on(model, adapter, device):
+            for h, batch in zip(last, batches):
+                h = h.detach().to(device).requires_grad_(True)
+                with torch.enable_grad():
+                    _head_loss(model, adapter, h, _labels(batch, image_token).to(device)).backward()
+                grads.append(h.grad.detach().cpu())
     finally:
         source.close_rest()
     sums: dict[str, torch.Tensor] = {}
@@ -140,20 +145,21 @@ def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[di
         handles = [_grad_recorder(layer.get_submodule(n), f"{adapter.layers}.{i}.{n}", sums, counts)
                    for n in adapter.linear_names()]
         try:
-            for b in range(len(grads)):
-                h = kept[i][b].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    out = layer(h, **kwargs[i][b], use_cache=False)
-                    out = out[0] if isinstance(out, tuple) else out
-                    out.backward(grads[b])
-                grads[b] = h.grad.detach()
+            with on_device(layer, device):
+                for b in range(len(grads)):
+                    h = kept[i][b].detach().to(device).requires_grad_(True)
+                    with torch.enable_grad():
+                        out = layer(h, **to_device(kwargs[i][b], device), use_cache=False)
+                        out = out[0] if isinstance(out, tuple) else out
+                        out.backward(grads[b].to(device))
+                    grads[b] = h.grad.detach().cpu()
         finally:
             for handle in handles:
                 handle.remove()
             source.release(i, layer)
             if hasattr(kept[i], "drop"):
                 kept[i].drop()
-    return {n: sums[n] / max(counts[n], 1) for n in sums}
+    return {n: (sums[n] / max(counts[n], 1)).cpu() for n in sums}
 
 
 def _grad_recorder(module: nn.Module, name: str, sums: dict, counts: dict):

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from casp.models.adapters import adapter_for
+from casp.models.offload import offloaded
 from casp.errors import CaspError
 from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path, tokenizer_of
 
@@ -61,11 +63,18 @@ def evaluate_vlm(model, processor, *, reference=None, vqa_records, caption_recor
 
 
 def evaluate(model=None, *, reference=None, vqa_jsonl=None, text=None, context_length=2048, limit=None,
-             progress=True) -> dict:
+             progress=True, device="cpu") -> dict:
+    """The metrics of one model; with `device`, the model stays on the CPU and each decoder layer runs there."""
+    with ExitStack() as stack:
+        return _evaluate(model, reference, vqa_jsonl, text, context_length, limit, progress, device, stack)
+
+
+def _evaluate(model, reference, vqa_jsonl, text, context_length, limit, progress, device, stack) -> dict:
     path = resolve_model_path(model)
     m = load_model(path)
     processor = load_processor(path)
     adapter = adapter_for(m)
+    stack.enter_context(offloaded(m, adapter, device))
     if context_length < 2:
         raise CaspError(f"--context-length must be >= 2, got {context_length}")
     if limit is not None and limit < 1:
@@ -84,6 +93,8 @@ def evaluate(model=None, *, reference=None, vqa_jsonl=None, text=None, context_l
         res["text_source"] = text or "casp built-in evaluation text"
     if adapter.is_multimodal and (vqa_jsonl or not text):
         reference_model = load_model(ref_path) if ref_path else None
+        if reference_model is not None:
+            stack.enter_context(offloaded(reference_model, adapter_for(reference_model), device))
         if vqa_jsonl:
             from casp.eval.vqa import load_vqa_jsonl
 

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from casp.models import placement
 from casp.models.adapters import Adapter
+from casp.models.offload import parts_on
+from casp.models.placement import to_device
 
 
 class _Caught(Exception):
@@ -51,18 +54,6 @@ class LayerInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 _KEEP_KWARGS = ("attention_mask", "position_ids", "position_embeddings", "cache_position",
                 "position_embeddings_global", "position_embeddings_local")
 
@@ -75,7 +66,7 @@ def _catch_until_layer0(model: nn.Module, layer0: nn.Module, batches: list[dict]
         if hidden is not None:
             h = args[0] if args else kwargs["hidden_states"]
             hidden.append(h.detach().cpu())
-        kwargs_out.append({k: _to(kwargs.get(k), "cpu") for k in _KEEP_KWARGS if k in kwargs})
+        kwargs_out.append({k: to_device(kwargs.get(k), "cpu") for k in _KEEP_KWARGS if k in kwargs})
         raise _Caught
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
@@ -114,7 +105,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: str | torch.device 
     """Run one decoder layer on every caught batch; returns outputs on the CPU."""
     outs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs_for(layer)):
-        out = layer(hidden.to(device), **_to(kwargs, device), use_cache=False)
+        out = layer(hidden.to(device), **to_device(kwargs, device), use_cache=False)
         if isinstance(out, tuple):
             out = out[0]
         outs.append(out.detach().cpu())
@@ -129,7 +120,7 @@ def final_hidden_states(model: nn.Module, adapter: Adapter, hidden: list[torch.T
 
 @dataclass
 class SecondMoments:
-    """XᵀX (float64) of the inputs of groups of linears that share one input."""
+    """XᵀX (float64, on the inputs' device) of the inputs of groups of linears that share one input."""
 
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -138,9 +129,9 @@ class SecondMoments:
         """Fold one batch in: the batch product in float32, the running sum in float64."""
         x = x.reshape(-1, x.shape[-1]).float()
         if key not in self.xtx:
-            self.xtx[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.xtx[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             self.tokens[key] = 0
-        self.xtx[key] += (x.T @ x).cpu().double()
+        self.xtx[key] += (x.T @ x).double()
         self.tokens[key] += x.shape[0]
 
 
@@ -183,7 +174,7 @@ def record_attention_inputs(layer: nn.Module, adapter: Adapter, sink: list, max_
         if state["tokens"] >= max_tokens:
             return
         state["tokens"] += x.shape[0] * x.shape[1]
-        sink.append((x.detach().cpu(), _to(state.get("pos"), "cpu")))
+        sink.append((x.detach().cpu(), to_device(state.get("pos"), "cpu")))
 
     handles = [
         attn.register_forward_pre_hook(attn_hook, with_kwargs=True),
@@ -246,7 +237,8 @@ def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, devi
     source = source or InMemoryLayers()
     source.open_rest()
     try:
-        inputs = capture_layer0_inputs(model, adapter, batches)
+        with parts_on(model, adapter, device):
+            inputs = capture_layer0_inputs(model, adapter, to_device(batches, device))
     finally:
         source.close_rest()
     inputs.hidden = source.keep(inputs.hidden if hidden is None else hidden)
@@ -258,17 +250,15 @@ def walk_layers(model: nn.Module, adapter: Adapter, batches: list[dict], *, devi
         source.fetch(i, layer)
         if only is not None and i not in only:
             if i < last:
-                layer.to(device)
-                inputs.hidden = _replace(inputs.hidden, source.keep(run_layer(layer, inputs, device)))
-                layer.to("cpu")
+                with placement.on_device(layer, device):
+                    inputs.hidden = _replace(inputs.hidden, source.keep(run_layer(layer, inputs, device)))
         else:
             step = LayerStep(i, layer, inputs)
-            layer.to(device)
-            yield step
-            if i < last:
-                outputs = step.outputs if step.outputs is not None else run_layer(layer, inputs, device)
-                inputs.hidden = _replace(inputs.hidden, source.keep(outputs))
-            layer.to("cpu")
+            with placement.on_device(layer, device):
+                yield step
+                if i < last:
+                    outputs = step.outputs if step.outputs is not None else run_layer(layer, inputs, device)
+                    inputs.hidden = _replace(inputs.hidden, source.keep(outputs))
         if on_done is not None:
             on_done(i, layer, inputs)
         source.release(i, layer)

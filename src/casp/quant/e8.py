@@ -228,13 +228,13 @@ class E8Quantizer(Quantizer):
             raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
         out_f, in_f = weight.shape
         if xtx is None:
-            xtx = torch.eye(in_f)
+            xtx = torch.eye(in_f, device=weight.device)
         c = self.config
         rho, resid = c.rho_and_resid(setting.bits)
         r = quantize_matrix(weight, xtx, setting.bits, rho=rho, resid_scale=resid, multipliers=c.scale_multipliers,
                             damp=c.ldlq_damp, act_order=setting.act_order, buffer=c.buffer)
         tensors = {"codes": _to_int16(r.codes[..., 0]),
-                   "scales": torch.tensor(r.scales, dtype=torch.float16)}
+                   "scales": torch.tensor(r.scales, dtype=torch.float16, device=weight.device)}
         if setting.bits == 4:
             tensors["codes2"] = _to_int16(r.codes[..., 1])
         elif setting.bits == 3:

@@ -34,16 +34,17 @@ def analyse_layers(model, adapter: Adapter, batches, *, density_mass: float, kee
                    progress: bool = True, source=None, attention: bool = True):
     """Yield (layer step, `LayerAnalysis`) per decoder layer of the original model, while the layer is loaded.
 
-    `attention=False` skips the attention density and Q/K spectra (only rank choices need them).
+    The layer and its kept XᵀX are on `device` while yielded; spectra are on the CPU. `attention=False`
+    skips the attention density and Q/K spectra (only rank choices need them).
     """
     geometry = adapter.attention_geometry(model)
-    for step in walk_layers(model, adapter, batches, desc="analyse", progress=progress, source=source):
+    for step in walk_layers(model, adapter, batches, device=device, desc="analyse", progress=progress, source=source):
         step.outputs, moments, attn_inputs = observe_layer(step.layer, adapter, step.inputs, adapter.linears, device)
         stats, spectra = None, {}
         if attention:
             stats = layer_attention_stats(step.layer, adapter, geometry, attn_inputs, mass=density_mass)
             h = moments.xtx["attn_in"]
-            spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h)
+            spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h).cpu()
                        for p in QK}
         del attn_inputs
         kept = {k: v.float() for k, v in moments.xtx.items()} if keep_moments else None
@@ -52,6 +53,11 @@ def analyse_layers(model, adapter: Adapter, batches, *, density_mass: float, kee
 
 def analyse(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
             progress: bool = True, source=None) -> list[LayerAnalysis]:
-    """A `LayerAnalysis` per decoder layer of the original model."""
-    return [a for _, a in analyse_layers(model, adapter, batches, density_mass=density_mass,
-                                         keep_moments=keep_moments, device=device, progress=progress, source=source)]
+    """A `LayerAnalysis` per decoder layer of the original model, kept XᵀX on the CPU."""
+    out = []
+    for _, a in analyse_layers(model, adapter, batches, density_mass=density_mass, keep_moments=keep_moments,
+                               device=device, progress=progress, source=source):
+        if a.moments is not None:
+            a.moments = {k: v.cpu() for k, v in a.moments.items()}
+        out.append(a)
+    return out

@@ -77,8 +77,8 @@ def lowrank_distortions(unit: Unit, rank: int, w: torch.Tensor, h: torch.Tensor,
     down, up = _factor_units(unit, rank)
     scale = 1.0
     if rows is not None:
-        scale, a, w = w.shape[0] / rows.numel(), a[rows], w[rows]
-        fisher = fisher[rows] if fisher is not None else None
+        scale, a, w = w.shape[0] / rows.numel(), a[rows.to(a.device)], w[rows.to(w.device)]
+        fisher = fisher[rows.to(fisher.device)] if fisher is not None else None
     out = []
     for s, bq in zip(settings, dequantize_unit_many(b.float(), h, settings, quantizer, transform,
                                                      transform_seed(seed, down))):
@@ -91,20 +91,22 @@ def lowrank_distortions(unit: Unit, rank: int, w: torch.Tensor, h: torch.Tensor,
 
 def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fisher: dict | None, quantizer,
                        ratios=DEFAULT_RATIOS, *, transform=None, seed: int = 0, rank_multiple: int = 1,
-                       keep: dict | None = None, progress: bool = True) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
+                       keep: dict | None = None, progress: bool = True,
+                       device="cpu") -> dict[str, dict[str, tuple[QKOption, int, float]]]:
     """For every dense W_q / W_k unit: option label -> (option, exact cost, distortion).
 
     Dense options reuse the unit's measured distortions when it has them. Without `keep` and
     without a transform, large projections are measured on `measured_rows` (one subset for every
     option, so options compare on equal terms); with `keep`, each option's reconstructed projection
-    (fp16) is stored under (unit.key, label) and every row is measured.
+    (fp16, on the CPU) is stored under (unit.key, label) and every row is measured. The layers are on
+    `device`; each XᵀX is moved there.
     """
     out = {}
     settings = quantizer.candidates()
     qk_units = [u for u in units if u.qk and u.role is Role.DENSE]
     for u in tqdm(qk_units, desc="joint Q/K", disable=not progress):
         w = layers[u.layer].get_submodule(u.module).weight.data
-        h = analysis[u.layer].moments[u.input_group]
+        h = analysis[u.layer].moments[u.input_group].to(device)
         f = fisher.get(f"{adapter.layers}.{u.layer}.{u.module}") if fisher else None
         exact = keep is not None
         options = qk_options(u, settings, ratios, rank_multiple)
@@ -114,7 +116,7 @@ def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fi
                                                 exact=exact)
             if keep is not None:
                 for s, wq in zip(settings, quantized):
-                    keep[(u.key, QKOption(0, s).label)] = wq.half()
+                    keep[(u.key, QKOption(0, s).label)] = wq.half().cpu()
         table = {o.label: (o, option_cost(u, o, quantizer, transform), dense[o.setting.label()])
                  for o in options if not o.rank}
         rows = measured_rows(u, w.shape[0], quantizer, exact=exact or transform is not None, seed=seed)
@@ -124,6 +126,6 @@ def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fi
                 o = QKOption(rank, s)
                 table[o.label] = (o, option_cost(u, o, quantizer, transform), d)
                 if keep is not None:
-                    keep[(u.key, o.label)] = product.half()
+                    keep[(u.key, o.label)] = product.half().cpu()
         out[u.key] = table
     return out

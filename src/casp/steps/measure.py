@@ -38,8 +38,8 @@ def unit_distortions(unit: Unit, w: torch.Tensor, xtx: torch.Tensor, fisher, set
     scale = 1.0
     if rows is not None:
         scale = w.shape[0] / rows.numel()
-        w = w[rows]
-        fisher = fisher[rows] if fisher is not None else None
+        w = w[rows.to(w.device)]
+        fisher = fisher[rows.to(fisher.device)] if fisher is not None else None
     w = w.float()
     quantized = dequantize_unit_many(w, xtx, settings, quantizer, transform, transform_seed(seed, unit))
     values = {s.label(): scale * weighted_distortion(wq - w, xtx, fisher, lift) for s, wq in zip(settings, quantized)}
@@ -48,18 +48,18 @@ def unit_distortions(unit: Unit, w: torch.Tensor, xtx: torch.Tensor, fisher, set
 
 def measure_distortions(layers, adapter: Adapter, units: list[Unit], analysis, ranks, settings, quantizer,
                         fisher: dict | None, *, transform=None, seed: int = 0, keep: dict | None = None,
-                        progress: bool = True) -> None:
+                        progress: bool = True, device="cpu") -> None:
     """Fill `unit.distortion[label]`: the Fisher-weighted output distortion of quantizing it at each setting.
 
-    With `keep`, also store each quantized weight (fp16, original basis) under (unit.key, label);
-    every row is then measured.
+    With `keep`, also store each quantized weight (fp16, original basis, on the CPU) under (unit.key, label);
+    every row is then measured. The layer is on `device`; its XᵀX is moved there.
     """
     by_layer: dict[int, list[Unit]] = {}
     for u in units:
         by_layer.setdefault(u.layer, []).append(u)
     for i in tqdm(sorted(by_layer), desc="measure", disable=not progress):
         layer = layers[i]
-        moments = analysis[i].moments
+        moments = {k: v.to(device) for k, v in analysis[i].moments.items()}
         lowrank = factorise(layer, adapter, ranks[i], moments["attn_in"].double())
         for u in by_layer[i]:
             w, xtx = unit_weight_and_xtx(u, layer, lowrank, moments)
@@ -70,4 +70,4 @@ def measure_distortions(layers, adapter: Adapter, units: list[Unit], analysis, r
             u.distortion.update(values)
             if keep is not None:
                 for s, wq in zip(settings, quantized):
-                    keep[(u.key, s.label())] = wq.half()
+                    keep[(u.key, s.label())] = wq.half().cpu()

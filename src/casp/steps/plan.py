@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import copy
 
+from tqdm.auto import tqdm
+
 from casp.config import CompressionConfig
+from casp.models.placement import off_cpu, on_device
+from casp.models.streaming import InMemoryLayers
 from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
 from casp.steps.measure import measure_distortions
@@ -11,14 +15,15 @@ from casp.steps.ranks import check_separate_qk, choose_ranks
 from casp.steps.units import plan_units
 
 
-def fisher_of(model, adapter, batches, source, progress):
-    """Output Fisher of every decoder linear: one backward pass, or layer by layer when the model is streamed."""
+def fisher_of(model, adapter, batches, source, progress, device="cpu"):
+    """Output Fisher of every decoder linear: one backward pass, or layer by layer when the model is streamed
+    or the work runs on a device (the model stays on the CPU)."""
     from casp.analysis.sensitivity import output_fisher, output_fisher_layerwise
 
     from casp.models.streaming import trim_heap
 
-    if source is not None and source.streamed:
-        return output_fisher_layerwise(model, adapter, batches, source, progress)
+    if (source is not None and source.streamed) or off_cpu(device):
+        return output_fisher_layerwise(model, adapter, batches, source or InMemoryLayers(), progress, device=device)
     fisher = output_fisher(model, adapter, batches, progress)
     trim_heap()   # the backward's activations are gone; give their heap back before the layer walks
     return fisher
@@ -49,19 +54,19 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     ranks = None if auto else choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
     analysis = fisher = qk_tables = None
     if measure:
-        fisher = fisher_of(model, adapter, batches, source, progress)
+        fisher = fisher_of(model, adapter, batches, source, progress, config.device)
     if joint:
         check_separate_qk(layers, adapter, config.qk_rank)
     if auto:
         analysis = analyse(model, adapter, batches, density_mass=config.density_mass, keep_moments=measure,
-                           progress=progress, source=source)
+                           device=config.device, progress=progress, source=source)
         ranks = choose_ranks(layers, adapter, config.qk_rank, config.qk_rank_overrides, analysis)
     units = plan_units(layers, adapter, ranks, config.layers)
     if measure:
         qk_tables = {} if joint else None
         if analysis is not None:
-            measure_distortions(layers, adapter, units, analysis, ranks, quantizer.candidates(), quantizer, fisher,
-                                transform=transform, seed=config.seed, keep=database, progress=progress)
+            _measure_after_analysis(layers, adapter, units, analysis, ranks, quantizer, fisher, config, transform,
+                                    database, progress, source or InMemoryLayers())
         else:
             _measure_while_analysing(model, adapter, batches, config, quantizer, transform, progress, source, units,
                                      ranks, fisher, qk_tables, database)
@@ -74,14 +79,27 @@ def _measure_while_analysing(model, adapter, batches, config, quantizer, transfo
                              fisher, qk_tables, database) -> None:
     """One walk: per layer, its XᵀX, then its units' distortions (and Q/K options) while it is loaded."""
     for step, layer_analysis in analyse_layers(model, adapter, batches, density_mass=config.density_mass,
-                                               keep_moments=True, progress=progress, source=source,
-                                               attention=False):
+                                               keep_moments=True, device=config.device, progress=progress,
+                                               source=source, attention=False):
         i, mine = step.index, [u for u in units if u.layer == step.index]
         one_layer, one_analysis = {i: step.layer}, {i: layer_analysis}
         measure_distortions(one_layer, adapter, mine, one_analysis, ranks, quantizer.candidates(), quantizer,
-                            fisher, transform=transform, seed=config.seed, keep=database, progress=False)
+                            fisher, transform=transform, seed=config.seed, keep=database, progress=False,
+                            device=config.device)
         if qk_tables is not None:
             qk_tables.update(measure_qk_options(one_layer, adapter, mine, one_analysis, fisher, quantizer,
                                                 config.qk_rank_ladder, transform=transform, seed=config.seed,
                                                 rank_multiple=quantizer.in_features_multiple, keep=database,
-                                                progress=False))
+                                                progress=False, device=config.device))
+
+
+def _measure_after_analysis(layers, adapter, units, analysis, ranks, quantizer, fisher, config, transform, database,
+                            progress, source) -> None:
+    """Auto ranks: each layer's units measured once every spectrum is known, the layer fetched again onto the device."""
+    for i in tqdm(sorted({u.layer for u in units}), desc="measure", disable=not progress):
+        source.fetch(i, layers[i])
+        with on_device(layers[i], config.device):
+            measure_distortions({i: layers[i]}, adapter, [u for u in units if u.layer == i], analysis, ranks,
+                                quantizer.candidates(), quantizer, fisher, transform=transform, seed=config.seed,
+                                keep=database, progress=False, device=config.device)
+        source.release(i, layers[i])

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from casp.models.offload import offloaded
+from casp.models.placement import to_device
 from casp.steps.allocation import Allocation
 
 
@@ -48,18 +50,20 @@ class WeightSwapper:
 
 
 @torch.no_grad()
-def reference_logprobs(model, batches) -> list[torch.Tensor]:
-    """FP next-token log-probabilities on the held-out batches (fp16 to halve the memory)."""
-    return [F.log_softmax(model(**b, use_cache=False).logits.float(), -1).half() for b in batches]
+def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
+    """FP next-token log-probabilities on the held-out batches (fp16 to halve the memory; on the CPU)."""
+    return [F.log_softmax(model(**to_device(b, device), use_cache=False).logits.float(), -1).half().cpu()
+            for b in batches]
 
 
 @torch.no_grad()
-def kl_to_reference(model, batches, reference: list[torch.Tensor]) -> float:
-    """Mean over real tokens of KL(FP ‖ model)."""
+def kl_to_reference(model, batches, reference: list[torch.Tensor], device="cpu") -> float:
+    """Mean over real tokens of KL(FP ‖ model), computed on `device`."""
     total, count = 0.0, 0
     for b, ref in zip(batches, reference):
+        b = to_device(b, device)
         logq = F.log_softmax(model(**b, use_cache=False).logits.float(), -1)
-        p = ref.float()
+        p = ref.to(device).float()
         kl = (p.exp() * (p - logq)).sum(-1)
         mask = b.get("attention_mask")
         mask = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
@@ -103,17 +107,22 @@ def mutate(allocation: Allocation, choice: dict[str, str], ladders, rng: random.
     return child if total <= allocation.budget_bits else None
 
 
-def search(model, layers, allocation: Allocation, database, batches, *, steps: int, seed: int,
-           starts: list[dict[str, str]] = (), progress: bool = True) -> dict:
-    """Refine `allocation.choice` in place; returns a summary (KL of the start and of the result)."""
-    reference = reference_logprobs(model, batches)
-    swapper = WeightSwapper(layers, database)
+def search(model, adapter, allocation: Allocation, database, batches, *, steps: int, seed: int,
+           starts: list[dict[str, str]] = (), progress: bool = True, device="cpu") -> dict:
+    """Refine `allocation.choice` in place; returns a summary (KL of the start and of the result).
+
+    Every forward runs with the model on the CPU and each decoder layer on `device` in turn.
+    """
+    with offloaded(model, adapter, device):
+        reference = reference_logprobs(model, batches, device)
+    swapper = WeightSwapper(adapter.decoder_layers(model), database)
     ladders = _ladders(allocation)
 
     def fitness(choice):
         swapper.apply(allocation, choice)
         try:
-            return kl_to_reference(model, batches, reference)
+            with offloaded(model, adapter, device):
+                return kl_to_reference(model, batches, reference, device)
         finally:
             swapper.restore()
 

@@ -59,7 +59,7 @@ def _side(t: dict, meta: dict, side: str, x: torch.Tensor, inverse: bool) -> tor
     size = int(meta[f"{side}_features"])
     if x.shape[-1] != size:
         raise ValueError(f"incoherence {side} side expects last dim {size}, got {x.shape[-1]}")
-    s = _signs(t[f"signs_{side}"], size, x.dtype)
+    s = _signs(t[f"signs_{side}"], size, x.dtype).to(x.device)
     factor = int(meta[f"factor_{side}"])
     if meta[f"kind_{side}"] == HADAMARD:
         apply = partial(hadamard_transform, order=factor)
