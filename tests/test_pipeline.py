@@ -105,3 +105,19 @@ def test_feasibility_counts_per_layer_units(tiny_llama_dir, scene_text, monkeypa
     monkeypatch.setattr(pipeline, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(CaspError, match="minimum feasible"):
         compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=0.25, bits=floor - 1e-4), progress=False)
+
+
+def test_a_built_in_models_source_grid_is_left_out_and_reported(tiny_llama_dir, scene_text, tmp_path):
+    """A directory marked as the converted SmolLM2 (Q4_1: 4 bits, groups of 32) never gets 4-bit g32."""
+    import json
+    import shutil
+
+    marked = tmp_path / "marked"
+    shutil.copytree(tiny_llama_dir, marked)
+    (marked / "casp_builtin.json").write_text(json.dumps({"name": "smollm2-135m"}))
+    res = compress(marked, None, _cfg(scene_text, bits=4.0, granularity="matrix"), progress=False)
+    assert res.report["excluded_candidates"]["settings"] == ["4b-g32"]
+    settings = {u["setting"] for u in res.report["layers"]}
+    assert "4b-g32" not in settings
+    plain = compress(tiny_llama_dir, None, _cfg(scene_text, bits=4.0, granularity="matrix"), progress=False)
+    assert "excluded_candidates" not in plain.report

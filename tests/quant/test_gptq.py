@@ -152,3 +152,31 @@ def test_argument_errors():
         GPTQ(act_order=True, static_groups=False).quantize(w, h, QuantSpec(2, 32))
     with pytest.raises(ValueError):
         GPTQ().quantize(w, h[:16, :16], QuantSpec(2, 32))
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 5000])
+def test_many_settings_in_one_sweep_equal_one_run_each(chunk, monkeypatch):
+    """One Cholesky and one sweep over stacked copies give each setting's own GPTQ result, bit for bit
+    (also when the copies are split into chunks)."""
+    from casp.quant import gptq
+
+    monkeypatch.setattr(gptq, "MANY_ELEMENTS", chunk)
+    w, h = correlated_problem(out_f=24, in_f=96)
+    h[5, :] = h[:, 5] = 0.0   # a dead input
+    specs = [QuantSpec(b, g) for b in (2, 3, 8) for g in (32, 64, -1)] + [QuantSpec(4, 32, sym=True)]
+    many = GPTQ().dequantize_many(w, h.float(), specs)
+    for spec, q in zip(specs, many):
+        assert torch.equal(q, GPTQ().quantize(w, h.float(), spec)[1]), spec.label()
+
+
+def test_many_without_act_order_falls_back_to_one_run_each():
+    w, h = correlated_problem(out_f=8, in_f=64)
+    q = GPTQ(act_order=False)
+    specs = [QuantSpec(3, 32), QuantSpec(2, -1)]
+    for spec, d in zip(specs, q.dequantize_many(w, h.float(), specs)):
+        assert torch.equal(d, q.quantize(w, h.float(), spec)[1])
+
+
+def test_default_ladder_is_bits_2_3_4_8_by_groups_32_64_128_channel():
+    labels = [s.label() for s in GPTQ().candidates()]
+    assert labels == [f"{b}b-{g}" for b in (2, 3, 4, 8) for g in ("g32", "g64", "g128", "ch")]
