@@ -126,6 +126,7 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
     if config.search_steps:
         batches, held = hold_out(batches, config.search_samples)
     layers = adapter.decoder_layers(model)
+    t_plan = time.time()
     saved = writer.saved_plan() if writer is not None else None
     if saved is None:
         ranks, units, plan, summary = plan_and_allocate(model, adapter, batches, held, config, quantizer, transform,
@@ -135,6 +136,7 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
     else:
         ranks, units, plan, summary = restore_plan_state(saved, quantizer and type(quantizer.candidates()[0]))
 
+    t_layers = time.time()
     geometry = adapter.attention_geometry(model)
     start, hidden = writer.resume_point(len(layers)) if writer is not None else (0, None)
     layer_reports = {}
@@ -163,6 +165,8 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
         calibration_batches=len(batches), calibration_tokens=sum(b["input_ids"].numel() for b in batches),
     )
     report.update(summary)
+    report["phase_seconds"] = {"load_and_calibrate": t_plan - t_start, "plan_and_allocate": t_layers - t_plan,
+                               "compress_layers": time.time() - t_layers}
     if excluded:
         report["excluded_candidates"] = excluded
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
