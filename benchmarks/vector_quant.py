@@ -63,8 +63,11 @@ def text_kl(reference, model, tokenizer, text: str, ctx: int, windows: int) -> f
     return total / len(ids)
 
 
-def run_row(spec: dict, args) -> dict:
-    """One row in this process: compress (unless FP), evaluate, time a batch-1 forward."""
+def run_row(spec: dict, args, cache: dict | None = None) -> dict:
+    """One row in this process: compress (unless FP), evaluate, time a batch-1 forward.
+
+    `cache` (with --shared-plan) lets rows that differ only in target bits share one measured plan.
+    """
     import torch
 
     torch.set_num_threads(args.threads)
@@ -84,7 +87,7 @@ def run_row(spec: dict, args) -> dict:
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
-        res = compress(load_model(path), None, cfg, processor=processor, progress=False)
+        res = compress(load_model(path), None, cfg, processor=processor, progress=False, cache=cache)
         model, report = res.model, res.report
     seconds = time.time() - t0
     row = {"method": spec["label"], "average_bits": report["average_bits"] if report else 16.0,
@@ -131,6 +134,10 @@ def arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--shared-plan", action="store_true",
+                    help="run every row in this process, rows that differ only in target bits sharing one measured "
+                         "plan: a row's seconds then exclude a plan measured for an earlier row, and peak RSS is the "
+                         "process's running maximum")
     ap.add_argument("--one-row", help=argparse.SUPPRESS)
     return ap
 
@@ -156,16 +163,19 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
     print(f"model {args.model}; calibration {args.calib_samples} x {args.calib_seq_len}; {args.threads} torch thread(s)\n")
     print(f"| method | average bits | {metric} | compress s | peak RSS MB | forward ms (dense ms) |")
     print("|---|---|---|---|---|---|", flush=True)
-    rows = []
+    rows, cache = [], {}
     for spec in specs:
-        forwarded = _drop_values(sys.argv[1:], ("--rows", "--json"))
-        out = subprocess.run([sys.executable, args.script, *forwarded, "--one-row", json.dumps(spec)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"| {spec['label']} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode} |",
-                  flush=True)
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if args.shared_plan:
+            r = run_row(spec, args, cache)
+        else:
+            forwarded = _drop_values(sys.argv[1:], ("--rows", "--json"))
+            out = subprocess.run([sys.executable, args.script, *forwarded, "--one-row", json.dumps(spec)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"| {spec['label']} | failed: "
+                      f"{out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode} |", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         value = f"{r['kl']:.5f} | {r['vqa_accuracy']:.4f}" if args.model == "embedded" else \
             f"{r['text_ppl']:.2f} | {r['kl']:.4f}"
