@@ -112,18 +112,19 @@ def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Te
 
 
 def _adam(layer, tuned, inputs: LayerInputs, targets, steps: int, lr: float, device) -> None:
+    """`steps` Adam steps on the tuned tensors, batch `step mod batches` each; learning rate × each tensor's RMS."""
     groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
               for t in tuned for p in t.tuned.values()]
     opt = torch.optim.Adam(groups)
     kwargs = inputs.kwargs_for(layer)
     hidden = list(inputs.hidden)
-    for step in range(steps):
-        i = step % len(hidden)
-        opt.zero_grad(set_to_none=True)
-        out = _layer_output(layer, hidden[i], kwargs[i], device)
-        loss = F.mse_loss(out.float(), targets[i].to(device).float())
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():
+        for step in range(steps):
+            i = step % len(hidden)
+            opt.zero_grad(set_to_none=True)
+            out = _layer_output(layer, hidden[i], kwargs[i], device)
+            F.mse_loss(out.float(), targets[i].to(device).float()).backward()
+            opt.step()
 
 
 @torch.no_grad()
