@@ -2,7 +2,8 @@
 
 Rows: FP; uniform RTN, GPTQ, GPTQ + incoherence and the E8 lattice quantizer (with incoherence) at 2, 3
 and 4 bits; CASP + E8 (Q/K ranks and bits chosen jointly + incoherence) at 2.0, 2.5, 3.25 and 4.25; and, where the
-quantizer is registered, AQLM rows. Each row runs in its own process (so its peak RSS is its own) with one
+quantizer is registered, AQLM rows (uniform 2-bit without and with layer-output fine-tuning, CASP + AQLM at
+2.0 and 2.5 with it; on the embedded model 2 x 4-bit codebooks of 4-vectors). Each row runs in its own process (so its peak RSS is its own) with one
 torch thread, and reports: measured average bits (every stored bit: codes, scales, zeros, codebooks,
 sign vectors, factors), token perplexity (SmolLM2) or KL vs FP and VQA accuracy (embedded VLM),
 compression seconds, peak RSS, and the CPU time of a batch-1 forward pass next to the dense model's.
@@ -18,6 +19,9 @@ import sys
 import time
 
 
+AQLM_FINETUNE_STEPS = {"embedded": 50}   # --finetune-steps of the tuned AQLM rows (25 on SmolLM2: time)
+
+
 def row_specs(model: str) -> list[dict]:
     rows = [{"label": "FP"}]
     for q, name, transform in (("rtn", "RTN", None), ("gptq", "GPTQ", None), ("gptq", "GPTQ + incoherence", "incoherence"),
@@ -28,10 +32,18 @@ def row_specs(model: str) -> list[dict]:
     for target in (2.0, 2.5, 3.25, 4.25):
         rows.append({"label": f"CASP+E8 @ {target}", "quantizer": "e8", "bits": target, "allocation": "rd",
                      "qk_rank": "joint", "transform": "incoherence"})
-    rows.append({"label": "AQLM 2-bit", "quantizer": "aqlm", "bits": 2, "allocation": "uniform", "qk_rank": 0})
+    small = {"codebook_bits": 4, "group_size": 4} if model == "embedded" else {}   # 2x8g8 codebooks outweigh tiny matrices
+    steps = AQLM_FINETUNE_STEPS.get(model, 25)
+    tuned = {**small, "layer_finetune_steps": steps}
+    rows.append({"label": "AQLM 2-bit", "quantizer": "aqlm", "bits": 2, "allocation": "uniform", "qk_rank": 0,
+                 "options": small})
+    rows.append({"label": f"AQLM 2-bit + {steps} fine-tune steps", "quantizer": "aqlm", "bits": 2,
+                 "allocation": "uniform", "qk_rank": 0, "options": tuned})
+    # rd measures every matrix at every candidate: on SmolLM2 only 2 and 3 bits, 2 rounds (time on 1 thread)
+    rd_options = tuned if model == "embedded" else {**tuned, "candidate_bits": [2, 3], "rounds": 2}
     for target in (2.0, 2.5):
         rows.append({"label": f"CASP+AQLM @ {target}", "quantizer": "aqlm", "bits": target, "allocation": "rd",
-                     "qk_rank": "joint"})
+                     "qk_rank": "joint", "options": rd_options})
     return rows
 
 

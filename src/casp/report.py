@@ -10,6 +10,7 @@ def build_report(*, config, source, adapter, layer_reports, seconds, peak_rss_mb
     units = [u for lr in layer_reports for u in lr["units"]]
     stored_bits = sum(u["stored_bits"] for u in units)
     weights = sum(u["num_weights"] for u in units)
+    tuned = [lr["finetune"] for lr in layer_reports if "finetune" in lr]
     return {
         "casp_version": __import__("casp").__version__,
         "source": str(source),
@@ -25,10 +26,18 @@ def build_report(*, config, source, adapter, layer_reports, seconds, peak_rss_mb
         "peak_rss_mb": peak_rss_mb,
         "peak_device_mb": peak_device_mb,
         "calibration": {"batches": calibration_batches, "tokens": calibration_tokens},
+        **({"finetune": _finetune_total(tuned)} if tuned else {}),
         "accounting": "average_bits = stored bits of every compressed language-model linear (packed codes, "
                       "fp16 scales, packed zeros, codebooks, transform parameters, low-rank factors) / weights those linears had before compression; "
                       "biases, norms, embeddings, lm_head, vision tower and projector are kept in fp16 and not counted",
     }
+
+
+def _finetune_total(entries: list[dict]) -> dict:
+    """--finetune-steps over the run: layer-output MSEs summed over layers, layers improved, seconds."""
+    return {"steps": entries[0]["steps"], "layers": len(entries), "layers_improved": sum(e["kept"] for e in entries),
+            "mse_before": sum(e["mse_before"] for e in entries), "mse_after": sum(e["mse_after"] for e in entries),
+            "seconds": sum(e["seconds"] for e in entries)}
 
 
 def _layer_bits(report) -> list[float]:
@@ -93,6 +102,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         f"stored {report['stored_bytes'] / 2**20:.3f} MiB",
         f"- time {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB, calibration "
         f"{report['calibration']['batches']} batches / {report['calibration']['tokens']} tokens",
+        *([f"- fine-tuning: {ft['steps']} steps per layer, layer-output MSE summed over {ft['layers']} layers "
+             f"{ft['mse_before']:.4g} -> {ft['mse_after']:.4g} ({ft['layers_improved']} improved), {ft['seconds']:.0f} s"]
+          if (ft := report.get("finetune")) else []),
         "",
         report["accounting"] + ".",
         "",

@@ -1,4 +1,5 @@
-"""Step: compress one decoder layer in place: low-rank Q/K, then every unit quantized (or kept fp16)."""
+"""Step: compress one decoder layer in place: low-rank Q/K, every unit quantized (or kept fp16), then
+optionally the stored tensors tuned to the original layer's output (`casp.steps.finetune`)."""
 from __future__ import annotations
 
 import time
@@ -6,6 +7,7 @@ import time
 from casp.analysis.attention_stats import layer_attention_stats
 from casp.models.adapters import Adapter
 from casp.steps.analyse import observe_layer
+from casp.steps.finetune import finetune_layer, layer_finetune_steps
 from casp.steps.quantize import FP16_BITS, factorise, quantize_unit, stored_module, transform_seed, unit_weight_and_xtx
 from casp.steps.units import Unit
 
@@ -19,10 +21,11 @@ def qk_pair(layer, adapter: Adapter, lowrank: dict):
 
 def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, int], plan: dict, quantizer, *,
                    geometry, density_mass: float, device, transform=None, seed: int = 0) -> dict:
-    """Replace the layer's linears by their stored modules; return the layer's report entry."""
+    """Replace the layer's linears by their stored modules; return the layer's report entry. When the
+    quantizer asks for fine-tuning, tune them to the original outputs and leave the result's outputs in `step.outputs`."""
     t0 = time.time()
     layer, i = step.layer, step.index
-    _, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
+    original, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
     stats = layer_attention_stats(layer, adapter, geometry, attn_inputs, density_mass, qk_pair(layer, adapter, lowrank))
@@ -48,5 +51,9 @@ def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, i
             row.update(type(transform).describe(params.meta))
         rows.append({**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
                      "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())})
-    return {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(),
-            "units": rows, "seconds": time.time() - t0}
+    entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
+    if layer_finetune_steps(quantizer):
+        tuned = finetune_layer(layer, step.inputs, original, quantizer, layer_finetune_steps(quantizer), device=device)
+        step.outputs = tuned.outputs
+        entry["finetune"] = tuned.as_report()
+    return {**entry, "seconds": time.time() - t0}
