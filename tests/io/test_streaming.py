@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from casp.io.modelio import load_model
-
 from casp.config import CompressionConfig
 from casp.errors import CaspError
 from casp.io.lazy_checkpoint import LazyCheckpoint, model_key_map
