@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casp.models.engine import LayerInputs, _to, run_layer
+from casp.models.engine import LayerInputs, run_layer
+from casp.models.placement import to_device
 from casp.nn.packed_linear import PackedLinear
 from casp.quant.base import QuantizedWeight, get_format
 
@@ -73,7 +74,7 @@ def output_mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> floa
 
 
 def _layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
-    out = layer(hidden.to(device), **_to(kwargs, device), use_cache=False)
+    out = layer(hidden.to(device), **to_device(kwargs, device), use_cache=False)
     return out[0] if isinstance(out, tuple) else out
 
 
