@@ -318,3 +318,20 @@ def test_density_accepts_2d_valid():
     p = attention_probs(*qk(t=7))
     v = torch.ones(7, 7, dtype=torch.bool).tril()
     assert torch.allclose(density(p, valid=v), density(p))
+
+
+def test_error_stats_split_over_batch_rows_give_the_same_figures(monkeypatch):
+    """The statistics are made in chunks of batch rows (to bound memory); the chunking changes nothing."""
+    from casp.algorithms import attention as attn
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 48, 4, 16, generator=g), torch.randn(5, 48, 2, 16, generator=g)
+    q2, k2 = q + 0.1 * torch.randn(q.shape, generator=g), k + 0.1 * torch.randn(k.shape, generator=g)
+    mask = torch.ones(5, 48, dtype=torch.bool)
+    mask[3, :7] = False
+    whole = attn.attention_error_stats(q, k, q2, k2, mask=mask)
+    monkeypatch.setattr(attn, "MAP_ELEMENTS", 4 * 48 * 48)
+    split = attn.attention_error_stats(q, k, q2, k2, mask=mask)
+    for name in ("mse", "mse_bound", "mean_row_l1", "mean_row_l1_bound"):
+        assert getattr(split, name) == pytest.approx(getattr(whole, name), rel=1e-12)
+    assert torch.allclose(split.head_density(), whole.head_density(), rtol=1e-12)

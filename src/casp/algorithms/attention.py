@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _HEAD_CHUNK = 4  # heads processed at once where [b, h, t, t] temporaries are made
+MAP_ELEMENTS = 1 << 21   # map entries (batch rows × heads × t × t) of one chunk of the error statistics
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,6 +383,31 @@ class AttentionErrorStats:
         return self.density / self.rows
 
 
+def _error_sums(out: dict, sl: slice, q, kr, q2, k2r, valid, rows, scale, mass) -> None:
+    """Add one chunk's (batch rows × heads `sl`) per-head sums of the map errors, bounds and density to `out`."""
+    z = attention_logits(q[:, :, sl], kr[:, :, sl], scale, dtype=torch.float64)
+    z2 = attention_logits(q2[:, :, sl], k2r[:, :, sl], scale, dtype=torch.float64)
+    p, p2 = _masked_softmax(z, valid), _masked_softmax(z2, valid)
+    delta = torch.where(valid, z2 - z, 0.0)
+    r = rows[:, None, :]
+    diff = p2 - p
+    u = entrywise_bound(p, delta, valid)
+    _, d, support = _centred(p, delta, valid)
+    b1 = _l1_from_u(u, d, support)
+    b2sq = torch.minimum(torch.minimum((u**2).sum(-1), b1**2 / 2), u.amax(-1) * b1)
+    needed, available = _mass_counts(p, mass, valid)
+    per_row = {
+        "sse": (diff**2).sum(-1),
+        "sse_bound": b2sq,
+        "l1": diff.abs().sum(-1),
+        "l1_bound": b1,
+        "l1_first_order": (p * d.abs()).sum(-1),
+        "density": needed / available,
+    }
+    for name, val in per_row.items():
+        out[name][sl] += torch.where(r, val, 0.0).sum(dim=(0, 2)).cpu()
+
+
 def attention_error_stats(q: torch.Tensor, k: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
                           causal: bool = True, mask: torch.Tensor | None = None,
                           scale: float | None = None, mass: float = 0.9,
@@ -401,27 +427,10 @@ def attention_error_stats(q: torch.Tensor, k: torch.Tensor, q2: torch.Tensor, k2
     rows = rows & valid.expand(b, 1, tq, tk).any(-1)[:, 0]
     n_rows = int(rows.sum())
     out = {name: torch.zeros(h, dtype=torch.float64) for name in AttentionErrorStats._SUMS}
-    for h0 in range(0, h, _HEAD_CHUNK):
-        sl = slice(h0, h0 + _HEAD_CHUNK)
-        z = attention_logits(q[:, :, sl], kr[:, :, sl], scale, dtype=torch.float64)
-        z2 = attention_logits(q2[:, :, sl], k2r[:, :, sl], scale, dtype=torch.float64)
-        p, p2 = _masked_softmax(z, valid), _masked_softmax(z2, valid)
-        delta = torch.where(valid, z2 - z, 0.0)
-        r = rows[:, None, :]
-        diff = p2 - p
-        u = entrywise_bound(p, delta, valid)
-        _, d, support = _centred(p, delta, valid)
-        b1 = _l1_from_u(u, d, support)
-        b2sq = torch.minimum(torch.minimum((u**2).sum(-1), b1**2 / 2), u.amax(-1) * b1)
-        needed, available = _mass_counts(p, mass, valid)
-        per_row = {
-            "sse": (diff**2).sum(-1),
-            "sse_bound": b2sq,
-            "l1": diff.abs().sum(-1),
-            "l1_bound": b1,
-            "l1_first_order": (p * d.abs()).sum(-1),
-            "density": needed / available,
-        }
-        for name, val in per_row.items():
-            out[name][sl] = torch.where(r, val, 0.0).sum(dim=(0, 2)).cpu()
+    step = max(1, MAP_ELEMENTS // (_HEAD_CHUNK * tq * tk))
+    for b0 in range(0, b, step):
+        bs = slice(b0, b0 + step)
+        vb = valid[bs] if valid.shape[0] == b else valid
+        for h0 in range(0, h, _HEAD_CHUNK):
+            _error_sums(out, slice(h0, h0 + _HEAD_CHUNK), q[bs], kr[bs], q2[bs], k2r[bs], vb, rows[bs], scale, mass)
     return AttentionErrorStats(n_rows, n_rows * tk, **out)
