@@ -174,7 +174,7 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
     metric = "KL vs FP | VQA acc" if args.model == "embedded" else "token ppl | KL vs FP"
     print(f"model {args.model}; calibration {args.calib_samples} x {args.calib_seq_len}; {args.threads} torch thread(s)\n")
     print(f"| method | average bits | {metric} | compress s | peak RSS MB | forward ms (dense ms) |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|", flush=True)
     rows, cache = [], {}
     for spec in specs:
         if args.shared_plan:
