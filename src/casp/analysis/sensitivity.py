@@ -82,13 +82,9 @@ def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progr
 
 def _kept_batches(batches: list[dict], max_tokens: int) -> list[dict]:
     """The first batches up to `max_tokens` tokens, split for backward passes."""
-    used, kept = 0, []
-    for b in batches:
-        if used >= max_tokens:
-            break
-        kept.append(b)
-        used += b["input_ids"].numel()
-    return list(_small_batches(kept))
+    from casp.data.calibration import first_batches
+
+    return list(_small_batches(first_batches(batches, max_tokens)))
 
 
 def _head_loss(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

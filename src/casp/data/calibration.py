@@ -98,6 +98,17 @@ def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, s
     return batches
 
 
+def first_batches(batches: list[dict], max_tokens: int) -> list[dict]:
+    """The first calibration batches up to about `max_tokens` tokens (at least one)."""
+    kept, used = [], 0
+    for b in batches:
+        if kept and used >= max_tokens:
+            break
+        kept.append(b)
+        used += b["input_ids"].numel()
+    return kept
+
+
 def hold_out(batches: list[dict], n_samples: int) -> tuple[list[dict], list[dict]]:
     """Split off the last `n_samples` calibration samples, to measure on data not used for quantization."""
     samples = []

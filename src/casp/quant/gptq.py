@@ -195,6 +195,7 @@ def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[Qu
     """
     out_features, in_features = weight.shape
     w, perm, u = _prepare(weight, xtx, True, damp, hessian_dtype)
+    visiting = w[:, perm]
     per_chunk = max(1, MANY_ELEMENTS // max(1, out_features * in_features))
     result = []
     for c0 in range(0, len(specs), per_chunk):
@@ -207,7 +208,7 @@ def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[Qu
             zeros.append(zero[:, group_of])
             maxq.append(torch.full((out_features,), (1 << s.bits) - 1, dtype=torch.float32, device=w.device))
         scale_cols, zero_cols, maxq = torch.cat(scales), torch.cat(zeros), torch.cat(maxq)
-        _, q = _sweep(w[:, perm].repeat(len(chunk), 1), u, block_size,
+        _, q = _sweep(visiting.repeat(len(chunk), 1), u, block_size,
                       lambda j, *_: (scale_cols[:, j], zero_cols[:, j], maxq))
         result += list(_unpermute(q, perm).split(out_features))
     return result

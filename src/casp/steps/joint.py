@@ -19,7 +19,7 @@ from casp.algorithms.distortion import weighted_distortion
 from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_lowrank
 from casp.models.adapters import Adapter
 from casp.steps.costs import unit_cost
-from casp.steps.measure import measured_rows, unit_distortions
+from casp.steps.measure import measured_rows, on_rows, unit_distortions
 from casp.steps.quantize import dequantize_unit_many, quantize_unit, transform_seed
 from casp.steps.units import Role, Unit
 
@@ -75,10 +75,9 @@ def lowrank_distortions(unit: Unit, rank: int, w: torch.Tensor, h: torch.Tensor,
     w = w.float()
     a, b = factors if factors is not None else whitened_lowrank(w, h.double(), rank)
     down, up = _factor_units(unit, rank)
-    scale = 1.0
+    scale, w, fisher = on_rows(rows, w, fisher)
     if rows is not None:
-        scale, a, w = w.shape[0] / rows.numel(), a[rows.to(a.device)], w[rows.to(w.device)]
-        fisher = fisher[rows.to(fisher.device)] if fisher is not None else None
+        a = a[rows.to(a.device)]
     out = []
     for s, bq in zip(settings, dequantize_unit_many(b.float(), h, settings, quantizer, transform,
                                                      transform_seed(seed, down))):

@@ -25,6 +25,14 @@ def measured_rows(unit: Unit, out_features: int, quantizer, *, exact: bool, seed
     return torch.randperm(out_features, generator=g)[:MEASURE_ROWS].sort().values
 
 
+def on_rows(rows: torch.Tensor | None, w: torch.Tensor, fisher: torch.Tensor | None):
+    """(scale to the whole matrix, w's rows, the Fisher weights of those rows) of a row sample (None: all)."""
+    if rows is None:
+        return 1.0, w, fisher
+    return (w.shape[0] / rows.numel(), w[rows.to(w.device)],
+            fisher[rows.to(fisher.device)] if fisher is not None else None)
+
+
 def unit_distortions(unit: Unit, w: torch.Tensor, xtx: torch.Tensor, fisher, settings, quantizer, *, transform=None,
                      seed: int = 0, lift=None, exact: bool = False) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Fisher-weighted output distortion of `w` at each setting (label -> value), and the quantized weights.
@@ -35,11 +43,7 @@ def unit_distortions(unit: Unit, w: torch.Tensor, xtx: torch.Tensor, fisher, set
     """
     rows = measured_rows(unit, w.shape[0], quantizer, exact=exact or transform is not None or lift is not None,
                          seed=seed)
-    scale = 1.0
-    if rows is not None:
-        scale = w.shape[0] / rows.numel()
-        w = w[rows.to(w.device)]
-        fisher = fisher[rows.to(fisher.device)] if fisher is not None else None
+    scale, w, fisher = on_rows(rows, w, fisher)
     w = w.float()
     quantized = dequantize_unit_many(w, xtx, settings, quantizer, transform, transform_seed(seed, unit))
     values = {s.label(): scale * weighted_distortion(wq - w, xtx, fisher, lift) for s, wq in zip(settings, quantized)}

@@ -6,6 +6,7 @@ import copy
 from tqdm.auto import tqdm
 
 from casp.config import CompressionConfig
+from casp.data.calibration import first_batches
 from casp.models.placement import off_cpu, on_device
 from casp.models.streaming import InMemoryLayers
 from casp.steps.analyse import analyse, analyse_layers
@@ -29,22 +30,10 @@ def fisher_of(model, adapter, batches, source, progress, device="cpu"):
     return fisher
 
 
-PLAN_TOKENS = 16384   # calibration tokens the measuring walk uses (the sensitivity pass uses as many)
-
-
-def plan_batches(batches: list[dict], max_tokens: int = PLAN_TOKENS) -> list[dict]:
-    """The first calibration batches up to `max_tokens` tokens (at least one).
-
-    Candidate damages only have to rank settings and layers against each other; XᵀX of 16k tokens
-    does that as well as of 64k, and the measuring walk then costs a quarter of the compression walk.
-    """
-    kept, used = [], 0
-    for b in batches:
-        if kept and used >= max_tokens:
-            break
-        kept.append(b)
-        used += b["input_ids"].numel()
-    return kept
+# Calibration tokens the measuring walk uses (the sensitivity pass uses as many): candidate damages only rank
+# settings and layers against each other, which XᵀX of 16k tokens does as well as of 64k, and the measuring
+# walk then costs a quarter of the compression walk.
+PLAN_TOKENS = 16384
 
 
 def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, quantizer, transform, progress, cache=None,
@@ -76,7 +65,7 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
     if joint:
         check_separate_qk(layers, adapter, config.qk_rank)
     if auto:
-        analysis = analyse(model, adapter, plan_batches(batches), density_mass=config.density_mass, keep_moments=measure,
+        analysis = analyse(model, adapter, first_batches(batches, PLAN_TOKENS), density_mass=config.density_mass, keep_moments=measure,
                            device=config.device, progress=progress, source=source)
         ranks = choose_ranks(layers, adapter, config.qk_rank, config.qk_rank_overrides, analysis)
     units = plan_units(layers, adapter, ranks, config.layers)
@@ -86,7 +75,7 @@ def plan_ranks_and_units(model, adapter, batches, config: CompressionConfig, qua
             _measure_after_analysis(layers, adapter, units, analysis, ranks, quantizer, fisher, config, transform,
                                     database, progress, source or InMemoryLayers())
         else:
-            _measure_while_analysing(model, adapter, plan_batches(batches), config, quantizer, transform, progress, source, units,
+            _measure_while_analysing(model, adapter, first_batches(batches, PLAN_TOKENS), config, quantizer, transform, progress, source, units,
                                      ranks, fisher, qk_tables, database)
     if cache is not None:
         cache[key] = (ranks, copy.deepcopy(units), qk_tables, database)
