@@ -97,7 +97,7 @@ class CompressionConfig:
             raise CaspError(f"unknown --quantizer {self.quantizer!r}; choose from none, "
                             f"{', '.join(available_quantizers())}") from None
         try:
-            return cls.from_options(self.quantizer_options)
+            return cls.from_options({**cls.target_options(self.bits), **self.quantizer_options})
         except (TypeError, ValueError) as e:
             raise CaspError(str(e)) from None
 

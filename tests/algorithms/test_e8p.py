@@ -15,6 +15,7 @@ from casp.algorithms.e8p import (
     quantize_matrix,
     rvq_decode,
     rvq_encode,
+    stage_count,
 )
 from casp.algorithms.ldlq import proxy_loss
 
@@ -116,13 +117,16 @@ def test_one_bit_e8_table_and_encoder():
     assert torch.equal(values, t[codes.long()])
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_rvq_decode_matches_encode(bits):
     x = torch.randn(500, 8, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
     r = 3.0
     codes, values = rvq_encode(x, bits, r)
-    assert codes.shape == (500, 1 if bits == 2 else 2)
-    torch.testing.assert_close(rvq_decode(codes, bits, (1.0, 1.0 / r), torch.float64), values)
+    assert codes.shape == (500, stage_count(bits))
+    scales = tuple(r ** -k for k in range(stage_count(bits)))
+    torch.testing.assert_close(rvq_decode(codes, bits, scales, torch.float64), values)
+    codes2, values2 = rvq_encode(x, bits, (r,) * (stage_count(bits) - 1))
+    assert torch.equal(codes2, codes) and torch.equal(values2, values)
 
 
 def test_gaussian_mse_at_the_default_scales():
@@ -130,9 +134,11 @@ def test_gaussian_mse_at_the_default_scales():
     residual stage cuts the error (3-bit Lloyd-Max: 0.0345, 4-bit: 0.0095)."""
     x = torch.randn(20000, 8, generator=torch.Generator().manual_seed(0))
     mse = {}
-    for bits, rho, resid in ((2, 1.03, 1.0), (3, 0.98, 2.04), (4, 0.9, 3.85)):
+    for bits, rho, resid in ((2, 1.03, 1.0), (3, 0.98, 2.04), (4, 0.9, 3.85), (5, 0.85, (3.85, 2.04)),
+                             (6, 0.8, (3.85, 3.4))):
         mse[bits] = float(((rvq_encode(x * rho, bits, resid)[1] / rho - x) ** 2).mean())
     assert mse[2] < 0.095 and mse[3] < 0.031 and mse[4] < 0.0092
+    assert mse[5] < mse[4] / 2.5 and mse[6] < mse[5] / 2.5
 
 
 def _problem(out_f, in_f, seed=0):
@@ -142,11 +148,11 @@ def _problem(out_f, in_f, seed=0):
     return torch.randn(out_f, in_f, generator=g), x.T @ x
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_quantize_matrix_weight_and_loss_are_consistent(bits):
     w, h = _problem(24, 40)
     r = quantize_matrix(w, h, bits, rho=1.0, resid_scale=3.0, multipliers=(0.9, 1.0, 1.1))
-    assert r.codes.shape == (24, 5, 1 if bits == 2 else 2)
+    assert r.codes.shape == (24, 5, stage_count(bits))
     assert r.multiplier in (0.9, 1.0, 1.1)
     assert all(torch.tensor(s).half().item() == s for s in r.scales)
     torch.testing.assert_close(r.weight, rvq_decode(r.codes, bits, r.scales).reshape(24, 40))
@@ -156,8 +162,8 @@ def test_quantize_matrix_weight_and_loss_are_consistent(bits):
 def test_more_bits_and_more_scales_lower_the_loss():
     w, h = _problem(32, 64, seed=1)
     losses = [quantize_matrix(w, h, b, rho=r, resid_scale=s).loss
-              for b, r, s in ((2, 1.03, 1), (3, .98, 2.04), (4, .9, 3.85))]
-    assert losses[0] > losses[1] > losses[2]
+              for b, r, s in ((2, 1.03, 1), (3, .98, 2.04), (4, .9, 3.85), (5, .85, (3.85, 2.04)), (6, .8, (3.85, 3.4)))]
+    assert losses[0] > losses[1] > losses[2] > losses[3] > losses[4]
     one = quantize_matrix(w, h, 2, rho=1.03, multipliers=(1.0,)).loss
     assert quantize_matrix(w, h, 2, rho=1.03, multipliers=(0.9, 1.0, 1.1)).loss <= one
 

@@ -90,7 +90,7 @@ def _check(m, deq, x, bound):
     return float((y - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("act_order,in_f", [(False, 512), (True, 512), (False, 300), (True, 300)])
 def test_e8p_matches_dequantized_matmul(bits, act_order, in_f):
     """300 inputs: padded to 304 (codes) and 320 (kernel); with act order the permutation is baked in."""
@@ -102,7 +102,7 @@ def test_e8p_matches_dequantized_matmul(bits, act_order, in_f):
         assert rel < 5e-3
 
 
-@pytest.mark.parametrize("bits,act_order", [(2, False), (3, True), (4, True)])
+@pytest.mark.parametrize("bits,act_order", [(2, False), (3, True), (4, True), (5, False), (6, True)])
 def test_e8p_stage_values_are_the_stored_codewords(bits, act_order):
     """Σ_k s_k·((q_k - 8)·½ + zero_k) is `dequantize_e8p` bit for bit: only x and y are rounded."""
     m, deq = _e8_layer(bits, act_order, in_f=300)

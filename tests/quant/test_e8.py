@@ -29,10 +29,22 @@ def test_registered_with_settings():
     assert [s.label() for s in q.candidates()] == ["e8p-2b", "e8p-3b", "e8p-4b"]
     assert q.uniform_setting(3.0) == E8Setting(3)
     assert E8Setting(4, True).describe() == {"bits": 4, "act_order": True}
-    with pytest.raises(ValueError, match="2, 3 or 4"):
+    with pytest.raises(ValueError, match="2 to 6 bits"):
         q.uniform_setting(2.5)
-    with pytest.raises(ValueError, match="among 2, 3, 4"):
+    with pytest.raises(ValueError, match="among 2 to 6"):
         E8Quantizer(candidate_bits=(2, 8))
+    with pytest.raises(ValueError, match="rvq5-scales must be 3"):
+        E8Quantizer(rvq5_scales=(0.9, 3.85))
+
+
+@pytest.mark.parametrize("bits,ladder", [(2.0, (2, 3, 4)), (2.9, (2, 3, 4)), (3.25, (2, 3, 4, 5)), (4.25, (2, 3, 4, 5, 6)),
+                                         (7.0, (2, 3, 4, 5, 6))])
+def test_default_ladder_reaches_past_the_target(bits, ladder):
+    """Without --candidate-bits the rungs go to ⌊target⌋ + 2 (4 to 6), so a 4.25-bit target can be spent;
+    the user's own ladder wins."""
+    assert CompressionConfig(bits=bits, quantizer="e8").build_quantizer().config.candidate_bits == ladder
+    q = CompressionConfig(bits=bits, quantizer="e8", quantizer_options={"candidate_bits": (2, 3)}).build_quantizer()
+    assert q.config.candidate_bits == (2, 3)
 
 
 def test_cli_flags_reach_the_config():
@@ -50,7 +62,7 @@ def test_cli_flags_reach_the_config():
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (24, 20), (8, 130)])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_stored_bits_are_exact_and_tensors_round_trip(shape, bits, act_order):
     w, h = problem(*shape, seed=bits)
@@ -59,7 +71,8 @@ def test_stored_bits_are_exact_and_tensors_round_trip(shape, bits, act_order):
     qw, deq = q.quantize(w, h, s)
     assert qw.stored_bits() == q.stored_bits(s, *shape)
     groups = -(-shape[1] // 8)
-    assert qw.stored_bits() == shape[0] * groups * (bits * 8) + 16 * (1 if bits == 2 else 2) + act_order * 16 * shape[1]
+    stages = {2: 1, 3: 2, 4: 2, 5: 3, 6: 3}[bits]
+    assert qw.stored_bits() == shape[0] * groups * (bits * 8) + 16 * stages + act_order * 16 * shape[1]
     empty = get_format("e8p").empty_tensors(qw.meta)
     assert {k: (v.dtype, v.shape) for k, v in empty.items()} == {k: (v.dtype, v.shape) for k, v in qw.tensors.items()}
     assert deq.shape == shape and deq.dtype == torch.float32
@@ -80,7 +93,8 @@ def test_dequantized_weight_is_the_quantizers_choice():
     assert quant_loss(w, deq, h) == pytest.approx(r.loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("bits,act_order,in_f", [(2, False, 64), (3, True, 36), (4, False, 20)])
+@pytest.mark.parametrize("bits,act_order,in_f", [(2, False, 64), (3, True, 36), (4, False, 20), (5, True, 36),
+                                                  (6, False, 20)])
 def test_cpu_kernel_matches_dequantize_then_matmul(bits, act_order, in_f, monkeypatch):
     """Tolerance: 1e-5 relative to the output scale (float32 sums in a different order)."""
     w, h = problem(40, in_f, seed=1)
@@ -125,7 +139,7 @@ def _compress_and_reload(tiny_llama_dir, scene_text, out, **kw):
     return res
 
 
-@pytest.mark.parametrize("bits", [2.0, 3.0])
+@pytest.mark.parametrize("bits", [2.0, 3.0, 5.0])
 def test_uniform_compression_reloads_with_identical_logits(tiny_llama_dir, scene_text, tmp_path, bits):
     res = _compress_and_reload(tiny_llama_dir, scene_text, tmp_path / "out", bits=bits, allocation="uniform", qk_rank=0)
     assert {row["setting"] for row in res.report["layers"]} == {f"e8p-{int(bits)}b"}

@@ -23,9 +23,10 @@ The encoder is exact: for each shift and each of the 256 entries, the best signs
 their parity is wrong, flipping the coordinate with the smallest a_i·|y_i| costs the least
 (4·a_i·|y_i|); the argmin over the 512 candidates is the nearest codeword.
 
-For 3 and 4 bits a second stage codes the scaled residual (QuIP#'s RVQ): another E8P code (4-bit) or
-one of 256 points of E8 (3-bit; `e8_1bit_table()`: the origin, the 240 roots and 15 of the 16 points
-±2e_i, all but -2e_7), 8 bits per 8 weights.
+For 3 to 6 bits later stages code the scaled residual (QuIP#'s RVQ, extended past its 4 bits): another
+E8P code (16 bits per 8 weights) or one of 256 points of E8 (8 bits per 8 weights; `e8_1bit_table()`:
+the origin, the 240 roots and 15 of the 16 points ±2e_i, all but -2e_7). 3 bits = E8P + E8, 4 = 2 E8P,
+5 = 2 E8P + E8, 6 = 3 E8P (`STAGES`).
 
 `quantize_matrix` codes a whole weight matrix: BlockLDLQ (`casp.algorithms.ldlq`) with this block
 quantizer, for a few candidate scales, keeping the one with the lowest proxy loss.
@@ -207,33 +208,64 @@ def e8_1bit_encode(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, to
     return codes, table[codes.long()]
 
 
+# the code stages of each bit-width: "p" an E8P stage (16 bits per 8 weights), "r" the 256-point
+# E8 stage (8 bits per 8 weights); each stage codes the scaled residual of the ones before it
+STAGES = {2: ("p",), 3: ("p", "r"), 4: ("p", "p"), 5: ("p", "p", "r"), 6: ("p", "p", "p")}
+STAGE_CODE_BITS = {"p": 16, "r": 8}
+
+
+def stage_kinds(bits: int) -> tuple[str, ...]:
+    """The stages of a bit-width: 2 E8P; 3 E8P + 1-bit E8; 4 two E8P; 5 two E8P + 1-bit E8; 6 three E8P."""
+    if bits not in STAGES:
+        raise ValueError(f"E8P supports 2 to 6 bits, got {bits}")
+    return STAGES[bits]
+
+
 def stage_count(bits: int) -> int:
-    """Code stages of a bit-width: 2 → 1 (E8P), 3 → 2 (E8P + 1-bit E8), 4 → 2 (E8P + E8P)."""
-    if bits not in (2, 3, 4):
-        raise ValueError(f"E8P supports 2, 3 or 4 bits, got {bits}")
-    return 1 if bits == 2 else 2
+    """Number of code stages of a bit-width (see `stage_kinds`)."""
+    return len(stage_kinds(bits))
 
 
-def rvq_encode(x: torch.Tensor, bits: int, resid_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy residual VQ of 8-vectors x (…, 8) at 2, 3 or 4 bits per weight.
+def _encoder(kind: str):
+    return e8p_encode if kind == "p" else e8_1bit_encode
 
-    Stage 1 is E8P; stage 2 (3/4 bits) codes (x - stage 1)·resid_scale with the 1-bit E8 table (3 bits)
-    or E8P (4 bits). Returns codes int32 (…, stages) and x̂ = c1 + c2 / resid_scale.
+
+def _decoder(kind: str):
+    return e8p_decode if kind == "p" else e8_1bit_decode
+
+
+def _gains(bits: int, resid_scale) -> tuple[float, ...]:
+    """Per-stage input gains s_1/s_k (stage 1: 1) from one ratio or one ratio per later stage."""
+    ratios = (resid_scale,) * (stage_count(bits) - 1) if isinstance(resid_scale, (int, float)) else tuple(resid_scale)
+    if len(ratios) != stage_count(bits) - 1:
+        raise ValueError(f"{bits} bits need {stage_count(bits) - 1} residual ratios, got {len(ratios)}")
+    gains = [1.0]
+    for r in ratios:
+        gains.append(gains[-1] * r)
+    return tuple(gains)
+
+
+def rvq_encode(x: torch.Tensor, bits: int, resid_scale=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual VQ of 8-vectors x (…, 8) at 2 to 6 bits per weight.
+
+    Stage k codes (x - x̂_{<k})·g_k with its codebook (`stage_kinds`), g_1 = 1 and g_k = g_{k-1}·ratio_k;
+    `resid_scale` is one ratio for every later stage or a tuple of them. Returns codes int32
+    (…, stages) and x̂ = Σ_k c_k / g_k.
     """
-    c1, v1 = e8p_encode(x)
-    if stage_count(bits) == 1:
-        return c1.unsqueeze(-1), v1
-    r = (x - v1) * resid_scale
-    c2, v2 = e8p_encode(r) if bits == 4 else e8_1bit_encode(r)
-    return torch.stack([c1, c2], -1), v1 + v2 / resid_scale
+    codes, approx = [], torch.zeros_like(x)
+    for kind, gain in zip(stage_kinds(bits), _gains(bits, resid_scale)):
+        c, v = _encoder(kind)((x - approx) * gain)
+        codes.append(c)
+        approx = approx + v / gain
+    return torch.stack(codes, -1), approx
 
 
 def rvq_decode(codes: torch.Tensor, bits: int, scales, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Σ_k scales[k]·stage_k(codes[…, k]) as (…, 8); the stage decoders follow `rvq_encode`."""
-    out = e8p_decode(codes[..., 0], dtype) * scales[0]
-    if stage_count(bits) == 2:
-        second = e8p_decode(codes[..., 1], dtype) if bits == 4 else e8_1bit_decode(codes[..., 1], dtype)
-        out = out + second * scales[1]
+    out = None
+    for k, kind in enumerate(stage_kinds(bits)):
+        v = _decoder(kind)(codes[..., k], dtype) * scales[k]
+        out = v if out is None else out + v
     return out
 
 
@@ -245,10 +277,10 @@ def fp16_exact(value: float) -> float:
     return float(torch.tensor(min(max(value, FP16_TINY), 65504.0)).half())
 
 
-def stage_scales(scale: float, bits: int, resid_scale: float) -> tuple[float, ...]:
-    """fp16-exact per-stage scales: (s1,) or (s1, s1 / resid_scale)."""
+def stage_scales(scale: float, bits: int, resid_scale) -> tuple[float, ...]:
+    """fp16-exact per-stage scales s_k = s_1 / g_k (g_k from `resid_scale` as in `rvq_encode`)."""
     s1 = fp16_exact(scale)
-    return (s1,) if stage_count(bits) == 1 else (s1, fp16_exact(s1 / resid_scale))
+    return (s1,) + tuple(fp16_exact(s1 / g) for g in _gains(bits, resid_scale)[1:])
 
 
 def pad_to_codes(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +315,7 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, 
     """E8P / RVQ codes of W (out × in) by BlockLDLQ on H = XᵀX, with the best of a few scales.
 
     The first-stage scale is s1 = m·RMS(W)/rho for each multiplier m (W/s1 has RMS rho/m, rho being the
-    codebook's operating RMS); stage 2 uses s1/resid_scale. Each candidate is rounded with BlockLDLQ
+    codebook's operating RMS); later stages use s1/g_k (`stage_scales`). Each candidate is rounded with BlockLDLQ
     (H damped by `damp`·mean diag) and the one with the lowest tr(ΔHΔᵀ) on the undamped H wins.
     `act_order` visits the columns by decreasing H_jj (GPTQ's order; the caller stores `perm`).
     in_features that are not a multiple of 8 are padded with zero columns (dropped from Ŵ).
@@ -308,8 +340,8 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, 
     best = None
     for mult in dict.fromkeys(multipliers):
         scales = stage_scales(mult * rms / rho, bits, resid_scale)
-        ratio = scales[0] / scales[1] if len(scales) == 2 else 1.0
-        _, codes = block_ldlq(wp / scales[0], hp, lambda t: rvq_encode(t, bits, ratio), CODE_DIM, buffer, a)
+        ratios = tuple(scales[k - 1] / scales[k] for k in range(1, len(scales)))
+        _, codes = block_ldlq(wp / scales[0], hp, lambda t: rvq_encode(t, bits, ratios), CODE_DIM, buffer, a)
         q = rvq_decode(codes, bits, scales).reshape(out_f, -1)[:, :in_f]
         if inverse is not None:
             q = q[:, inverse]

@@ -6,7 +6,7 @@ Method: every E8P codeword coordinate is an odd multiple of 1/4 in [-2.75, 2.75]
 repacked once, at first use, into the int4 layout of `casp.nn.cpu_kernels` with kernel scale ½ and
 zero -¼ (E8P stage) or 0 (residual stage), both exact in bfloat16: the kernel's weights are the
 stage codewords exactly. Each stage is one block of K (2 bits: one, 3/4 bits: two, the x copies
-side by side, 4 bits of codes per weight and stage), and the stage's fp16 scale multiplies its copy
+side by side, 4 bits of codes per weight and stage; 5/6 bits: three), and the stage's fp16 scale multiplies its copy
 of x in float32 before the bfloat16 rounding, so no scale is rounded. The act-order permutation is
 applied to the columns at repack time and the padding to 8·⌈in/8⌉ columns is dropped, so the kernel's
 K is the layer's own input order (padded to a multiple of 32 with zero inputs).
@@ -39,9 +39,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from casp.algorithms.e8p import e8_1bit_table, e8p_codebook
+from casp.algorithms.e8p import e8_1bit_table, e8p_codebook, stage_kinds
 from casp.nn import cpu_kernels as ck
-from casp.quant.e8 import E8P_FORMAT, e8p_cpu_matmul
+from casp.quant.e8 import E8P_FORMAT, code_names, e8p_cpu_matmul
 
 _E8P_ZERO = -0.25            # q = 2v + 8.5 with kernel scale ½ and zero -¼
 _RESIDUAL_ZERO = 0.0         # 3-bit residual stage: q = 2v + 8, zero 0
@@ -59,13 +59,10 @@ def _q_tables() -> tuple[torch.Tensor, torch.Tensor]:
 def _stages(module) -> list[tuple[torch.Tensor, int, torch.Tensor, float]]:
     """(codes, code mask, q table, zero) of each stored stage."""
     e8p, residual = _q_tables()
-    stages = [(module.codes, 0xFFFF, e8p, _E8P_ZERO)]
     bits = module.meta["bits"]
-    if bits == 4:
-        stages.append((module.codes2, 0xFFFF, e8p, _E8P_ZERO))
-    elif bits == 3:
-        stages.append((module.codes2, 0xFF, residual, _RESIDUAL_ZERO))
-    return stages
+    return [(getattr(module, name), 0xFFFF, e8p, _E8P_ZERO) if kind == "p"
+            else (getattr(module, name), 0xFF, residual, _RESIDUAL_ZERO)
+            for name, kind in zip(code_names(bits), stage_kinds(bits))]
 
 
 def stage_codes(module, start: int, end: int) -> list[torch.Tensor]:

@@ -116,6 +116,11 @@ class Quantizer(Configurable, ABC):
     in_features_multiple: ClassVar[int] = 1   # input sizes it can store (vector quantizers: the vector length)
     rows_independent: ClassVar[bool] = False  # each output row quantized on its own (damage sums over rows)
 
+    @classmethod
+    def target_options(cls, bits: float) -> dict:
+        """Defaults that depend on the target average bits (the user's options override them)."""
+        return {}
+
     @abstractmethod
     def candidates(self) -> list:
         """The settings the allocator may choose from (from this quantizer's config)."""

@@ -1,8 +1,9 @@
 """`--quantizer e8`: QuIP#-style E8-lattice vector quantization (E8P codebook, BlockLDLQ, residual VQ).
 
 Each run of 8 consecutive input weights of a row is one codeword of E8P (`casp.algorithms.e8p`):
-16 bits per 8 weights at 2 bits; 3 bits add an 8-bit code of a 256-point E8 codebook on the scaled
-residual, 4 bits a second E8P code. Rounding is BlockLDLQ with blocks of 8 columns on the damped
+16 bits per 8 weights at 2 bits; each further stage codes the scaled residual of the ones before,
+with an 8-bit code of a 256-point E8 codebook (1 bit per weight) or another E8P code (2 bits per
+weight): 3 bits = E8P + E8, 4 = 2 × E8P, 5 = 2 × E8P + E8, 6 = 3 × E8P. Rounding is BlockLDLQ with blocks of 8 columns on the damped
 XᵀX; one scale per stage and matrix is chosen by trying a few multiples of RMS(W) and keeping the
 lowest proxy loss tr(ΔHΔᵀ). With `act_order` the columns are visited by decreasing XᵀX diagonal,
 which needs the permutation stored; it pays off when no incoherence transform precedes the
@@ -11,8 +12,9 @@ quantizer (see docs/e8.md).
 Stored tensors of format "e8p" (G = ⌈in_features/8⌉; in_features that are not a multiple of 8 are
 padded with zero weights, and the padding is stored and counted):
     codes   int16 (out, G)   stage-1 E8P codes (the 16-bit code as two's complement)
-    codes2  int16 (out, G)   4 bits: stage-2 E8P codes
-            uint8 (out, G)   3 bits: stage-2 codes of the 256-point E8 codebook
+    codes2  int16 (out, G)   stage-2 codes: int16 for an E8P stage (4-6 bits),
+            uint8 (out, G)   uint8 for the 256-point E8 codebook (3 bits)
+    codes3  int16 / uint8    stage-3 codes (6 bits: E8P, 5 bits: E8)
     scales  fp16 (stages,)   W = Σ_k scales[k] · decode_k(codes_k)
     perm    int16 (in,)      act_order only (int32 when in_features > 32768): the stored column j is
                              input perm[j]
@@ -26,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from casp.algorithms.e8p import CODE_DIM, e8_1bit_decode, e8p_decode, quantize_matrix, stage_count
+from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, e8_1bit_decode, e8p_decode, quantize_matrix,
+                                 stage_count, stage_kinds)
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
 
 FORMAT = "e8p"
-E8_BITS = (2, 3, 4)
+E8_BITS = tuple(STAGES)
 _INT16_MAX_INDEX = 1 << 15
 _CPU_SLAB_ELEMENTS = 1 << 20
 
@@ -47,7 +50,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class E8Setting:
-    """One E8 setting: 2 (E8P), 3 (E8P + 1-bit E8) or 4 (E8P + E8P) bits per weight; column order."""
+    """One E8 setting: 2 to 6 bits per weight (`casp.algorithms.e8p.STAGES`); column order."""
 
     bits: int
     act_order: bool = False
@@ -76,36 +79,54 @@ class E8Options:
     rvq4_scales: tuple[float, float] = field(default=(0.9, 3.85), metadata={
         "flag": "--e8-rvq4-scales", "type": _floats,
         "help": "4-bit rho and residual scale (default 0.9,3.85)"})
+    rvq5_scales: tuple[float, float, float] = field(default=(0.85, 3.85, 2.04), metadata={
+        "flag": "--e8-rvq5-scales", "type": _floats,
+        "help": "5-bit rho and the residual scales of stages 2 and 3 (default 0.85,3.85,2.04)"})
+    rvq6_scales: tuple[float, float, float] = field(default=(0.8, 3.85, 3.4), metadata={
+        "flag": "--e8-rvq6-scales", "type": _floats,
+        "help": "6-bit rho and the residual scales of stages 2 and 3 (default 0.8,3.85,3.4)"})
     act_order: bool = field(default=False, metadata={
         "flag": "--e8-act-order", "action": "store_true",
         "help": "visit columns by decreasing XᵀX diagonal (stores the permutation)"})
     candidate_bits: tuple[int, ...] = field(default=(2, 3, 4), metadata={
-        "flag": "--candidate-bits", "type": "ints", "help": "bit-widths the allocator may choose (default 2,3,4)"})
+        "flag": "--candidate-bits", "type": "ints",
+        "help": "bit-widths the allocator may choose, among 2-6 (default: 2 up to ⌊--bits⌋ + 2, within 4-6)"})
     buffer: int = 128
 
     def __post_init__(self):
         for b in self.candidate_bits:
             if b not in E8_BITS:
-                raise ValueError(f"e8 bit-widths must be among 2, 3, 4; got {b}")
+                raise ValueError(f"e8 bit-widths must be among 2 to 6; got {b}")
         if not 0.0 <= self.ldlq_damp < 10:
             raise ValueError(f"--e8-damp must be in [0, 10), got {self.ldlq_damp}")
         if not self.scale_multipliers or min(self.scale_multipliers) <= 0:
             raise ValueError(f"--e8-scale-grid needs positive multipliers, got {self.scale_multipliers}")
-        for name in ("rvq3_scales", "rvq4_scales"):
-            v = getattr(self, name)
-            if len(v) != 2 or min(v) <= 0:
-                raise ValueError(f"{name} must be two positive numbers (rho, residual scale), got {v}")
+        for bits in (3, 4, 5, 6):
+            v = getattr(self, f"rvq{bits}_scales")
+            if len(v) != stage_count(bits) or min(v) <= 0:
+                raise ValueError(f"--e8-rvq{bits}-scales must be {stage_count(bits)} positive numbers (rho, then one "
+                                 f"residual scale per later stage), got {v}")
         if self.e8p_rho <= 0:
             raise ValueError(f"--e8-rho must be positive, got {self.e8p_rho}")
 
-    def rho_and_resid(self, bits: int) -> tuple[float, float]:
+    def rho_and_resid(self, bits: int) -> tuple[float, tuple[float, ...]]:
+        """The operating RMS of stage 1 and the residual scales of the later stages."""
         if bits == 2:
-            return self.e8p_rho, 1.0
-        return tuple(self.rvq3_scales if bits == 3 else self.rvq4_scales)
+            return self.e8p_rho, ()
+        rho, *ratios = getattr(self, f"rvq{bits}_scales")
+        return rho, tuple(ratios)
 
 
 def _groups(in_features: int) -> int:
     return math.ceil(in_features / CODE_DIM)
+
+
+_CODE_DTYPES = {"p": torch.int16, "r": torch.uint8}
+
+
+def code_names(bits: int) -> list[str]:
+    """Stored names of the stages' code tensors: codes, codes2, codes3."""
+    return ["codes"] + [f"codes{k + 1}" for k in range(1, stage_count(bits))]
 
 
 def _perm_dtype(in_features: int) -> torch.dtype:
@@ -113,10 +134,10 @@ def _perm_dtype(in_features: int) -> torch.dtype:
 
 
 def e8p_stored_bits(s: E8Setting, out_features: int, in_features: int) -> int:
-    """Exact stored bits: 16 per 8 weights for each E8P stage, 8 for the 3-bit residual stage, 16 per
+    """Exact stored bits: 16 per 8 weights for each E8P stage, 8 for each 256-point E8 stage, 16 per
     fp16 stage scale, and the column permutation under act_order (padding to 8 inputs included)."""
     cells = out_features * _groups(in_features)
-    total = cells * 16 + {3: cells * 8, 4: cells * 16}.get(s.bits, 0) + 16 * stage_count(s.bits)
+    total = sum(cells * STAGE_CODE_BITS[k] for k in stage_kinds(s.bits)) + 16 * stage_count(s.bits)
     if s.act_order:
         total += in_features * torch.iinfo(_perm_dtype(in_features)).bits
     return total
@@ -126,12 +147,9 @@ def empty_e8p_tensors(meta: dict) -> dict[str, torch.Tensor]:
     """Zero tensors of the stored shapes/dtypes, to load a state dict into."""
     bits, out_f, in_f = meta["bits"], meta["out_features"], meta["in_features"]
     g = _groups(in_f)
-    t = {"codes": torch.zeros(out_f, g, dtype=torch.int16),
-         "scales": torch.zeros(stage_count(bits), dtype=torch.float16)}
-    if bits == 3:
-        t["codes2"] = torch.zeros(out_f, g, dtype=torch.uint8)
-    elif bits == 4:
-        t["codes2"] = torch.zeros(out_f, g, dtype=torch.int16)
+    t = {"scales": torch.zeros(stage_count(bits), dtype=torch.float16)}
+    for name, kind in zip(code_names(bits), stage_kinds(bits)):
+        t[name] = torch.zeros(out_f, g, dtype=_CODE_DTYPES[kind])
     if meta.get("act_order"):
         t["perm"] = torch.zeros(in_f, dtype=_perm_dtype(in_f))
     return t
@@ -146,15 +164,15 @@ def _to_int16(codes: torch.Tensor) -> torch.Tensor:
 def _slab_decoder(qw: QuantizedWeight):
     """decode(start, end) -> (end - start, 8·G) float32 rows of the stored (permuted, padded) matrix."""
     bits = qw.meta["bits"]
-    codes, scales = qw.tensors["codes"], qw.tensors["scales"].float()
-    second = qw.tensors.get("codes2")
+    scales = qw.tensors["scales"].float()
+    stages = [(qw.tensors[name], e8p_decode if kind == "p" else e8_1bit_decode)
+              for name, kind in zip(code_names(bits), stage_kinds(bits))]
 
     def decode(start: int, end: int) -> torch.Tensor:
-        w = e8p_decode(codes[start:end]).mul_(scales[0])
-        if bits == 4:
-            w.add_(e8p_decode(second[start:end]).mul_(scales[1]))
-        elif bits == 3:
-            w.add_(e8_1bit_decode(second[start:end]).mul_(scales[1]))
+        w = None
+        for k, (codes, dec) in enumerate(stages):
+            v = dec(codes[start:end]).mul_(scales[k])
+            w = v if w is None else w.add_(v)
         return w.reshape(end - start, -1)
 
     return decode
@@ -214,12 +232,18 @@ class E8Quantizer(Quantizer):
     Config = E8Options
     format = E8P_FORMAT
 
+    @classmethod
+    def target_options(cls, bits: float) -> dict:
+        """The ladder reaches two bits past the target's whole part (at least 4, at most 6 bits):
+        2-4 bits for targets below 3, up to 5 below 4, up to 6 from 4 bits on."""
+        return {"candidate_bits": tuple(range(2, min(6, max(4, math.floor(bits) + 2)) + 1))}
+
     def candidates(self) -> list[E8Setting]:
         return [E8Setting(b, self.config.act_order) for b in sorted(set(self.config.candidate_bits))]
 
     def uniform_setting(self, bits: float) -> E8Setting:
         if bits not in E8_BITS:
-            raise ValueError(f"the e8 quantizer stores 2, 3 or 4 bits per weight, not {bits}")
+            raise ValueError(f"the e8 quantizer stores 2 to 6 bits per weight, not {bits}")
         return E8Setting(int(bits), self.config.act_order)
 
     def quantize(self, weight: torch.Tensor, xtx: torch.Tensor | None,
@@ -233,12 +257,9 @@ class E8Quantizer(Quantizer):
         rho, resid = c.rho_and_resid(setting.bits)
         r = quantize_matrix(weight, xtx, setting.bits, rho=rho, resid_scale=resid, multipliers=c.scale_multipliers,
                             damp=c.ldlq_damp, act_order=setting.act_order, buffer=c.buffer)
-        tensors = {"codes": _to_int16(r.codes[..., 0]),
-                   "scales": torch.tensor(r.scales, dtype=torch.float16, device=weight.device)}
-        if setting.bits == 4:
-            tensors["codes2"] = _to_int16(r.codes[..., 1])
-        elif setting.bits == 3:
-            tensors["codes2"] = r.codes[..., 1].to(torch.uint8)
+        tensors = {"scales": torch.tensor(r.scales, dtype=torch.float16, device=weight.device)}
+        for k, (name, kind) in enumerate(zip(code_names(setting.bits), stage_kinds(setting.bits))):
+            tensors[name] = _to_int16(r.codes[..., k]) if kind == "p" else r.codes[..., k].to(torch.uint8)
         if setting.act_order:
             tensors["perm"] = r.perm.to(_perm_dtype(in_f))
         meta = {"format": FORMAT, "method": self.name, "bits": setting.bits, "act_order": setting.act_order,
