@@ -235,7 +235,7 @@ def plan_and_allocate(model, adapter, batches, held, config: CompressionConfig, 
                              num_layers=len(layers), transform=transform)
         if config.search_steps:
             summary["search"] = search(model, adapter, solution, database, held, steps=config.search_steps,
-                                       seed=config.seed, starts=[uniform_choice(solution, quantizer, config.bits)],
+                                       seed=config.seed, starts={**solution.alternatives, "uniform": uniform_choice(solution, quantizer, config.bits)},
                                        progress=progress, device=config.device)
         ranks, plan = decode(solution, units, quantizer, qk_tables or {}, len(layers))
         units = plan_units(layers, adapter, ranks, config.layers)

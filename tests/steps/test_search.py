@@ -36,6 +36,22 @@ def test_mutation_keeps_the_exact_budget_and_moves_something(seed):
         choice = child
 
 
+def test_mutation_starts_from_a_label_off_the_ladder():
+    """A start (allocation alone, uniform) may pick a label that ties another on cost; the ladder keeps
+    one label per cost, and mutation moves from the rung of that cost."""
+    a = _allocation(seed=0)
+    for u in a.units:
+        u.cost_bits["b2"] = u.cost_bits["b"]
+        u.distortion["b2"] = u.distortion["b"] + 1.0
+    ladders = _ladders(a)
+    assert all("b2" not in ladder for ladder in ladders.values())
+    cost = {u.name: u.cost_bits for u in a.units}
+    start = {u.name: "b2" for u in a.units}
+    child = mutate(a, start, ladders, random.Random(0))
+    assert child is not None and child != start
+    assert sum(cost[n][child[n]] for n in child) <= a.budget_bits
+
+
 def _cfg(scene_text, **kw):
     base = dict(bits=2.6, quantizer="gptq", qk_rank="joint", search_steps=6, search_samples=2, calib_samples=8,
                 calib_seq_len=32, calib_text=str(scene_text))
@@ -48,6 +64,11 @@ def test_search_improves_or_keeps_held_out_kl_and_is_deterministic(tiny_llama_di
     b = casp.compress(tiny_llama_dir, None, _cfg(scene_text), progress=False)
     s = a.report["search"]
     assert s["kl_result"] <= s["kl_start"] and s["held_out_tokens"] == 2 * 32
+    # it starts from the best of the estimate, allocation alone and uniform, so it beats each on held-out KL
+    assert set(s["kl_of_starts"]) == {"estimate", "allocation alone", "uniform"} or \
+        set(s["kl_of_starts"]) == {"estimate", "joint", "uniform"}
+    assert s["kl_result"] <= min(s["kl_of_starts"].values())
+    assert s["kl_of_starts"][s["started_from"]] == min(s["kl_of_starts"].values())
     assert a.report["average_bits"] <= 2.6
     assert [r["setting"] for r in a.report["layers"]] == [r["setting"] for r in b.report["layers"]]
     ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))

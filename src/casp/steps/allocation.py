@@ -20,6 +20,7 @@ class Allocation:
     choice: dict[str, str]           # allocator unit name -> candidate label
     budget_bits: int
     summary: dict = field(default_factory=dict)
+    alternatives: dict[str, dict[str, str]] = field(default_factory=dict)   # named answers a search may start from
 
     def objective(self, choice: dict[str, str] | None = None) -> float:
         choice = choice or self.choice
@@ -137,8 +138,11 @@ def allocate_joint(units: list[Unit], qk_tables: dict, quantizer, *, bits: float
     alone_total = joint.objective(alone_choice)
     joint.summary["objective_allocation_alone"] = alone_total
     if alone_total < joint_total:
+        joint.alternatives["joint"] = joint.choice
         joint.choice = alone_choice
         joint.summary["kept"] = "allocation alone"
+    else:
+        joint.alternatives["allocation alone"] = alone_choice
     return joint
 
 

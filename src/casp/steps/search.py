@@ -89,18 +89,22 @@ def mutate(allocation: Allocation, choice: dict[str, str], ladders, rng: random.
     """One unit up a rung, random others down a rung until the budget holds; None if that fails."""
     cost = {u.name: u.cost_bits for u in allocation.units}
     child = dict(choice)
-    up = [n for n in child if ladders[n].index(child[n]) + 1 < len(ladders[n])]
+
+    def rung(n):   # a label off the ladder (a start's) sits on the rung of its cost
+        return next(i for i, k in enumerate(ladders[n]) if cost[n][k] == cost[n][child[n]])
+
+    up = [n for n in child if rung(n) + 1 < len(ladders[n])]
     if not up:
         return None
     a = rng.choice(up)
-    child[a] = ladders[a][ladders[a].index(child[a]) + 1]
+    child[a] = ladders[a][rung(a) + 1]
     total = sum(cost[n][child[n]] for n in child)
     others = [n for n in child if n != a]
     rng.shuffle(others)
     for n in others:
         if total <= allocation.budget_bits:
             break
-        i = ladders[n].index(child[n])
+        i = rung(n)
         if i > 0:
             total += cost[n][ladders[n][i - 1]] - cost[n][child[n]]
             child[n] = ladders[n][i - 1]
@@ -108,8 +112,12 @@ def mutate(allocation: Allocation, choice: dict[str, str], ladders, rng: random.
 
 
 def search(model, adapter, allocation: Allocation, database, batches, *, steps: int, seed: int,
-           starts: list[dict[str, str]] = (), progress: bool = True, device="cpu") -> dict:
+           starts: dict[str, dict[str, str]] | None = None, progress: bool = True, device="cpu") -> dict:
     """Refine `allocation.choice` in place; returns a summary (KL of the start and of the result).
+
+    `starts` are other named answers (allocation alone, uniform): the search begins from whichever of
+    them and the estimate's optimum has the lowest held-out KL, so its result is never worse than any
+    of them on that KL.
 
     Every forward runs with the model on the CPU and each decoder layer on `device` in turn.
     """
@@ -129,13 +137,14 @@ def search(model, adapter, allocation: Allocation, database, batches, *, steps: 
     cost = {u.name: u.cost_bits for u in allocation.units}
     best = dict(allocation.choice)
     best_kl = start_kl = fitness(best)
-    for start in starts:
+    start_kls, started_from = {"estimate": start_kl}, "estimate"
+    for name, start in (starts or {}).items():
         if any(start[n] not in cost[n] for n in start):
             continue
         if sum(cost[n][start[n]] for n in start) <= allocation.budget_bits:
-            kl = fitness(start)
+            kl = start_kls[name] = fitness(start)
             if kl < best_kl:
-                best, best_kl = dict(start), kl
+                best, best_kl, started_from = dict(start), kl, name
     rng = random.Random(seed)
     accepted = 0
     for _ in tqdm(range(steps), desc="search", disable=not progress):
@@ -147,4 +156,5 @@ def search(model, adapter, allocation: Allocation, database, batches, *, steps: 
             best, best_kl, accepted = child, kl, accepted + 1
     allocation.choice = best
     return {"steps": steps, "accepted": accepted, "kl_start": start_kl, "kl_result": best_kl,
+            "kl_of_starts": start_kls, "started_from": started_from,
             "held_out_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
