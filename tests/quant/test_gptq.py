@@ -180,3 +180,21 @@ def test_many_without_act_order_falls_back_to_one_run_each():
 def test_default_ladder_is_bits_2_3_4_8_by_groups_32_64_128_channel():
     labels = [s.label() for s in GPTQ().candidates()]
     assert labels == [f"{b}b-{g}" for b in (2, 3, 4, 8) for g in ("g32", "g64", "g128", "ch")]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_hessian_shrink_interpolates_between_gptq_and_rtn(act_order):
+    """--hessian-shrink 1 leaves a diagonal H, where error feedback has nothing to move: RTN on the same
+    grid; 0 is GPTQ as published; the one-sweep path honours it too."""
+    w, h = correlated_problem(seed=7)
+    spec = QuantSpec(3, 64, False)
+    _, q_rtn = get_quantizer_class("rtn")().quantize(w, None, spec)
+    _, q_full = GPTQ(act_order=act_order, damp=0.0, shrink=1.0).quantize(w, h, spec)
+    torch.testing.assert_close(q_full, q_rtn, rtol=0, atol=1e-6)
+    losses = [quant_loss(w, GPTQ(act_order=act_order, shrink=s).quantize(w, h, spec)[1], h) for s in (0.0, 0.5)]
+    assert losses[0] < losses[1] < quant_loss(w, q_rtn, h)
+    if act_order:
+        assert torch.equal(GPTQ(shrink=0.5).dequantize_many(w, h.float(), [spec])[0],
+                           GPTQ(shrink=0.5).quantize(w, h.float(), spec)[1])
+    with pytest.raises(ValueError, match="hessian-shrink"):
+        GPTQ(shrink=1.5)

@@ -63,10 +63,13 @@ def inverse_hessian_cholesky(
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {lam:.3g}")
 
 
-def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: float, hessian_dtype):
+def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: float, hessian_dtype,
+             shrink: float = 0.0):
     """Weight with dead inputs zeroed (original column order), the visiting order, and U in that order.
 
     U is the upper Cholesky factor of the damped H⁻¹ (float32); perm is None without act_order.
+    `shrink` scales H's off-diagonal by (1 - shrink): the per-input energies are kept, the
+    cross-correlations of the calibration text (the part that moves most between domains) are trusted less.
     """
     in_features = weight.shape[1]
     if xtx.shape != (in_features, in_features):
@@ -88,6 +91,9 @@ def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: flo
     del src
     if bool(dead.any()):
         h[dead, dead] = 1.0
+    if shrink:
+        kept = h.diagonal().clone()
+        h.mul_(1.0 - shrink).diagonal().copy_(kept)
     u, _ = inverse_hessian_cholesky(h, damp)
     return w, perm, u.to(torch.float32)
 
@@ -136,6 +142,7 @@ def gptq_quantize(
     act_order: bool = True,
     static_groups: bool | None = None,
     hessian_dtype: torch.dtype = torch.float64,
+    shrink: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ on the scalar grid. Returns codes (out, in) int32, scale and zero (out, groups) float32
     (scale fp16-exact) and the dequantized float32 weight, equal to `dequantize_grid` of the codes.
@@ -151,7 +158,7 @@ def gptq_quantize(
     bits, sym = spec.bits, spec.sym
     g = effective_group_size(in_features, spec.group_size)
     ng = num_groups(in_features, spec.group_size)
-    w, perm, u = _prepare(weight, xtx, act_order, damp, hessian_dtype)
+    w, perm, u = _prepare(weight, xtx, act_order, damp, hessian_dtype, shrink)
     # Per-channel grids are fitted on the whole (original) row either way.
     fixed = static_groups or ng == 1
     if fixed:
@@ -186,7 +193,8 @@ MANY_ELEMENTS = 1 << 22   # weights swept at once by gptq_dequantize_many (rows 
 
 
 def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[QuantSpec], damp: float = 0.01,
-                         block_size: int = 128, hessian_dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+                         block_size: int = 128, hessian_dtype: torch.dtype = torch.float64,
+                         shrink: float = 0.0) -> list[torch.Tensor]:
     """The dequantized weight of act-order GPTQ at each of `specs`, from one sweep over stacked copies.
 
     Equal (up to matrix-product rounding) to `gptq_quantize(..., act_order=True)` per spec: one
@@ -194,7 +202,7 @@ def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[Qu
     measuring many candidates costs (on small matrices the per-column work is Python-bound).
     """
     out_features, in_features = weight.shape
-    w, perm, u = _prepare(weight, xtx, True, damp, hessian_dtype)
+    w, perm, u = _prepare(weight, xtx, True, damp, hessian_dtype, shrink)
     visiting = w[:, perm]
     per_chunk = max(1, MANY_ELEMENTS // max(1, out_features * in_features))
     result = []
@@ -222,6 +230,9 @@ class GPTQOptions(ScalarOptions):
                                                 "help": "GPTQ damping (fraction of mean diag XᵀX)"})
     act_order: bool = field(default=True, metadata={"flag": "--no-act-order", "action": "store_false",
                                                     "help": "GPTQ without activation ordering"})
+    shrink: float = field(default=0.0, metadata={
+        "flag": "--hessian-shrink", "type": float,
+        "help": "scale XᵀX's off-diagonal by (1 - this), in [0, 1] (default 0: GPTQ as published)"})
     block_size: int = 128
     static_groups: bool | None = None
     hessian_dtype: torch.dtype = torch.float64
@@ -230,6 +241,8 @@ class GPTQOptions(ScalarOptions):
         super().__post_init__()
         if not 0.0 <= self.damp < 10:
             raise ValueError(f"--damp must be in [0, 10), got {self.damp}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise ValueError(f"--hessian-shrink must be in [0, 1], got {self.shrink}")
 
 
 @register
@@ -257,7 +270,7 @@ class GPTQ(Quantizer):
         c = self.config
         codes, scale, zero, q = gptq_quantize(
             weight, xtx, spec, damp=c.damp, block_size=c.block_size, act_order=c.act_order,
-            static_groups=c.static_groups, hessian_dtype=c.hessian_dtype,
+            static_groups=c.static_groups, hessian_dtype=c.hessian_dtype, shrink=c.shrink,
         )
         return to_quantized_weight(codes, scale, zero, spec, method=self.name), q
 
@@ -266,4 +279,4 @@ class GPTQ(Quantizer):
         if xtx is None or not c.act_order or c.static_groups is False:
             return super().dequantize_many(weight, xtx, settings)
         return gptq_dequantize_many(weight, xtx, list(settings), damp=c.damp, block_size=c.block_size,
-                                    hessian_dtype=c.hessian_dtype)
+                                    hessian_dtype=c.hessian_dtype, shrink=c.shrink)
