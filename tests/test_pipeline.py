@@ -121,3 +121,24 @@ def test_a_built_in_models_source_grid_is_left_out_and_reported(tiny_llama_dir, 
     assert "4b-g32" not in settings
     plain = compress(tiny_llama_dir, None, _cfg(scene_text, bits=4.0, granularity="matrix"), progress=False)
     assert "excluded_candidates" not in plain.report
+
+
+def test_gptq_on_the_built_in_text_shrinks_the_hessian_unless_told(tiny_llama_dir, scene_text, tmp_path):
+    """casp's own calibration text stands in for the user's data: GPTQ then trusts XᵀX's cross-terms less
+    (--hessian-shrink 0.5), and says so; the user's own text, or their own flag, keeps their setting."""
+    from casp.data.calibration import uses_builtin_text
+    from casp.embedded import EMBEDDED_MODEL_DIR
+    from casp.quant.gptq import BUILTIN_TEXT_SHRINK
+
+    base = dict(bits=3.0, allocation="uniform", qk_rank=0, calib_samples=2, calib_seq_len=32)
+    stand_in = compress(tiny_llama_dir, None, CompressionConfig(**base), progress=False)
+    assert stand_in.report["builtin_text_defaults"] == {"shrink": BUILTIN_TEXT_SHRINK}
+    told = compress(tiny_llama_dir, None, CompressionConfig(**base, quantizer_options={"shrink": 0.0}), progress=False)
+    assert "builtin_text_defaults" not in told.report
+    own = compress(tiny_llama_dir, None, _cfg(scene_text, **{**base, "calib_samples": 2}), progress=False)
+    assert "builtin_text_defaults" not in own.report
+    ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(stand_in.model(ids).logits, told.model(ids).logits)
+    assert not uses_builtin_text(EMBEDDED_MODEL_DIR) and uses_builtin_text(tiny_llama_dir)
+    assert not uses_builtin_text(tiny_llama_dir, text_file="t.txt")

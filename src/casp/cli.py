@@ -246,6 +246,11 @@ def cmd_compress(args) -> None:
     if excluded:
         summary["excluded_candidates"] = excluded["settings"]
     note = f"; left out {', '.join(excluded['settings'])} ({excluded['why']})" if excluded else ""
+    stand_in = r.get("builtin_text_defaults")
+    if stand_in:
+        summary["builtin_text_defaults"] = stand_in
+        note += ("; calibrated on casp's built-in text, so " + ", ".join(f"{k}={v}" for k, v in stand_in.items())
+                 + " (give --calib-text with your own data, or the option itself, to change it)")
     _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight (target {cfg.bits}), "
           f"{r['stored_bytes'] / 2**20:.3f} MiB stored, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB{note}")
 

@@ -120,6 +120,7 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
             check_feasible(adapter.decoder_layers(model), adapter, quantizer, config, transform)
 
     quantizer, excluded = without_source_grid(quantizer, model, config)
+    quantizer, stand_in = for_builtin_text(quantizer, model, config)
     source, model, processor, adapter, batches, layer_source = load_with_calibration(
         model, config, processor, feasible, spill_dir=writer and writer.dir / "spill")
     held = []
@@ -169,6 +170,8 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
                                "compress_layers": time.time() - t_layers}
     if excluded:
         report["excluded_candidates"] = excluded
+    if stand_in:
+        report["builtin_text_defaults"] = stand_in
     result = CompressionResult(model=model, processor=processor, source=source, report=report, config=config)
     if writer is not None:
         result.model = None
@@ -178,6 +181,30 @@ def _compress(model, out, config, quantizer, transform, processor, overwrite, pr
 
         result.out = save_compressed(result, Path(out), overwrite=overwrite)
     return result
+
+
+def _model_path(model) -> Path:
+    """The directory a model comes from (a model in memory: its `name_or_path`)."""
+    if isinstance(model, nn.Module):
+        return Path(getattr(model.config, "_name_or_path", "") or ".")
+    return resolve_model_path(model)
+
+
+def for_builtin_text(quantizer, model, config: CompressionConfig):
+    """The quantizer with its defaults for calibration on casp's built-in text, when the run uses it.
+
+    Returns (quantizer, the options applied or None, for the report). Options the user gave win.
+    """
+    from dataclasses import replace
+
+    from casp.data.calibration import uses_builtin_text
+
+    if quantizer is None or not uses_builtin_text(_model_path(model), config.calib_jsonl, config.calib_text):
+        return quantizer, None
+    options = {k: v for k, v in quantizer.builtin_text_options().items() if k not in config.quantizer_options}
+    if not options:
+        return quantizer, None
+    return type(quantizer)(replace(quantizer.config, **options)), options
 
 
 def without_source_grid(quantizer, model, config: CompressionConfig):
@@ -193,8 +220,7 @@ def without_source_grid(quantizer, model, config: CompressionConfig):
 
     if quantizer is None or config.allocation == "uniform" or "source_grid" not in {f.name for f in fields(quantizer.config)}:
         return quantizer, None
-    path = Path(getattr(model.config, "_name_or_path", "") or ".") if isinstance(model, nn.Module) else resolve_model_path(model)
-    grid = source_grid(path)
+    grid = source_grid(_model_path(model))
     if grid is None:
         return quantizer, None
     trimmed = type(quantizer)(replace(quantizer.config, source_grid=grid))

@@ -64,10 +64,16 @@ def embedded_batches(processor, n_samples: int, seed: int) -> list[dict]:
     return image_text_batches(processor, records[:n_samples])
 
 
+def uses_builtin_text(model_path: Path, jsonl: str | None = None, text_file: str | None = None) -> bool:
+    """Whether a run calibrates on casp's built-in text: a stand-in, not the user's own data."""
+    from casp.embedded import EMBEDDED_MODEL_DIR
+
+    return not jsonl and not text_file and Path(model_path).resolve() != Path(EMBEDDED_MODEL_DIR).resolve()
+
+
 def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, seq_len: int, seed: int,
                       jsonl: str | None = None, text_file: str | None = None) -> list[dict]:
     """Pick the calibration source: explicit JSONL / text file, else the model's natural default."""
-    from casp.embedded import EMBEDDED_MODEL_DIR
     from casp.io.modelio import tokenizer_of
 
     if jsonl and text_file:
@@ -86,7 +92,7 @@ def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, s
         except ValueError as e:
             raise CaspError(str(e)) from None
         batches = text_batches(tokenizer_of(processor), text, n_samples, seq_len, seed)
-    elif adapter.is_multimodal and Path(model_path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve():
+    elif not uses_builtin_text(model_path):
         batches = embedded_batches(processor, n_samples, seed)
     else:
         from casp.data.textdata import calibration_text

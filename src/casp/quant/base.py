@@ -121,6 +121,12 @@ class Quantizer(Configurable, ABC):
         """Defaults that depend on the target average bits (the user's options override them)."""
         return {}
 
+    @classmethod
+    def builtin_text_options(cls) -> dict:
+        """Defaults for runs calibrated on casp's built-in text, a stand-in for the user's own data
+        (the user's options override them)."""
+        return {}
+
     @abstractmethod
     def candidates(self) -> list:
         """The settings the allocator may choose from (from this quantizer's config)."""

@@ -222,6 +222,9 @@ def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[Qu
     return result
 
 
+BUILTIN_TEXT_SHRINK = 0.5   # --hessian-shrink when calibrating on casp's built-in text
+
+
 @dataclass(frozen=True)
 class GPTQOptions(ScalarOptions):
     """GPTQ's own options on top of the scalar grid's."""
@@ -253,6 +256,12 @@ class GPTQ(Quantizer):
     rows_independent = True
     Config = GPTQOptions
     format = SCALAR_FORMAT
+
+    @classmethod
+    def builtin_text_options(cls) -> dict:
+        """On the built-in text (Python documentation) XᵀX's cross-correlations are those of another domain
+        than the user's: shrink them (docs/allocation.md, "GPTQ on a stand-in calibration text")."""
+        return {"shrink": BUILTIN_TEXT_SHRINK}
 
     def candidates(self) -> list[QuantSpec]:
         return self.config.candidates()
