@@ -178,7 +178,13 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
     rows, cache = [], {}
     for spec in specs:
         if args.shared_plan:
-            r = run_row(spec, args, cache)
+            from casp.errors import CaspError
+
+            try:
+                r = run_row(spec, args, cache)
+            except CaspError as e:   # e.g. a target below what dense Q/K can reach
+                print(f"| {spec['label']} | refused: {e} |", flush=True)
+                continue
         else:
             forwarded = _drop_values(sys.argv[1:], ("--rows", "--json"))
             out = subprocess.run([sys.executable, args.script, *forwarded, "--one-row", json.dumps(spec)],
