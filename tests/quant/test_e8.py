@@ -156,3 +156,14 @@ def test_rd_allocation_with_lowrank_factors(tiny_llama_dir, scene_text, tmp_path
         assert row["stored_bits"] == q.stored_bits(s, row["out_features"], row["in_features"])
     assert 10 in {row["in_features"] for row in rows}
     assert res.report["average_bits"] <= 3.0
+
+
+def test_e8_shrink_one_rounds_as_if_xtx_were_diagonal():
+    """--e8-shrink 1 keeps only XᵀX's diagonal for BlockLDLQ; 0 is the default; out of [0, 1] is refused."""
+    w, h = problem(16, 64, seed=3)
+    q = E8Quantizer(scale_multipliers=(1.0,), shrink=1.0)
+    ref = E8Quantizer(scale_multipliers=(1.0,))
+    assert torch.equal(q.quantize(w, h, E8Setting(2))[1], ref.quantize(w, torch.diag(h.diagonal()), E8Setting(2))[1])
+    assert not torch.equal(q.quantize(w, h, E8Setting(2))[1], ref.quantize(w, h, E8Setting(2))[1])
+    with pytest.raises(ValueError, match="e8-shrink"):
+        E8Quantizer(shrink=-0.1)

@@ -311,12 +311,12 @@ class E8PMatrix:
 
 def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, resid_scale: float = 1.0,
                     multipliers: tuple[float, ...] = (1.0,), damp: float = 0.01, act_order: bool = False,
-                    buffer: int = 128) -> E8PMatrix:
+                    buffer: int = 128, shrink: float = 0.0) -> E8PMatrix:
     """E8P / RVQ codes of W (out × in) by BlockLDLQ on H = XᵀX, with the best of a few scales.
 
     The first-stage scale is s1 = m·RMS(W)/rho for each multiplier m (W/s1 has RMS rho/m, rho being the
     codebook's operating RMS); later stages use s1/g_k (`stage_scales`). Each candidate is rounded with BlockLDLQ
-    (H damped by `damp`·mean diag) and the one with the lowest tr(ΔHΔᵀ) on the undamped H wins.
+    (H's off-diagonal scaled by 1 - `shrink`, then damped by `damp`·mean diag) and the one with the lowest tr(ΔHΔᵀ) on the undamped H wins.
     `act_order` visits the columns by decreasing H_jj (GPTQ's order; the caller stores `perm`).
     in_features that are not a multiple of 8 are padded with zero columns (dropped from Ŵ).
     """
@@ -332,7 +332,7 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, 
         w[:, dead] = 0.0
     perm = torch.argsort(h64.diagonal(), descending=True, stable=True) if act_order else None
     wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
-    wp, hp = pad_to_codes(wq, damp_hessian(hq, damp))
+    wp, hp = pad_to_codes(wq, damp_hessian(hq, damp, shrink))
     a, _ = feedback_matrix(hp, CODE_DIM)
     a = a.float()
     rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0

@@ -23,13 +23,18 @@ import torch
 BlockQuantizer = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]  # target -> (codes, values)
 
 
-def damp_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """float64 copy of H, symmetrised, with dead inputs (H_jj = 0) set to 1 and damp·mean(diag)·I added."""
+def damp_hessian(h: torch.Tensor, damp: float, shrink: float = 0.0) -> torch.Tensor:
+    """float64 copy of H, symmetrised, with dead inputs (H_jj = 0) set to 1, the off-diagonal scaled by
+    (1 - shrink) and damp·mean(diag)·I added."""
     h = h.detach().to(torch.float64)
     h = 0.5 * (h + h.T)
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
+    if shrink:
+        kept = h.diagonal().clone()
+        h = h * (1.0 - shrink)
+        h.diagonal().copy_(kept)
     return h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 

@@ -85,6 +85,9 @@ class E8Options:
     rvq6_scales: tuple[float, float, float] = field(default=(0.8, 3.85, 3.4), metadata={
         "flag": "--e8-rvq6-scales", "type": _floats,
         "help": "6-bit rho and the residual scales of stages 2 and 3 (default 0.8,3.85,3.4)"})
+    shrink: float = field(default=0.0, metadata={
+        "flag": "--e8-shrink", "type": float,
+        "help": "scale XᵀX's off-diagonal by (1 - this) before BlockLDLQ, in [0, 1] (default 0)"})
     act_order: bool = field(default=False, metadata={
         "flag": "--e8-act-order", "action": "store_true",
         "help": "visit columns by decreasing XᵀX diagonal (stores the permutation)"})
@@ -106,6 +109,8 @@ class E8Options:
             if len(v) != stage_count(bits) or min(v) <= 0:
                 raise ValueError(f"--e8-rvq{bits}-scales must be {stage_count(bits)} positive numbers (rho, then one "
                                  f"residual scale per later stage), got {v}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise ValueError(f"--e8-shrink must be in [0, 1], got {self.shrink}")
         if self.e8p_rho <= 0:
             raise ValueError(f"--e8-rho must be positive, got {self.e8p_rho}")
 
@@ -256,7 +261,7 @@ class E8Quantizer(Quantizer):
         c = self.config
         rho, resid = c.rho_and_resid(setting.bits)
         r = quantize_matrix(weight, xtx, setting.bits, rho=rho, resid_scale=resid, multipliers=c.scale_multipliers,
-                            damp=c.ldlq_damp, act_order=setting.act_order, buffer=c.buffer)
+                            damp=c.ldlq_damp, act_order=setting.act_order, buffer=c.buffer, shrink=c.shrink)
         tensors = {"scales": torch.tensor(r.scales, dtype=torch.float16, device=weight.device)}
         for k, (name, kind) in enumerate(zip(code_names(setting.bits), stage_kinds(setting.bits))):
             tensors[name] = _to_int16(r.codes[..., k]) if kind == "p" else r.codes[..., k].to(torch.uint8)
