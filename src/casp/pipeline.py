@@ -261,8 +261,9 @@ def plan_and_allocate(model, adapter, batches, held, config: CompressionConfig, 
                              num_layers=len(layers), transform=transform)
         if config.search_steps:
             summary["search"] = search(model, adapter, solution, database, held, steps=config.search_steps,
-                                       seed=config.seed, starts={**solution.alternatives, "uniform": uniform_choice(solution, quantizer, config.bits)},
-                                       progress=progress, device=config.device)
+                                       seed=config.seed, progress=progress, device=config.device,
+                                       starts={**solution.alternatives,
+                                               "uniform": uniform_choice(solution, quantizer, config.bits)})
         ranks, plan = decode(solution, units, quantizer, qk_tables or {}, len(layers))
         units = plan_units(layers, adapter, ranks, config.layers)
     elif quantizer is not None:

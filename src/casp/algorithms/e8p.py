@@ -230,7 +230,8 @@ def _encoder(kind: str):
     return e8p_encode if kind == "p" else e8_1bit_encode
 
 
-def _decoder(kind: str):
+def stage_decoder(kind: str):
+    """The decoder of a stage kind ("p": E8P, "r": the 256-point E8 table)."""
     return e8p_decode if kind == "p" else e8_1bit_decode
 
 
@@ -264,7 +265,7 @@ def rvq_decode(codes: torch.Tensor, bits: int, scales, dtype: torch.dtype = torc
     """Σ_k scales[k]·stage_k(codes[…, k]) as (…, 8); the stage decoders follow `rvq_encode`."""
     out = None
     for k, kind in enumerate(stage_kinds(bits)):
-        v = _decoder(kind)(codes[..., k], dtype) * scales[k]
+        v = stage_decoder(kind)(codes[..., k], dtype) * scales[k]
         out = v if out is None else out + v
     return out
 

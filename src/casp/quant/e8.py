@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, e8_1bit_decode, e8p_decode, quantize_matrix,
-                                 stage_count, stage_kinds)
+from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, quantize_matrix, stage_count, stage_decoder,
+                                 stage_kinds)
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
 
 FORMAT = "e8p"
@@ -170,8 +170,7 @@ def _slab_decoder(qw: QuantizedWeight):
     """decode(start, end) -> (end - start, 8·G) float32 rows of the stored (permuted, padded) matrix."""
     bits = qw.meta["bits"]
     scales = qw.tensors["scales"].float()
-    stages = [(qw.tensors[name], e8p_decode if kind == "p" else e8_1bit_decode)
-              for name, kind in zip(code_names(bits), stage_kinds(bits))]
+    stages = [(qw.tensors[name], stage_decoder(kind)) for name, kind in zip(code_names(bits), stage_kinds(bits))]
 
     def decode(start: int, end: int) -> torch.Tensor:
         w = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from casp.algorithms.ldlq import shrink_off_diagonal_
 from casp.quant.base import QuantizedWeight, Quantizer, register
 from casp.quant.scalar import (
     SCALAR_FORMAT,
@@ -91,9 +92,7 @@ def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: flo
     del src
     if bool(dead.any()):
         h[dead, dead] = 1.0
-    if shrink:
-        kept = h.diagonal().clone()
-        h.mul_(1.0 - shrink).diagonal().copy_(kept)
+    shrink_off_diagonal_(h, shrink)
     u, _ = inverse_hessian_cholesky(h, damp)
     return w, perm, u.to(torch.float32)
 
