@@ -15,6 +15,7 @@ from casp.embedded import EMBEDDED_MODEL_DIR
 from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
 from casp.io.modelio import load_model, load_processor
 from casp.pipeline import compress
+from casp.run import RunOptions
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         for label, kw in rows:
             t = time.time()
             cfg = CompressionConfig(bits=target, quantizer="gptq", qk_rank=0.25, seed=args.seed, **kw)
-            res = compress(None, None, cfg, progress=False, cache=cache)
+            res = compress(None, None, cfg, progress=False, options=RunOptions(cache=cache))
             secs = time.time() - t
             ev = evaluate_vlm(res.model, processor, reference=reference, vqa_records=vqa, kl_records=vqa[:200],
                               progress=False)

@@ -74,22 +74,24 @@ def main() -> None:
 
     from casp.config import CompressionConfig
     from casp.data.calibration import hold_out
-    from casp.pipeline import load_with_calibration
+    from casp.io.memory_writer import MemoryWriter
+    from casp.pipeline import start
+    from casp.recipe import resolve
     from casp.steps.allocation import solve
     from casp.steps.plan import plan_ranks_and_units
     from casp.steps.search import WeightSwapper, kl_to_reference, reference_logprobs
 
+    model_name = None if args.model == "embedded" else args.model
     cfg = CompressionConfig(bits=args.high, quantizer=args.quantizer, qk_rank="joint", transform=args.transform,
                             calib_samples=args.calib_samples, search_steps=1, search_samples=args.held_out,
-                            seed=args.seed).validate()
-    quantizer, transform = cfg.build_quantizer(), cfg.build_transform()
+                            granularity="matrix", seed=args.seed)
     t0 = time.time()
-    _, model, _, adapter, batches, _ = load_with_calibration(None if args.model == "embedded" else args.model, cfg)
+    run, batches = start(model_name, resolve(cfg, model_name), MemoryWriter(None, overwrite=False), None, True, None)
+    model, layers = run.model, run.layers
     batches, held = hold_out(batches, args.held_out)
-    layers = adapter.decoder_layers(model)
-    _, units, qk_tables, database = plan_ranks_and_units(model, adapter, batches, cfg, quantizer, transform, True)
-    allocation = solve(units, quantizer, bits=args.high, rule="rd", granularity="matrix", num_layers=len(layers),
-                       transform=transform, qk_tables=qk_tables)
+    measured = plan_ranks_and_units(run, batches)
+    allocation = solve(run, measured.units, measured.qk_tables, rule="rd")
+    database = measured.database
     print(f"measured {len(allocation.units)} units in {time.time() - t0:.0f} s", flush=True)
     reference = reference_logprobs(model, held)
     swapper = WeightSwapper(layers, database)

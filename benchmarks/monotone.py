@@ -39,6 +39,7 @@ def main() -> None:
     from casp.eval.text_ppl import text_perplexity
     from casp.io.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
     from casp.pipeline import compress
+    from casp.run import RunOptions
 
     path = resolve_model_path(args.model)
     processor = load_processor(path)
@@ -53,7 +54,7 @@ def main() -> None:
     for target in [float(t) for t in args.targets.split(",")]:
         cfg = CompressionConfig(bits=target, quantizer=args.quantizer, calib_samples=args.calib_samples, seed=args.seed)
         t0 = time.time()
-        result = compress(load_model(path), None, cfg, processor=processor, progress=False, cache=cache)
+        result = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))
         seconds = time.time() - t0
         ppl = text_perplexity(result.model, tok, text, context_length=args.ctx, progress=False)["text_ppl"]
         kl = text_kl(reference, result.model, tok, text, args.ctx, args.kl_windows)

@@ -87,6 +87,7 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
     from casp.io.modelio import load_model, load_processor, resolve_model_path, tokenizer_of
     from casp.models.engine import peak_rss_mb
     from casp.pipeline import compress
+    from casp.run import RunOptions
 
     path = resolve_model_path(None if args.model == "embedded" else args.model)
     processor = load_processor(path)
@@ -99,7 +100,7 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
-        res = compress(load_model(path), None, cfg, processor=processor, progress=False, cache=cache)
+        res = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))
         model, report = res.model, res.report
     seconds = time.time() - t0
     row = {"method": spec["label"], "average_bits": report["average_bits"] if report else 16.0,

@@ -57,12 +57,12 @@ def test_layer_granularity_gives_one_setting_per_layer(tiny_llama_dir, scene_tex
 
 def test_infeasible_target_refused_before_calibration(tiny_llama_dir, scene_text, monkeypatch):
     """The shapes alone decide feasibility: no calibration batch is built for an impossible target."""
-    import casp.pipeline as pipeline
+    import casp.steps.load as load_step
 
     def no_calibration(*a, **k):
         raise AssertionError("calibration ran before the budget check")
 
-    monkeypatch.setattr(pipeline, "build_calibration", no_calibration)
+    monkeypatch.setattr(load_step, "build_calibration", no_calibration)
     for qk_rank in (0.25, "joint"):
         with pytest.raises(CaspError, match=r"minimum feasible average \d\.\d{3}"):
             compress(tiny_llama_dir, None, _cfg(scene_text, bits=0.5, qk_rank=qk_rank), progress=False)
@@ -85,9 +85,11 @@ def test_in_memory_model_compresses_like_its_directory(tiny_llama_dir, scene_tex
 
 def test_feasibility_counts_per_layer_units(tiny_llama_dir, scene_text, monkeypatch):
     """Per-layer allocation makes a layer's matrices share a setting: the check uses the allocator's units."""
-    import casp.pipeline as pipeline
+    import casp.steps.load as load_step
+    from casp.codec import Codec
     from casp.io.modelio import load_model
     from casp.models.adapters import adapter_for
+    from casp.recipe import resolve
     from casp.steps.allocation import _problem
     from casp.steps.ranks import choose_ranks
     from casp.steps.units import plan_units
@@ -96,13 +98,13 @@ def test_feasibility_counts_per_layer_units(tiny_llama_dir, scene_text, monkeypa
     model = load_model(tiny_llama_dir)
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
-    q = cfg.build_quantizer()
+    q = Codec.of(resolve(cfg, tiny_llama_dir))
     units = plan_units(layers, adapter, choose_ranks(layers, adapter, 0.25, {}))
     for u in units:
         u.distortion = {s.label(): 0.0 for s in q.candidates()}
-    a_units, _ = _problem(units, q, "layer", "rd", None)
+    a_units, _ = _problem(units, q, "layer", "rd")
     floor = sum(min(u.cost_bits.values()) for u in a_units) / sum(u.num_weights for u in units)
-    monkeypatch.setattr(pipeline, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(load_step, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(CaspError, match="minimum feasible"):
         compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=0.25, bits=floor - 1e-4), progress=False)
 
@@ -124,19 +126,24 @@ def test_a_built_in_models_source_grid_is_left_out_and_reported(tiny_llama_dir, 
 
 
 def test_gptq_on_the_built_in_text_shrinks_the_hessian_unless_told(tiny_llama_dir, scene_text, tmp_path):
-    """casp's own calibration text stands in for the user's data: GPTQ then trusts XᵀX's cross-terms less
-    (--hessian-shrink 0.5), and says so; the user's own text, or their own flag, keeps their setting."""
+    """casp's own calibration text stands in for the user's data: the recipe names the stand-in-text preset
+    (GPTQ then trusts XᵀX's cross-terms less, --hessian-shrink 0.5) and why; the user's own text, their own
+    flag, or --preset none keeps their setting."""
     from casp.data.calibration import uses_builtin_text
     from casp.embedded import EMBEDDED_MODEL_DIR
     from casp.quant.gptq import BUILTIN_TEXT_SHRINK
 
     base = dict(bits=3.0, allocation="uniform", qk_rank=0, calib_samples=2, calib_seq_len=32)
     stand_in = compress(tiny_llama_dir, None, CompressionConfig(**base), progress=False)
-    assert stand_in.report["builtin_text_defaults"] == {"shrink": BUILTIN_TEXT_SHRINK}
+    assert stand_in.recipe.preset == "stand-in-text" and "built-in text" in stand_in.recipe.reasons["preset"]
+    assert stand_in.recipe.quantizer_options["shrink"] == BUILTIN_TEXT_SHRINK
+    assert stand_in.recipe.reasons["quantizer_options.shrink"] == "preset stand-in-text"
     told = compress(tiny_llama_dir, None, CompressionConfig(**base, quantizer_options={"shrink": 0.0}), progress=False)
-    assert "builtin_text_defaults" not in told.report
+    assert told.recipe.quantizer_options["shrink"] == 0.0 and "quantizer_options.shrink" not in told.recipe.reasons
+    off = compress(tiny_llama_dir, None, CompressionConfig(**base, preset="none"), progress=False)
+    assert off.recipe.quantizer_options["shrink"] == 0.0
     own = compress(tiny_llama_dir, None, _cfg(scene_text, **{**base, "calib_samples": 2}), progress=False)
-    assert "builtin_text_defaults" not in own.report
+    assert own.recipe.preset == "none" and own.recipe.quantizer_options["shrink"] == 0.0
     ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.equal(stand_in.model(ids).logits, told.model(ids).logits)

@@ -1,6 +1,7 @@
 """casp: compress multimodal models (and LLMs) to ~2 bits with CASP.
 
-Public API: `compress`, `load`, `CompressionConfig`. Importing casp also registers the
+Public API: `compress`, `load`, `CompressionConfig`, `resolve` / `Recipe` (the fully resolved run),
+`RunOptions`. Importing casp also registers the
 "casp" quantization method with transformers, so `from_pretrained(OUT)` works.
 """
 from __future__ import annotations
@@ -9,10 +10,13 @@ __version__ = "0.1.0"
 
 from casp.config import CompressionConfig  # noqa: E402
 from casp.errors import CaspError  # noqa: E402
+from casp.recipe import Recipe, resolve  # noqa: E402
+from casp.run import RunOptions  # noqa: E402
 
 
-def compress(model=None, out=None, config: CompressionConfig | None = None, **kwargs):
-    """Compress `model` (a local HF directory, a built-in name, or None for the embedded model)."""
+def compress(model=None, out=None, config=None, **kwargs):
+    """Compress `model` (a local HF directory, a built-in name, or None for the embedded model); `config` is a
+    `CompressionConfig` or a `Recipe`. See `casp.pipeline.compress`."""
     from casp.pipeline import compress as _compress
 
     return _compress(model, out, config, **kwargs)
@@ -40,4 +44,4 @@ from casp.quant import rtn as _rtn, gptq as _gptq  # noqa: E402,F401  (register 
 
 _register()
 
-__all__ = ["compress", "load", "CompressionConfig", "CaspError", "__version__"]
+__all__ = ["compress", "load", "CompressionConfig", "Recipe", "resolve", "RunOptions", "CaspError", "__version__"]

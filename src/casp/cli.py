@@ -6,40 +6,87 @@ one line on stderr and exit status 2, never a traceback (`--debug` shows it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
+from casp.config import parse_ints, parse_qk_rank
 from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 
 
-def _ratio_or_auto(text: str):
-    if text in ("auto", "joint"):
-        return text
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1], 'auto' or 'joint', got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1], got {v}")
-    return v
+def _parsed_by(parse):
+    """An argparse type from one of `casp.config`'s parsers (their ValueError becomes argparse's error)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
-def _layer_ratio(text: str):
-    try:
-        layer, ratio = text.split("=")
-        return int(layer), float(ratio)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LAYER=RATIO, got {text!r}") from None
+class _Renamed(argparse.Action):
+    """A flag that also answers to an older name, with a one-line deprecation note when the old name is used."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(f"casp: warning: {option_string} is deprecated and will be removed; use {self.option_strings[0]}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
-def _int_list(text: str):
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _flag_kwargs(meta: dict, default) -> dict:
+    """argparse keyword arguments of a flag described by field metadata (no default: unset flags are absent)."""
+    kw = {"default": argparse.SUPPRESS}
+    if "action" in meta:
+        kw["action"] = meta["action"]
+    elif isinstance(default, bool):
+        kw["action"] = "store_true"
+    else:
+        parse = meta.get("type", str)
+        kw["type"] = _parsed_by(parse_ints if parse == "ints" else parse)
+    for key in ("choices", "metavar"):
+        if key in meta:
+            kw[key] = meta[key]
+    return kw
+
+
+def config_default(name: str):
+    """The default of a `CompressionConfig` field (commands other than compress share some of them)."""
+    from casp.config import CompressionConfig
+
+    return CompressionConfig.__dataclass_fields__[name].default
+
+
+def _config_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """A flag per flagged `CompressionConfig` field (those in `names`, all by default), parsed into its field."""
+    from casp.config import flagged_fields
+
+    for f in flagged_fields():
+        if names is not None and f.name not in names:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if isinstance(default, bool) or default in (None, {}) else f" (default {_shown(default)})"
+        p.add_argument(f.metadata["flag"], dest=f.name, help=f.metadata["help"] + shown,
+                       **_flag_kwargs(f.metadata, default))
+
+
+def _shown(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _given_config(args) -> dict:
+    """The config fields given on the command line (appended pairs become a dict)."""
+    from casp.config import CompressionConfig
+
+    names = {f.name for f in dataclasses.fields(CompressionConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "qk_rank_overrides" in given:
+        given["qk_rank_overrides"] = dict(given["qk_rank_overrides"])
+    return given
 
 
 _OPTION = "option_"
@@ -51,34 +98,42 @@ def _flag_dest(flag: str) -> str:
 
 def _option_fields(name: str):
     """(field, flag) of every option of quantizer `name` that has a CLI flag."""
-    import dataclasses
-
     from casp.quant.base import get_quantizer_class
 
     return [(f, f.metadata["flag"]) for f in dataclasses.fields(get_quantizer_class(name).Config) if "flag" in f.metadata]
 
 
-def _quantizer_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per option flag that a registered quantizer declares (field metadata "flag")."""
+def _chosen_quantizer(argv: list[str] | None) -> str | None:
+    """The `--quantizer` on the command line, so that help shows that quantizer's own defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):
+        if a == "--quantizer" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--quantizer="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _quantizer_flags(p: argparse.ArgumentParser, chosen: str | None) -> None:
+    """One flag per option flag that a registered quantizer declares (field metadata "flag"); a shared idea
+    has one name across quantizers, each with its own default, and the older names as deprecated aliases."""
     from casp.quant.base import available_quantizers
 
-    owners: dict[str, list[str]] = {}
-    fields = {}
+    owners: dict[str, list[tuple[str, object]]] = {}
+    fields, aliases = {}, {}
     for name in available_quantizers():
         for f, flag in _option_fields(name):
-            owners.setdefault(flag, []).append(name)
+            owners.setdefault(flag, []).append((name, f.default))
             fields.setdefault(flag, f)
+            aliases.setdefault(flag, []).extend(a for a in f.metadata.get("aliases", ()) if a not in aliases[flag])
     for flag, f in fields.items():
-        meta = f.metadata
-        kw = {"dest": _flag_dest(flag), "default": argparse.SUPPRESS,
-              "help": f"{meta.get('help', '')} [{', '.join(owners[flag])}]"}
-        if "action" in meta:
-            kw["action"] = meta["action"]
-        elif isinstance(f.default, bool):
-            kw["action"] = "store_true"
-        else:
-            kw["type"] = _int_list if meta.get("type") == "ints" else meta.get("type", str)
-        p.add_argument(flag, **kw)
+        shown = [(q, d) for q, d in owners[flag] if chosen in (None, q)] or owners[flag]
+        defaults = "; ".join(f"{q}: default {_shown(d)}" if not isinstance(d, bool) else q for q, d in shown)
+        kw = {"dest": _flag_dest(flag), **_flag_kwargs(f.metadata, f.default),
+              "help": f"{f.metadata.get('help', '').split(' (default')[0]} [{defaults}]"}
+        if aliases[flag]:
+            kw["action"] = _Renamed
+        p.add_argument(flag, *aliases[flag], **kw)
 
 
 def _quantizer_options(args) -> dict:
@@ -88,17 +143,18 @@ def _quantizer_options(args) -> dict:
         return {}
     from casp.quant.base import available_quantizers
 
-    if args.quantizer not in available_quantizers():
-        if args.quantizer == "none":
+    quantizer = getattr(args, "quantizer", config_default("quantizer"))
+    if quantizer not in available_quantizers():
+        if quantizer == "none":
             raise CaspError(f"{_flags(given)} need a quantizer, not 'none'")
         return {}
     options = {}
-    for f, flag in _option_fields(args.quantizer):
+    for f, flag in _option_fields(quantizer):
         if _flag_dest(flag) in given:
             options[f.name] = getattr(args, _flag_dest(flag))
             given.discard(_flag_dest(flag))
     if given:
-        raise CaspError(f"{_flags(given)} does not apply to --quantizer {args.quantizer}")
+        raise CaspError(f"{_flags(given)} does not apply to --quantizer {quantizer}")
     return options
 
 
@@ -106,19 +162,15 @@ def _flags(dests) -> str:
     return ", ".join(sorted("--" + d[len(_OPTION):].replace("_", "-") for d in dests))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, everything else)")
+def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    if seed:
+        _config_flags(p, ("seed",))
     p.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration samples (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per text calibration sample (default 512)")
-    p.add_argument("--calib-jsonl", help='JSONL of {"image","text"} or {"image","question","answer"} records')
-    p.add_argument("--calib-text", help="plain text file for text-only calibration")
-    p.add_argument("--density-mass", type=float, default=0.9, help="attention mass that defines density (default 0.9)")
+CALIBRATION = ("calib_samples", "calib_seq_len", "calib_jsonl", "calib_text", "density_mass")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,48 +180,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="casp", description="CASP compression of multimodal models and LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="compress a model (default: the embedded model)")
     c.add_argument("model", nargs="?", help="local HF model directory or built-in name (default: embedded model)")
     c.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
-    c.add_argument("--bits", type=float, default=2.0, help="target average bits per original weight (default 2.0)")
-    c.add_argument("--quantizer", default="gptq", help="a registered quantizer (gptq, rtn, ...) or none (default gptq)")
-    c.add_argument("--transform", default=None, help="a registered weight transform applied before quantizing")
+    c.add_argument("--recipe", help="run the recipe.json of an earlier run (flags given beside it override it)")
+    _config_flags(c)
     c.add_argument("--incoherence", action="store_const", const="incoherence", dest="transform",
+                   default=argparse.SUPPRESS,
                    help="randomized Hadamard incoherence processing on both sides of W (= --transform incoherence)")
-    c.add_argument("--qk-rank", type=_ratio_or_auto, default=None,
-                   help="'joint' (default with rd allocation): W_q/W_k rank (dense, 1/2, 1/4, 1/8) chosen with the bits "
-                        "under one budget; a ratio fixes the fraction of W_q/W_k parameters kept (0 disables; default "
-                        "0.25 with --allocation paper or --quantizer none, 0 with uniform); 'auto' spreads a 0.25 budget")
-    c.add_argument("--qk-rank-layer", type=_layer_ratio, action="append", default=[], metavar="LAYER=RATIO",
-                   help="per-layer override of --qk-rank: a ratio <= 1 or an integer rank > 1 (repeatable)")
-    c.add_argument("--allocation", default="rd", choices=["rd", "paper", "uniform"],
-                   help="bit allocation: rate-distortion (default), the paper's rule, or uniform int(--bits)")
-    c.add_argument("--granularity", default="layer", choices=["matrix", "layer"],
-                   help="rd allocation unit: each decoder layer (default; measured better on the embedded model) or each matrix")
-    _quantizer_flags(c)
-    c.add_argument("--search-steps", type=int, default=0,
-                   help="KL-guided search steps over the allocation, on held-out calibration samples (default 0: off)")
-    c.add_argument("--search-samples", type=int, default=8, help="calibration samples held out for the search (default 8)")
-    c.add_argument("--layers", type=_int_list, default=None,
-                   help="compress only these decoder layers (comma-separated indices; default all)")
-    c.add_argument("--device", default="cpu",
-                   help="device for the heavy work (XᵀX, quantizers, measurements, sensitivity, search), one decoder "
-                        "layer at a time; the model stays on the CPU (default cpu)")
+    _quantizer_flags(c, _chosen_quantizer(argv))
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    c.add_argument("--stream", action="store_true",
-                   help="read the model one decoder layer at a time from its safetensors and write each compressed "
-                        "layer as it finishes (for models bigger than memory; implied by --resume / --max-memory)")
-    c.add_argument("--max-memory", type=float, default=None, metavar="GB",
-                   help="with --stream: GB of caught activations kept in memory (fp16) before spilling to disk")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted --stream run from OUT.partial (same options; same bytes as an "
                         "uninterrupted run)")
-    _calib(c)
-    _common(c)
+    _common(c, seed=False)
 
     e = sub.add_parser("eval", help="evaluate a model (dense or compressed)")
     e.add_argument("model", nargs="?", help="model directory or built-in name (default: embedded model)")
@@ -178,15 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", help="text file for token perplexity")
     e.add_argument("--context-length", type=int, default=2048, help="perplexity window (default 2048 or model max)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    e.add_argument("--device", default="cpu",
+    e.add_argument("--device", default=config_default("device"),
                    help="run each decoder layer on this device in turn; the model stays on the CPU (default cpu)")
     _common(e)
 
     s = sub.add_parser("sparsity", help="attention density per layer and head")
     s.add_argument("model", nargs="?", help="model directory or built-in name (default: embedded model)")
-    s.add_argument("--qk-rank", type=_ratio_or_auto, default=0.25,
-                   help="also measure the attention-map error of low-rank Q/K at this ratio and our bound (0: skip)")
-    _calib(s)
+    s.add_argument("--qk-rank", type=_parsed_by(parse_qk_rank), default=0.25,
+                   help="also measure the attention-map error of low-rank Q/K at this ratio and our bound (0: skip; "
+                        "default 0.25)")
+    _config_flags(s, CALIBRATION)
     _common(s)
 
     d = sub.add_parser("demo", help="the main job end to end on the embedded model")
@@ -217,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seed(args) -> int:
+    return getattr(args, "seed", config_default("seed"))
+
+
 def _emit(args, payload: dict, text: str) -> None:
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True, default=str))
@@ -224,34 +257,41 @@ def _emit(args, payload: dict, text: str) -> None:
         print(text)
 
 
-def cmd_compress(args) -> None:
+def compression_request(args):
+    """A `CompressionConfig` from the flags, or the `Recipe` of `--recipe` (re-resolved only when flags beside it
+    change it)."""
     from casp.config import CompressionConfig
-    from casp.pipeline import compress
+    from casp.recipe import Recipe
 
-    cfg = CompressionConfig(
-        bits=args.bits, quantizer=args.quantizer, qk_rank=args.qk_rank, qk_rank_overrides=dict(args.qk_rank_layer),
-        quantizer_options=_quantizer_options(args), transform=args.transform,
-        allocation=args.allocation, granularity=args.granularity,
-        search_steps=args.search_steps, search_samples=args.search_samples,
-        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, calib_jsonl=args.calib_jsonl,
-        calib_text=args.calib_text, density_mass=args.density_mass, seed=args.seed, device=args.device,
-        layers=args.layers, stream=args.stream, max_memory=args.max_memory, resume=args.resume,
-    )
-    result = compress(args.model, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
-    r = result.report
+    given, options = _given_config(args), _quantizer_options(args)
+    if not args.recipe:
+        return CompressionConfig(**given, quantizer_options=options)
+    recipe = Recipe.load(args.recipe)
+    if not given and not options:
+        return recipe
+    base = recipe.to_config()
+    kept = {} if "quantizer" in given else base.quantizer_options
+    return dataclasses.replace(base, **given, quantizer_options={**kept, **options})
+
+
+def cmd_compress(args) -> None:
+    from casp.pipeline import compress
+    from casp.run import RunOptions
+
+    result = compress(args.model, args.out, compression_request(args), progress=not args.quiet,
+                      options=RunOptions(overwrite=args.overwrite, resume=args.resume))
+    r, recipe = result.report, result.recipe
     summary = {k: r[k] for k in ("average_bits", "stored_bytes", "original_weights", "seconds", "peak_rss_mb")}
-    summary["out"] = str(result.out)
-    summary["target_bits"] = cfg.bits
-    excluded = r.get("excluded_candidates")
-    if excluded:
-        summary["excluded_candidates"] = excluded["settings"]
-    note = f"; left out {', '.join(excluded['settings'])} ({excluded['why']})" if excluded else ""
-    stand_in = r.get("builtin_text_defaults")
-    if stand_in:
-        summary["builtin_text_defaults"] = stand_in
-        note += ("; calibrated on casp's built-in text, so " + ", ".join(f"{k}={v}" for k, v in stand_in.items())
-                 + " (give --calib-text with your own data, or the option itself, to change it)")
-    _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight (target {cfg.bits}), "
+    summary.update(out=str(result.out), target_bits=recipe.bits, preset=recipe.preset,
+                   recipe=str(result.out / "recipe.json"))
+    note = ""
+    if recipe.excluded_candidates:
+        summary["excluded_candidates"] = list(recipe.excluded_candidates)
+        note = f"; left out {', '.join(recipe.excluded_candidates)} ({recipe.reasons['excluded_candidates']})"
+    if recipe.preset != "none" and "preset" in recipe.reasons:
+        note += (f"; calibrated on casp's built-in text, so preset {recipe.preset} (give --calib-text with your own "
+                 "data, or --preset none, to change it)")
+    _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight (target {recipe.bits}), "
           f"{r['stored_bytes'] / 2**20:.3f} MiB stored, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB{note}")
 
 
@@ -280,10 +320,8 @@ def cmd_sparsity(args) -> None:
     from casp.config import CompressionConfig
     from casp.analysis.sparsity import measure_sparsity
 
-    cfg = CompressionConfig(qk_rank=args.qk_rank, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                            calib_jsonl=args.calib_jsonl, calib_text=args.calib_text, density_mass=args.density_mass,
-                            seed=args.seed)
-    res = measure_sparsity(args.model, cfg, progress=not args.quiet)
+    res = measure_sparsity(args.model, CompressionConfig(**_given_config(args)),
+                           progress=not args.quiet)
     lines = [f"attention density ({res['definition']})", "",
              "layer  mean    per head" + ("                         rank  map-MSE   row-L1   bound-L1" if res["qk_rank"] else "")]
     for lr in res["layers"]:
@@ -299,7 +337,7 @@ def cmd_sparsity(args) -> None:
 def cmd_demo(args) -> None:
     from casp.demo import run_demo
 
-    res = run_demo(args.out, seed=args.seed, progress=not args.quiet)
+    res = run_demo(args.out, seed=_seed(args), progress=not args.quiet)
     _emit(args, res, res["table"])
 
 
@@ -327,7 +365,7 @@ def cmd_generate(args) -> None:
     from casp.generate import run_generate
 
     res = run_generate(args.model, args.prompt, image=args.image, max_new_tokens=args.max_new_tokens,
-                       repeats=args.repeats, seed=args.seed, threads=args.threads)
+                       repeats=args.repeats, seed=_seed(args), threads=args.threads)
     speed = (f"decode: {res['tokens_per_s']:.1f} tokens/s, dense {res['dense_tokens_per_s']:.1f} tokens/s "
              f"({res['new_tokens']} new tokens, median of {res['repeats']}, {res['threads']} thread(s); "
              f"prefill {res['prefill_s'] * 1e3:.0f} ms, dense {res['dense_prefill_s'] * 1e3:.0f} ms; "
@@ -340,7 +378,7 @@ COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "sparsity": cmd_sparsity
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "matplotlib", "PIL"):

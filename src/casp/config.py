@@ -1,118 +1,150 @@
-"""CompressionConfig: everything one compression run needs to know, as plain data."""
+"""CompressionConfig: what the user asked for, as plain data; `casp.recipe.resolve` settles the rest.
+
+Every field that has a CLI flag declares it in its metadata (flag, help, and how to parse it); the
+`casp compress` flags are generated from here, so each default and each check is written once.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from casp.errors import CaspError
+
+QK_RANK_WORDS = ("auto", "joint")
+ALLOCATIONS = ("rd", "paper", "uniform")
+GRANULARITIES = ("matrix", "layer")
+
+
+def parse_qk_rank(text: str) -> float | str:
+    """A `--qk-rank` value: 'auto', 'joint' or a number (its range is checked by `check`)."""
+    if text in QK_RANK_WORDS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a ratio in [0, 1], 'auto' or 'joint', got {text!r}") from None
+
+
+def parse_layer_ratio(text: str) -> tuple[int, float]:
+    """A `--qk-rank-layer` value LAYER=RATIO."""
+    try:
+        layer, ratio = text.split("=")
+        return int(layer), float(ratio)
+    except ValueError:
+        raise ValueError(f"expected LAYER=RATIO, got {text!r}") from None
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated integers."""
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers."""
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def option(default, flag: str | None, help: str, **how):
+    """A config field; `flag` (None: Python only) and `how` (type, action, choices, ...) make its CLI flag."""
+    meta = {"help": help, **how} if flag is None else {"flag": flag, "help": help, **how}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=type(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class CompressionConfig:
-    """Options of `casp.compress`; every field has a CLI flag of the same name."""
+    """Options of `casp.compress`; the fields with a flag are the `casp compress` flags."""
 
-    bits: float = 2.0
-    quantizer: str = "gptq"
-    quantizer_options: dict = field(default_factory=dict)   # the quantizer's own Config fields
-    transform: str | None = None                            # a registered weight transform, or None
-    transform_options: dict = field(default_factory=dict)
-    qk_rank: float | str | None = None   # None: "joint" for rd allocation, 0.25 for paper / none, else 0
-    qk_rank_overrides: dict[int, float] = field(default_factory=dict)
-    qk_rank_ladder: tuple[float, ...] = (0.5, 0.25, 0.125)   # ratios offered to --qk-rank joint
-    search_steps: int = 0        # KL-guided search over the allocation (0: off)
-    search_samples: int = 8      # held-out calibration samples the search measures KL on
-    allocation: str = "rd"
-    granularity: str = "layer"
-    calib_samples: int = 128
-    calib_seq_len: int = 512
-    calib_jsonl: str | None = None
-    calib_text: str | None = None
-    density_mass: float = 0.9
-    seed: int = 0
-    device: str = "cpu"
-    layers: tuple[int, ...] | None = None
-    stream: bool = False         # read the model one decoder layer at a time; write layers as they finish
-    max_memory: float | None = None   # GB of caught activations held in memory before spilling to disk
-    resume: bool = False         # continue the interrupted streamed run in OUT.partial
+    bits: float = option(2.0, "--bits", "target average bits per original weight", type=float)
+    quantizer: str = option("gptq", "--quantizer", "a registered quantizer (gptq, rtn, e8, aqlm, ...) or none")
+    quantizer_options: dict = option({}, None, "the quantizer's own options (their flags come from the quantizer)")
+    transform: str | None = option(None, "--transform", "a registered weight transform applied before quantizing")
+    transform_options: dict = option({}, None, "the transform's own options")
+    qk_rank: float | str | None = option(
+        None, "--qk-rank", "'joint': W_q/W_k rank (dense, 1/2, 1/4, 1/8) chosen with the bits under one budget; a "
+        "ratio fixes the fraction of W_q/W_k parameters kept (0 disables); 'auto' spreads a 0.25 budget by spectra. "
+        "Unset: joint with rd allocation, 0.25 with --allocation paper or --quantizer none, else 0", type=parse_qk_rank)
+    qk_rank_overrides: dict = option({}, "--qk-rank-layer", "per-layer override of --qk-rank: a ratio <= 1 or an "
+                                     "integer rank > 1 (repeatable)", type=parse_layer_ratio, action="append",
+                                     metavar="LAYER=RATIO")
+    qk_rank_ladder: tuple[float, ...] = option((0.5, 0.25, 0.125), "--qk-rank-ladder",
+                                               "ratios offered to --qk-rank joint", type=parse_floats)
+    search_steps: int = option(0, "--search-steps", "KL-guided search steps over the allocation, on held-out "
+                               "calibration samples (0: off)", type=int)
+    search_samples: int = option(8, "--search-samples", "calibration samples held out for the search", type=int)
+    allocation: str = option("rd", "--allocation", "bit allocation: rate-distortion, the paper's rule, or uniform "
+                             "int(--bits)", choices=ALLOCATIONS)
+    granularity: str = option("layer", "--granularity", "rd allocation unit: each decoder layer or each matrix",
+                              choices=GRANULARITIES)
+    calib_samples: int = option(128, "--calib-samples", "number of calibration samples", type=int)
+    calib_seq_len: int = option(512, "--calib-seq-len", "tokens per text calibration sample", type=int)
+    calib_jsonl: str | None = option(None, "--calib-jsonl", 'JSONL of {"image","text"} or '
+                                     '{"image","question","answer"} records')
+    calib_text: str | None = option(None, "--calib-text", "plain text file for text-only calibration")
+    preset: str | None = option(None, "--preset", "defaults for a calibration source: 'stand-in-text' (GPTQ shrinks "
+                                "XᵀX's off-diagonal by half), 'none'; unset: stand-in-text when calibrating on casp's "
+                                "built-in text, else none")
+    density_mass: float = option(0.9, "--density-mass", "attention mass that defines density", type=float)
+    seed: int = option(0, "--seed", "random seed (calibration sampling, everything else)", type=int)
+    device: str = option("cpu", "--device", "device for the heavy work (XᵀX, quantizers, measurements, sensitivity, "
+                         "search), one decoder layer at a time; the model stays on the CPU")
+    layers: tuple[int, ...] | None = option(None, "--layers", "compress only these decoder layers (comma-separated "
+                                            "indices; unset: all)", type=parse_ints)
+    stream: bool = option(False, "--stream", "read the model one decoder layer at a time from its safetensors and "
+                          "write each layer as it finishes (implied by --resume / --max-memory)", action="store_true")
+    max_memory: float | None = option(None, "--max-memory", "with --stream: GB of caught activations kept in memory "
+                                      "(fp16) before spilling to disk", type=float, metavar="GB")
 
-    def validate(self) -> "CompressionConfig":
-        if self.qk_rank is None:
-            if self.allocation == "rd" and self.quantizer != "none":
-                self.qk_rank = "joint"
-            else:
-                self.qk_rank = 0.25 if self.allocation == "paper" or self.quantizer == "none" else 0.0
+    def check(self) -> None:
+        """Refuse nonsensical options (one line each); never changes the config."""
         if not (0 < self.bits <= 16):
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
-        if isinstance(self.qk_rank, str):
-            if self.qk_rank not in ("auto", "joint"):
-                raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {self.qk_rank!r}")
-            if self.qk_rank == "joint" and (self.allocation != "rd" or self.quantizer == "none"):
-                raise CaspError("--qk-rank joint (the default) chooses ranks with the bit allocation: it needs "
-                                "--allocation rd and a quantizer; give --qk-rank RATIO (0 disables) otherwise")
-            if self.qk_rank == "joint" and self.qk_rank_overrides:
-                raise CaspError("--qk-rank-layer fixes ranks; it cannot be combined with --qk-rank joint")
-        elif not (0.0 <= float(self.qk_rank) <= 1.0):
-            raise CaspError(f"--qk-rank must be in [0, 1], got {self.qk_rank}")
-        for layer, r in self.qk_rank_overrides.items():
-            if r < 0 or (r > 1 and r != int(r)):
-                raise CaspError(f"rank override for layer {layer} must be a ratio in [0, 1] or an integer rank, got {r}")
+        r = self.qk_rank
+        if isinstance(r, str) and r not in QK_RANK_WORDS:
+            raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {r!r}")
+        if r is not None and not isinstance(r, str) and not (0.0 <= float(r) <= 1.0):
+            raise CaspError(f"--qk-rank must be in [0, 1], got {r}")
+        if r == "joint" and (self.allocation != "rd" or self.quantizer == "none"):
+            raise CaspError("--qk-rank joint (the default) chooses ranks with the bit allocation: it needs "
+                            "--allocation rd and a quantizer; give --qk-rank RATIO (0 disables) otherwise")
+        if r == "joint" and self.qk_rank_overrides:
+            raise CaspError("--qk-rank-layer fixes ranks; it cannot be combined with --qk-rank joint")
+        for layer, v in self.qk_rank_overrides.items():
+            if v < 0 or (v > 1 and v != int(v)):
+                raise CaspError(f"rank override for layer {layer} must be a ratio in [0, 1] or an integer rank, got {v}")
+        if any(not (0 < v < 1) for v in self.qk_rank_ladder):
+            raise CaspError(f"--qk-rank-ladder ratios must be in (0, 1), got {self.qk_rank_ladder}")
         if self.search_steps < 0 or self.search_samples < 1:
             raise CaspError("--search-steps must be >= 0 and --search-samples >= 1")
-        if self.search_steps and (self.allocation != "rd" or self.quantizer == "none"
-                                  or self.qk_rank not in (0, 0.0, "joint") or self.qk_rank_overrides):
-            raise CaspError("--search-steps searches the rd allocation of whole matrices: it needs --allocation rd, "
-                            "a quantizer, and --qk-rank 0 or joint")
         if self.max_memory is not None and self.max_memory <= 0:
             raise CaspError(f"--max-memory must be a positive number of GB, got {self.max_memory}")
-        if self.resume or self.max_memory is not None:
-            self.stream = True
-        if self.stream and self.search_steps:
-            raise CaspError("--search-steps measures KL on the whole model in memory; it cannot run with --stream")
-        if self.allocation not in ("rd", "paper", "uniform"):
+        if self.allocation not in ALLOCATIONS:
             raise CaspError(f"--allocation must be rd, paper or uniform, got {self.allocation!r}")
-        if self.granularity not in ("matrix", "layer"):
+        if self.granularity not in GRANULARITIES:
             raise CaspError(f"--granularity must be matrix or layer, got {self.granularity!r}")
+        if self.preset not in (None, "none", "stand-in-text"):
+            raise CaspError(f"--preset must be stand-in-text or none, got {self.preset!r}")
         if self.calib_samples < 1:
             raise CaspError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib_seq_len < 2:
             raise CaspError(f"--calib-seq-len must be >= 2, got {self.calib_seq_len}")
+        if self.calib_jsonl and self.calib_text:
+            raise CaspError("give either --calib-jsonl or --calib-text, not both")
         if not (0.0 < self.density_mass <= 1.0):
             raise CaspError(f"--density-mass must be in (0, 1], got {self.density_mass}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise CaspError(f"--layers must list decoder layer indices >= 0, got {self.layers}")
-        self.build_quantizer()
-        self.build_transform()
+
+    def validate(self) -> "CompressionConfig":
+        """`check`, for callers of the earlier API; returns the config unchanged."""
+        self.check()
         return self
-
-    def build_quantizer(self):
-        """The quantizer with its own options, or None for `quantizer="none"` (fp16 storage)."""
-        if self.quantizer == "none":
-            if self.quantizer_options:
-                raise CaspError(f"quantizer options {sorted(self.quantizer_options)} need a quantizer, not 'none'")
-            return None
-        from casp.quant.base import available_quantizers, get_quantizer_class
-
-        try:
-            cls = get_quantizer_class(self.quantizer)
-        except KeyError:
-            raise CaspError(f"unknown --quantizer {self.quantizer!r}; choose from none, "
-                            f"{', '.join(available_quantizers())}") from None
-        try:
-            return cls.from_options({**cls.target_options(self.bits), **self.quantizer_options})
-        except (TypeError, ValueError) as e:
-            raise CaspError(str(e)) from None
-
-    def build_transform(self):
-        """The weight transform applied before quantization, or None."""
-        if self.transform is None:
-            return None
-        from casp.transforms.base import get_transform_class
-
-        try:
-            return get_transform_class(self.transform).from_options(self.transform_options)
-        except KeyError as e:
-            raise CaspError(str(e).strip("'\"")) from None
-        except (TypeError, ValueError) as e:
-            raise CaspError(str(e)) from None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -121,3 +153,8 @@ class CompressionConfig:
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["qk_rank_overrides"] = {str(k): v for k, v in self.qk_rank_overrides.items()}
         return d
+
+
+def flagged_fields() -> list:
+    """The config fields that are `casp compress` flags."""
+    return [f for f in fields(CompressionConfig) if "flag" in f.metadata]

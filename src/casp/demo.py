@@ -77,6 +77,7 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
     from casp.io.modelio import load_model, load_processor
     from casp.models.adapters import adapter_for
     from casp.pipeline import compress
+    from casp.run import RunOptions
     from casp.report import render_markdown, write_plots
 
     out = Path(out)
@@ -109,7 +110,7 @@ def run_demo(out: str | Path = "casp-demo", seed: int = 0, progress: bool = True
     while configs:
         method, cfg = configs.pop(0)
         t = time.time()
-        result = compress(None, None, cfg, progress=progress, cache=cache)
+        result = compress(None, None, cfg, progress=progress, options=RunOptions(cache=cache))
         seconds = time.time() - t
         r = result.report
         rows.append(measure(result.model, method, cfg.bits, r["average_bits"], r["stored_bytes"], seconds))

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 
-def build_report(*, config, source, adapter, layer_reports, seconds, peak_rss_mb, peak_device_mb,
+def build_report(*, recipe, source, adapter, layer_reports, seconds, peak_rss_mb, peak_device_mb,
                  calibration_batches, calibration_tokens) -> dict:
     units = [u for lr in layer_reports for u in lr["units"]]
     stored_bits = sum(u["stored_bits"] for u in units)
@@ -15,7 +15,9 @@ def build_report(*, config, source, adapter, layer_reports, seconds, peak_rss_mb
         "casp_version": __import__("casp").__version__,
         "source": str(source),
         "family": adapter.family,
-        "config": config.to_dict(),
+        "recipe": recipe.to_dict(),
+        **({"excluded_candidates": {"settings": list(recipe.excluded_candidates),
+                                    "why": recipe.reasons["excluded_candidates"]}} if recipe.excluded_candidates else {}),
         "average_bits": stored_bits / weights if weights else 0.0,
         "stored_bits": stored_bits,
         "stored_bytes": stored_bits // 8,
@@ -91,7 +93,7 @@ def _excluded_lines(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict, plots: list[str]) -> str:
-    cfg = report["config"]
+    cfg = report["recipe"]
     lines = [
         "# casp compression report",
         "",
@@ -140,7 +142,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
+    """report.json, report.md, the plots, and recipe.json (the run's recipe, verbatim)."""
     out = Path(out)
+    (out / "recipe.json").write_text(json.dumps(report["recipe"], indent=2, sort_keys=True) + "\n")
     plots = write_plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (out / "report.md").write_text(render_markdown(report, plots))

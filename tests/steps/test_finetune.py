@@ -8,7 +8,7 @@ from casp.config import CompressionConfig
 from casp.errors import CaspError
 from casp.nn.packed_linear import PackedLinear
 from casp.quant.aqlm import AQLMQuantizer, AQLMSetting
-from casp.steps.finetune import finetune_layer, layer_finetune_steps, output_mse
+from casp.steps.finetune import Tuning, finetune_layer, layer_finetune_steps, output_mse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,7 +46,7 @@ def test_finetuning_lowers_the_layer_output_error(tiny_llama_dir, scene_text):
 
     layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
     before = _stored(layer)
-    r = finetune_layer(layer, inputs, targets, q, 12, lr=1e-2)
+    r = finetune_layer(layer, inputs, targets, Tuning(q, 12, lr=1e-2))
     after = _stored(layer)
     assert r.kept and r.mse_after < r.mse_before
     assert output_mse(run_layer(layer, inputs), targets) == pytest.approx(r.mse_after, rel=1e-5)
@@ -60,7 +60,7 @@ def test_finetuning_lowers_the_layer_output_error(tiny_llama_dir, scene_text):
 def test_steps_that_would_raise_the_error_are_not_kept(tiny_llama_dir, scene_text):
     layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
     before = _stored(layer)
-    r = finetune_layer(layer, inputs, targets, q, 3, lr=50.0)
+    r = finetune_layer(layer, inputs, targets, Tuning(q, 3, lr=50.0))
     assert not r.kept and r.mse_after == r.mse_before
     assert all(torch.equal(t, before[k]) for k, t in _stored(layer).items())
 
@@ -68,12 +68,12 @@ def test_steps_that_would_raise_the_error_are_not_kept(tiny_llama_dir, scene_tex
 def test_zero_steps_change_nothing_and_tuning_is_deterministic(tiny_llama_dir, scene_text):
     layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
     before = _stored(layer)
-    r = finetune_layer(layer, inputs, targets, q, 0)
+    r = finetune_layer(layer, inputs, targets, Tuning(q, 0))
     assert r.steps == 0 and all(torch.equal(t, before[k]) for k, t in _stored(layer).items())
     tuned = []
     for _ in range(2):
         layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
-        finetune_layer(layer, inputs, targets, q, 6, lr=1e-2)
+        finetune_layer(layer, inputs, targets, Tuning(q, 6, lr=1e-2))
         tuned.append(_stored(layer))
     assert all(torch.equal(t, tuned[1][k]) for k, t in tuned[0].items())
 

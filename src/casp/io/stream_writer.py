@@ -24,7 +24,7 @@ from torch import nn
 from casp.errors import CaspError
 from casp.io.storage import PROCESSOR_FILES, check_output_dir, module_specs, quantization_config, storage_state_dict
 
-NOT_COMPARED = ("resume", "max_memory", "stream")   # options that do not change the output
+NOT_COMPARED = ("max_memory", "stream", "reasons")   # recipe fields that do not change the output
 STATE = "state.json"
 PLAN = "plan.json"
 REST = "model-rest.safetensors"
@@ -112,8 +112,14 @@ class StreamWriter:
         tensors = _load_tensors(path)
         return start, [tensors[f"b{j}"] for j in range(len(tensors))]
 
+    @property
+    def spill_dir(self) -> Path:
+        return self.dir / "spill"
+
     def layer_done(self, index: int, layer: nn.Module, prefix: str, row: dict | None, next_inputs) -> None:
-        """Write layer `index` as stored, then the next layer's inputs (if any), then drop older inputs."""
+        """Write layer `index` as stored, then the next layer's inputs (if any; a function that makes them), then
+        drop older inputs."""
+        next_inputs = next_inputs() if callable(next_inputs) else next_inputs
         specs = {prefix + k: v for k, v in module_specs(layer).items()}
         stored = storage_state_dict(layer, prefix)
         _save_tensors(self.dir / f"layer-{index:05d}.safetensors", stored, {"format": "pt"})
@@ -134,10 +140,13 @@ class StreamWriter:
                 rows.append(row)
         return rows
 
-    def finish(self, rest: dict[str, torch.Tensor], model_config, report: dict, config, source: Path) -> Path:
-        """Write the non-layer weights `rest`, index, config, processor files and report; rename to OUT."""
+    def finish(self, result, layer_source) -> Path:
+        """Write the non-layer weights (`layer_source.rest_tensors()`), index, config, processor files and the
+        report of `result` (a `CompressionResult`); rename to OUT."""
         from casp.report import write_report
 
+        rest = layer_source.rest_tensors()
+        model_config, report, recipe, source = result.model.config, result.report, result.recipe, result.source
         modules, weight_map = {}, {}
         for path in sorted(self.dir.glob("layer-*.json")):
             record = json.loads(path.read_text())
@@ -148,7 +157,7 @@ class StreamWriter:
         total = sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
         (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        model_config.quantization_config = quantization_config(modules, report, config)
+        model_config.quantization_config = quantization_config(modules, report, recipe)
         try:
             model_config.save_pretrained(self.dir)
         finally:

@@ -92,7 +92,7 @@ class AQLMOptions:
     cg_iters: int = field(default=4, metadata={
         "flag": "--aqlm-cg-iters", "type": int, "help": "conjugate-gradient steps per codebook update (default 4)"})
     damp: float = field(default=0.01, metadata={
-        "flag": "--aqlm-damp", "type": float, "help": "damping of XᵀX (fraction of its mean diagonal; default 0.01)"})
+        "flag": "--damp", "aliases": ("--aqlm-damp",), "type": float, "help": "damping of XᵀX (fraction of its mean diagonal; default 0.01)"})
     kmeans_iters: int = field(default=8, metadata={
         "flag": "--aqlm-kmeans-iters", "type": int, "help": "k-means iterations per codebook at init (default 8)"})
     finetune_steps: int = field(default=0, metadata={

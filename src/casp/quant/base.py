@@ -127,6 +127,11 @@ class Quantizer(Configurable, ABC):
         (the user's options override them)."""
         return {}
 
+    def reproduces_grid(self, setting, grid: tuple[int, int]) -> bool:
+        """Whether `setting` lands exactly on weights already stored on `grid` = (bits, group size), so that
+        its measured damage would be near zero for that reason alone (such candidates are left out)."""
+        return False
+
     @abstractmethod
     def candidates(self) -> list:
         """The settings the allocator may choose from (from this quantizer's config)."""

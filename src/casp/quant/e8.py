@@ -67,7 +67,7 @@ class E8Options:
     """Options of the E8 quantizer (`candidate_bits` shares its --candidate-bits flag with the scalar ones)."""
 
     ldlq_damp: float = field(default=0.01, metadata={
-        "flag": "--e8-damp", "type": float, "help": "BlockLDLQ damping (fraction of mean diag XᵀX)"})
+        "flag": "--damp", "aliases": ("--e8-damp",), "type": float, "help": "BlockLDLQ damping (fraction of mean diag XᵀX)"})
     scale_multipliers: tuple[float, ...] = field(default=(0.9, 1.0, 1.1, 1.2), metadata={
         "flag": "--e8-scale-grid", "type": _floats,
         "help": "multiples of the nominal scale RMS(W)/rho tried per matrix (default 0.9,1.0,1.1,1.2)"})
@@ -86,7 +86,7 @@ class E8Options:
         "flag": "--e8-rvq6-scales", "type": _floats,
         "help": "6-bit rho and the residual scales of stages 2 and 3 (default 0.8,3.85,3.4)"})
     shrink: float = field(default=0.0, metadata={
-        "flag": "--e8-shrink", "type": float,
+        "flag": "--hessian-shrink", "aliases": ("--e8-shrink",), "type": float,
         "help": "scale XᵀX's off-diagonal by (1 - this) before BlockLDLQ, in [0, 1] (default 0)"})
     act_order: bool = field(default=False, metadata={
         "flag": "--e8-act-order", "action": "store_true",

@@ -25,6 +25,7 @@ from casp.quant.scalar import (
     effective_group_size,
     grid_params,
     num_groups,
+    reproduces,
     rtn_codes,
     to_quantized_weight,
 )
@@ -264,6 +265,9 @@ class GPTQ(Quantizer):
 
     def candidates(self) -> list[QuantSpec]:
         return self.config.candidates()
+
+    def reproduces_grid(self, setting: QuantSpec, grid: tuple[int, int]) -> bool:
+        return reproduces(setting, grid)
 
     def uniform_setting(self, bits: float) -> QuantSpec:
         return self.config.uniform_setting(bits)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from casp.quant.base import QuantizedWeight, Quantizer, register
-from casp.quant.scalar import SCALAR_FORMAT, QuantSpec, ScalarOptions, dequantize_scalar, rtn_codes, to_quantized_weight
+from casp.quant.scalar import (SCALAR_FORMAT, QuantSpec, ScalarOptions, dequantize_scalar, reproduces, rtn_codes,
+                               to_quantized_weight)
 
 
 @register
@@ -21,6 +22,9 @@ class RTN(Quantizer):
 
     def candidates(self) -> list[QuantSpec]:
         return self.config.candidates()
+
+    def reproduces_grid(self, setting: QuantSpec, grid: tuple[int, int]) -> bool:
+        return reproduces(setting, grid)
 
     def uniform_setting(self, bits: float) -> QuantSpec:
         return self.config.uniform_setting(bits)

@@ -27,12 +27,12 @@ class Allocation:
         return float(sum(u.distortion[choice[u.name]] for u in self.units))
 
 
-def _problem(units: list[Unit], quantizer, granularity: str, rule: str, transform, qk_tables=None):
-    settings = quantizer.candidates()
+def _problem(units: list[Unit], codec, granularity: str, rule: str, qk_tables=None):
+    settings = codec.candidates()
     qk_tables = qk_tables or {}
     plain = [u for u in units if u.key not in qk_tables]
     a_units = [alloc.Unit(name=u.key, num_weights=u.num_weights,
-                          cost_bits={s.label(): unit_cost(u, s, quantizer, transform) for s in settings},
+                          cost_bits={s.label(): unit_cost(u, s, codec) for s in settings},
                           distortion=u.distortion, layer_index=u.layer,
                           kind=f"{u.qk}_factor" if u.is_factor else "dense") for u in plain]
     members = {u.name: [u.name] for u in a_units}
@@ -49,33 +49,34 @@ def _problem(units: list[Unit], quantizer, granularity: str, rule: str, transfor
     return a_units, members
 
 
-def allocate(units: list[Unit], quantizer, *, bits: float, rule: str, granularity: str, num_layers: int,
-             transform=None) -> dict[str, object]:
-    """unit.key -> setting. `rule` is uniform, paper or rd; rd works per matrix or per layer."""
+def allocate(run, units: list[Unit], rule: str | None = None) -> dict[str, object]:
+    """unit.key -> setting under the run's target. `rule` (default: the recipe's) is uniform, paper or rd; rd
+    works per matrix or per layer (the recipe's granularity)."""
+    rule = rule or run.recipe.allocation
     if rule == "uniform":
-        setting = quantizer.uniform_setting(bits)
+        setting = run.codec.uniform_setting(run.recipe.bits)
         return {u.key: setting for u in units}
-    return decode(solve(units, quantizer, bits=bits, rule=rule, granularity=granularity, num_layers=num_layers,
-                        transform=transform), units, quantizer, {}, num_layers)[1]
+    return decode(solve(run, units, rule=rule), units, run.codec, {}, len(run.layers))[1]
 
 
-def solve(units: list[Unit], quantizer, *, bits: float, rule: str, granularity: str, num_layers: int,
-          transform=None, qk_tables=None) -> Allocation:
+def solve(run, units: list[Unit], qk_tables=None, rule: str | None = None) -> Allocation:
     """The allocator's answer over units (and, with `qk_tables`, joint W_q / W_k options)."""
-    a_units, members = _problem(units, quantizer, granularity, rule, transform, qk_tables)
+    recipe = run.recipe
+    rule = rule or recipe.allocation
+    a_units, members = _problem(units, run.codec, recipe.granularity, rule, qk_tables)
     try:
         if rule == "paper":
-            result = alloc.allocate_paper(a_units, bits, num_layers)
+            result = alloc.allocate_paper(a_units, recipe.bits, len(run.layers))
         else:
-            result = alloc.allocate_rd(a_units, bits, solver="best")
+            result = alloc.allocate_rd(a_units, recipe.bits, solver="best")
     except alloc.InfeasibleBudget as e:
         raise CaspError(str(e)) from None
     return Allocation(a_units, members, dict(result.choice), result.budget_bits)
 
 
-def decode(a: Allocation, units: list[Unit], quantizer, qk_tables: dict, num_layers: int):
+def decode(a: Allocation, units: list[Unit], codec, qk_tables: dict, num_layers: int):
     """(ranks per layer, unit.key -> setting) of an allocation; factor units follow their projection."""
-    by_label = {s.label(): s for s in quantizer.candidates()}
+    by_label = {s.label(): s for s in codec.candidates()}
     ranks = [{"q": 0, "k": 0} for _ in range(num_layers)]
     layer_of = {u.key: u for u in units}
     plan = {}
@@ -113,8 +114,7 @@ def merge_per_layer(units: list[alloc.Unit]):
     return list(merged.values()), members
 
 
-def allocate_joint(units: list[Unit], qk_tables: dict, quantizer, *, bits: float, granularity: str, num_layers: int,
-                   transform=None) -> Allocation:
+def allocate_joint(run, units: list[Unit], qk_tables: dict) -> Allocation:
     """Q/K ranks and every unit's setting under one budget.
 
     `units` are the dense units with measured distortions; `qk_tables` (from `steps.joint`) holds the
@@ -122,13 +122,11 @@ def allocate_joint(units: list[Unit], qk_tables: dict, quantizer, *, bits: float
     solver's joint answer has a higher total distortion than it, allocation alone is kept, so the joint
     result is never worse than allocation alone on the objective it optimises.
     """
-    joint = solve(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
-                  transform=transform, qk_tables=qk_tables)
+    joint = solve(run, units, qk_tables, rule="rd")
     joint_total = joint.objective()
     joint.summary = {"kept": "joint", "objective_joint": joint_total, "objective_allocation_alone": None}
     try:
-        alone = allocate(units, quantizer, bits=bits, rule="rd", granularity=granularity, num_layers=num_layers,
-                         transform=transform)
+        alone = allocate(run, units, rule="rd")
     except CaspError:
         return joint  # dense Q/K cannot meet this budget: only low-rank options can
     alone_choice = {}
@@ -153,7 +151,7 @@ def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
     return unit.distortion[label]
 
 
-def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
+def check_feasible(run) -> None:
     """Refuse a target below the cheapest feasible average, from the shapes alone (before calibration).
 
     The cheapest average is taken over the allocator's own units (per layer, the layer's matrices share
@@ -162,27 +160,28 @@ def check_feasible(layers, adapter, quantizer, config, transform=None) -> None:
     from casp.steps.ranks import choose_ranks
     from casp.steps.units import plan_units
 
-    joint = config.qk_rank == "joint"
-    ranks = choose_ranks(layers, adapter, 0 if joint else config.qk_rank, config.qk_rank_overrides)
-    units = plan_units(layers, adapter, ranks, config.layers)
-    settings = quantizer.candidates()
+    recipe, codec, layers = run.recipe, run.codec, run.layers
+    joint = recipe.qk_rank == "joint"
+    ranks = choose_ranks(layers, run.adapter, 0 if joint else recipe.qk_rank, recipe.qk_rank_overrides)
+    units = plan_units(layers, run.adapter, ranks, recipe.layers)
+    settings = codec.candidates()
     for u in units:
         u.distortion = {s.label(): 0.0 for s in settings}
     qk_tables = None
     if joint:
-        qk_tables = {u.key: {o.label: (o, option_cost(u, o, quantizer, transform), 0.0)
-                             for o in qk_options(u, settings, config.qk_rank_ladder, quantizer.in_features_multiple)}
+        qk_tables = {u.key: {o.label: (o, option_cost(u, o, codec), 0.0)
+                             for o in qk_options(u, settings, recipe.qk_rank_ladder, codec.in_features_multiple)}
                      for u in units if u.qk}
-    a_units, _ = _problem(units, quantizer, config.granularity, config.allocation, transform, qk_tables)
+    a_units, _ = _problem(units, codec, recipe.granularity, recipe.allocation, qk_tables)
     cheapest = sum(min(u.cost_bits.values()) for u in a_units)
     weights = sum(u.num_weights for u in units)
-    if config.bits * weights < cheapest:
+    if recipe.bits * weights < cheapest:
         floor = math.ceil(cheapest / weights * 1000) / 1000
-        raise CaspError(f"target {config.bits} bits is below the minimum feasible average {floor:.3f} bits "
-                        f"for this model with --quantizer {config.quantizer} (every matrix at its cheapest setting)")
+        raise CaspError(f"target {recipe.bits} bits is below the minimum feasible average {floor:.3f} bits "
+                        f"for this model with --quantizer {recipe.quantizer} (every matrix at its cheapest setting)")
 
 
-def uniform_choice(a: Allocation, quantizer, bits: float) -> dict[str, str]:
+def uniform_choice(a: Allocation, codec, bits: float) -> dict[str, str]:
     """The uniform setting at int(bits) everywhere (dense Q/K), as labels of an allocation's units."""
-    label = quantizer.uniform_setting(int(bits)).label()
+    label = codec.uniform_setting(int(bits)).label()
     return {u.name: label if label in u.cost_bits else f"dense:{label}" for u in a.units}

@@ -30,19 +30,19 @@ def observe_layer(layer, adapter: Adapter, inputs, groups, device):
     return outs, moments, attn_inputs
 
 
-def analyse_layers(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
-                   progress: bool = True, source=None, attention: bool = True):
-    """Yield (layer step, `LayerAnalysis`) per decoder layer of the original model, while the layer is loaded.
+def analyse_layers(run, batches, *, keep_moments: bool, attention: bool = True):
+    """Yield (layer step, `LayerAnalysis`) per decoder layer of the run's original model, while the layer is loaded.
 
-    The layer and its kept XᵀX are on `device` while yielded; spectra are on the CPU. `attention=False`
-    skips the attention density and Q/K spectra (only rank choices need them).
+    The layer and its kept XᵀX are on the run's device while yielded; spectra are on the CPU.
+    `attention=False` skips the attention density and Q/K spectra (only rank choices need them).
     """
-    geometry = adapter.attention_geometry(model)
-    for step in walk_layers(model, adapter, batches, device=device, desc="analyse", progress=progress, source=source):
+    adapter, device = run.adapter, run.device
+    for step in walk_layers(run.model, adapter, batches, device=device, desc="analyse", progress=run.progress,
+                            source=run.layer_source):
         step.outputs, moments, attn_inputs = observe_layer(step.layer, adapter, step.inputs, adapter.linears, device)
         stats, spectra = None, {}
         if attention:
-            stats = layer_attention_stats(step.layer, adapter, geometry, attn_inputs, mass=density_mass)
+            stats = layer_attention_stats(step.layer, adapter, run.geometry, attn_inputs, mass=run.recipe.density_mass)
             h = moments.xtx["attn_in"]
             spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h).cpu()
                        for p in QK}
@@ -51,12 +51,10 @@ def analyse_layers(model, adapter: Adapter, batches, *, density_mass: float, kee
         yield step, LayerAnalysis(stats, spectra, kept)
 
 
-def analyse(model, adapter: Adapter, batches, *, density_mass: float, keep_moments: bool, device="cpu",
-            progress: bool = True, source=None) -> list[LayerAnalysis]:
-    """A `LayerAnalysis` per decoder layer of the original model, kept XᵀX on the CPU."""
+def analyse(run, batches, *, keep_moments: bool) -> list[LayerAnalysis]:
+    """A `LayerAnalysis` per decoder layer of the run's original model, kept XᵀX on the CPU."""
     out = []
-    for _, a in analyse_layers(model, adapter, batches, density_mass=density_mass, keep_moments=keep_moments,
-                               device=device, progress=progress, source=source):
+    for _, a in analyse_layers(run, batches, keep_moments=keep_moments):
         if a.moments is not None:
             a.moments = {k: v.cpu() for k, v in a.moments.items()}
         out.append(a)

@@ -7,9 +7,9 @@ import time
 from casp.analysis.attention_stats import layer_attention_stats
 from casp.models.adapters import Adapter
 from casp.steps.analyse import observe_layer
-from casp.steps.finetune import finetune_layer, layer_finetune_steps
-from casp.steps.quantize import FP16_BITS, factorise, quantize_unit, stored_module, transform_seed, unit_weight_and_xtx
-from casp.steps.units import Unit
+from casp.steps.finetune import Tuning, finetune_layer, layer_finetune_steps
+from casp.steps.quantize import FP16_BITS, factorise, stored_module, transform_seed, unit_weight_and_xtx
+from casp.steps.units import Plan, Unit
 
 
 def qk_pair(layer, adapter: Adapter, lowrank: dict):
@@ -19,41 +19,47 @@ def qk_pair(layer, adapter: Adapter, lowrank: dict):
     return tuple(lowrank.get(adapter.qk_name(p), layer.get_submodule(adapter.qk_name(p))) for p in ("q", "k"))
 
 
-def compress_layer(step, adapter: Adapter, units: list[Unit], ranks: dict[str, int], plan: dict, quantizer, *,
-                   geometry, density_mass: float, device, transform=None, seed: int = 0) -> dict:
+def compress_layer(run, step, plan: Plan) -> dict:
     """Replace the layer's linears by their stored modules; return the layer's report entry. When the
     quantizer asks for fine-tuning, tune them to the original outputs and leave the result's outputs in `step.outputs`."""
     t0 = time.time()
-    layer, i = step.layer, step.index
+    layer, i, adapter, device = step.layer, step.index, run.adapter, run.device
+    ranks = plan.ranks[i]
     original, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
-    stats = layer_attention_stats(layer, adapter, geometry, attn_inputs, density_mass, qk_pair(layer, adapter, lowrank))
+    stats = layer_attention_stats(layer, adapter, run.geometry, attn_inputs, run.recipe.density_mass,
+                                  qk_pair(layer, adapter, lowrank))
     for name, module in lowrank.items():
         layer.set_submodule(name, module)
-    rows = []
-    for u in units:
-        w, h = unit_weight_and_xtx(u, layer, lowrank, xtx)
-        row = {"name": f"{adapter.layers}.{i}.{u.name}", "layer": i, "rank": u.rank, "num_weights": u.num_weights,
-               "out_features": u.out_features, "in_features": u.in_features}
-        if quantizer is None:
-            rows.append({**row, "setting": "fp16", "bits": FP16_BITS, "group_size": None,
-                         "stored_bits": w.numel() * FP16_BITS})
-            continue
-        target = layer.get_submodule(u.name)
-        bias = target.bias.data.clone() if target.bias is not None else None
-        setting = plan[u.key]
-        qw, _, params = quantize_unit(w, h, setting, quantizer, transform, transform_seed(seed, u))
-        module = stored_module(qw, params, bias)
-        layer.set_submodule(u.name, module)
-        stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
-        if params is not None:
-            row.update(type(transform).describe(params.meta))
-        rows.append({**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
-                     "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())})
+    rows = [_store_unit(run, layer, u, plan, (lowrank, xtx)) for u in plan.units_of(i)]
     entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
+    quantizer = run.codec.quantizer if run.codec is not None else None
     if layer_finetune_steps(quantizer):
-        tuned = finetune_layer(layer, step.inputs, original, quantizer, layer_finetune_steps(quantizer), device=device)
+        tuned = finetune_layer(layer, step.inputs, original, Tuning(quantizer, layer_finetune_steps(quantizer),
+                                                                     device=device))
         step.outputs = tuned.outputs
         entry["finetune"] = tuned.as_report()
     return {**entry, "seconds": time.time() - t0}
+
+
+def _store_unit(run, layer, u: Unit, plan: Plan, factors_and_moments) -> dict:
+    """Quantize one unit into its stored module inside `layer` (fp16 without a codec); its report row."""
+    lowrank, xtx = factors_and_moments
+    w, h = unit_weight_and_xtx(u, layer, lowrank, xtx)
+    row = {"name": f"{run.adapter.layers}.{u.layer}.{u.name}", "layer": u.layer, "rank": u.rank,
+           "num_weights": u.num_weights, "out_features": u.out_features, "in_features": u.in_features}
+    codec = run.codec
+    if codec is None:
+        return {**row, "setting": "fp16", "bits": FP16_BITS, "group_size": None, "stored_bits": w.numel() * FP16_BITS}
+    target = layer.get_submodule(u.name)
+    bias = target.bias.data.clone() if target.bias is not None else None
+    setting = plan.settings[u.key]
+    qw, _, params = codec.quantize(w, h, setting, transform_seed(run.seed, u))
+    module = stored_module(qw, params, bias)
+    layer.set_submodule(u.name, module)
+    stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
+    if params is not None:
+        row.update(type(codec.transform).describe(params.meta))
+    return {**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
+            "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())}

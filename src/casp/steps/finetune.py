@@ -78,9 +78,20 @@ def _layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) 
     return out[0] if isinstance(out, tuple) else out
 
 
-def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], quantizer, steps: int, *,
-                   lr: float | None = None, device="cpu") -> FinetuneResult:
-    """Tune the layer's stored tensors of `quantizer`'s format for `steps` Adam steps (see the module doc)."""
+@dataclass(frozen=True)
+class Tuning:
+    """How to tune a layer: the quantizer whose stored tensors are tuned, Adam steps, learning rate (relative to
+    each tensor's RMS; None: `LEARNING_RATE`) and the device the layer runs on."""
+
+    quantizer: object
+    steps: int
+    lr: float | None = None
+    device: object = "cpu"
+
+
+def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], tuning: Tuning) -> FinetuneResult:
+    """Tune the layer's stored tensors of the quantizer's format for `tuning.steps` Adam steps (see the module doc)."""
+    quantizer, steps, device = tuning.quantizer, tuning.steps, tuning.device
     t0 = time.time()
     before_out = run_layer(layer, inputs, device)
     before = output_mse(before_out, targets)
@@ -97,7 +108,7 @@ def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Te
     try:
         for n, t in tuned.items():
             layer.set_submodule(n, t)
-        _adam(layer, tuned.values(), inputs, targets, steps, LEARNING_RATE if lr is None else lr, device)
+        _adam(layer, tuned.values(), (inputs, targets), tuning)
     finally:
         for n, m in packed.items():
             layer.set_submodule(n, m)
@@ -112,8 +123,12 @@ def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Te
     return FinetuneResult(steps, before, after, True, time.time() - t0, after_out)
 
 
-def _adam(layer, tuned, inputs: LayerInputs, targets, steps: int, lr: float, device) -> None:
-    """`steps` Adam steps on the tuned tensors, batch `step mod batches` each; learning rate × each tensor's RMS."""
+def _adam(layer, tuned, data: tuple[LayerInputs, list[torch.Tensor]], tuning: Tuning) -> None:
+    """`tuning.steps` Adam steps on the tuned tensors, batch `step mod batches` each; learning rate × each
+    tensor's RMS."""
+    inputs, targets = data
+    steps, device = tuning.steps, tuning.device
+    lr = LEARNING_RATE if tuning.lr is None else tuning.lr
     groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
               for t in tuned for p in t.tuned.values()]
     opt = torch.optim.Adam(groups)

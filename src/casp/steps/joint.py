@@ -13,17 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-
 from casp.algorithms.distortion import weighted_distortion
 from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_lowrank
-from casp.models.adapters import Adapter
 from casp.steps.costs import unit_cost
-from casp.steps.measure import measured_rows, on_rows, unit_distortions
-from casp.steps.quantize import dequantize_unit_many, quantize_unit, transform_seed
+from casp.steps.measure import Target, fisher_of_unit, measured_rows, on_rows, unit_distortions
+from casp.steps.quantize import transform_seed
 from casp.steps.units import Role, Unit
 
-DEFAULT_RATIOS = (0.5, 0.25, 0.125)
 DENSE = "dense"
 
 
@@ -56,74 +52,69 @@ def _factor_units(unit: Unit, rank: int) -> tuple[Unit, Unit]:
     return down, up
 
 
-def option_cost(unit: Unit, option: QKOption, quantizer, transform=None) -> int:
-    """Exact stored bits of a projection under an option."""
+def option_cost(unit: Unit, option: QKOption, codec) -> int:
+    """Exact stored bits of a projection under an option (`codec`: anything with `stored_bits`)."""
     if not option.rank:
-        return unit_cost(unit, option.setting, quantizer, transform)
+        return unit_cost(unit, option.setting, codec)
     down, up = _factor_units(unit, option.rank)
-    return unit_cost(down, option.setting, quantizer, transform) + unit_cost(up, option.setting, quantizer, transform)
+    return unit_cost(down, option.setting, codec) + unit_cost(up, option.setting, codec)
 
 
-def lowrank_distortions(unit: Unit, rank: int, w: torch.Tensor, h: torch.Tensor, fisher, settings, quantizer,
-                        transform=None, seed: int = 0, factors=None,
+def lowrank_distortions(codec, unit: Unit, rank: int, target: Target, seed: int = 0,
                         rows: torch.Tensor | None = None) -> list[tuple[float, torch.Tensor]]:
-    """Per setting: the Fisher-weighted distortion of Â·B̂ − W (both factors at that setting), and Â·B̂.
+    """Per candidate setting: the Fisher-weighted distortion of Â·B̂ − W (both factors at that setting), and Â·B̂.
 
     B̂ is quantized on the original inputs, Â on B̂'s outputs (their XᵀX). With `rows`, only those
     output rows of Â and W are measured and the damage is scaled to the whole matrix.
     """
-    w = w.float()
-    a, b = factors if factors is not None else whitened_lowrank(w, h.double(), rank)
+    w, h = target.w.float(), target.xtx
+    a, b = whitened_lowrank(w, h.double(), rank)
     down, up = _factor_units(unit, rank)
-    scale, w, fisher = on_rows(rows, w, fisher)
+    scale, w, fisher = on_rows(rows, w, target.fisher)
     if rows is not None:
         a = a[rows.to(a.device)]
     out = []
-    for s, bq in zip(settings, dequantize_unit_many(b.float(), h, settings, quantizer, transform,
-                                                     transform_seed(seed, down))):
+    settings = codec.candidates()
+    for s, bq in zip(settings, codec.dequantize_many(b.float(), h, settings, transform_seed(seed, down))):
         h_up = factor_input_xtx(bq.to(h.dtype), h)
-        _, aq, _ = quantize_unit(a.float(), h_up, s, quantizer, transform, transform_seed(seed, up))
+        _, aq, _ = codec.quantize(a.float(), h_up, s, transform_seed(seed, up))
         product = aq.double() @ bq.double()
         out.append((scale * weighted_distortion(product - w.double(), h, fisher), product.float()))
     return out
 
 
-def measure_qk_options(layers, adapter: Adapter, units: list[Unit], analysis, fisher: dict | None, quantizer,
-                       ratios=DEFAULT_RATIOS, *, transform=None, seed: int = 0, rank_multiple: int = 1,
-                       keep: dict | None = None, progress: bool = True,
-                       device="cpu") -> dict[str, dict[str, tuple[QKOption, int, float]]]:
-    """For every dense W_q / W_k unit: option label -> (option, exact cost, distortion).
+def measure_qk_options(run, measured, layers: dict, analysis: dict) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
+    """For every dense W_q / W_k unit of `layers` (index -> layer, on the run's device): option label ->
+    (option, exact cost, distortion).
 
-    Dense options reuse the unit's measured distortions when it has them. Without `keep` and
+    Dense options reuse the unit's measured distortions when it has them. Without `measured.database` and
     without a transform, large projections are measured on `measured_rows` (one subset for every
-    option, so options compare on equal terms); with `keep`, each option's reconstructed projection
-    (fp16, on the CPU) is stored under (unit.key, label) and every row is measured. The layers are on
-    `device`; each XᵀX is moved there.
+    option, so options compare on equal terms); with it, each option's reconstructed projection
+    (fp16, on the CPU) is stored under (unit.key, label) and every row is measured.
     """
+    codec, keep, seed = run.codec, measured.database, run.seed
     out = {}
-    settings = quantizer.candidates()
-    qk_units = [u for u in units if u.qk and u.role is Role.DENSE]
-    for u in tqdm(qk_units, desc="joint Q/K", disable=not progress):
+    settings = codec.candidates()
+    ratios = run.recipe.qk_rank_ladder
+    qk_units = [u for u in measured.units if u.layer in layers and u.qk and u.role is Role.DENSE]
+    for u in qk_units:
         w = layers[u.layer].get_submodule(u.module).weight.data
-        h = analysis[u.layer].moments[u.input_group].to(device)
-        f = fisher.get(f"{adapter.layers}.{u.layer}.{u.module}") if fisher else None
+        target = Target(w, analysis[u.layer].moments[u.input_group].to(run.device),
+                        fisher_of_unit(run, measured.fisher, u))
         exact = keep is not None
-        options = qk_options(u, settings, ratios, rank_multiple)
+        options = qk_options(u, settings, ratios, codec.in_features_multiple)
         dense = {s.label(): u.distortion[s.label()] for s in settings if s.label() in u.distortion}
         if exact or len(dense) < len(settings):
-            dense, quantized = unit_distortions(u, w, h, f, settings, quantizer, transform=transform, seed=seed,
-                                                exact=exact)
+            dense, quantized = unit_distortions(codec, u, target, settings, seed=seed, exact=exact)
             if keep is not None:
                 for s, wq in zip(settings, quantized):
                     keep[(u.key, QKOption(0, s).label)] = wq.half().cpu()
-        table = {o.label: (o, option_cost(u, o, quantizer, transform), dense[o.setting.label()])
-                 for o in options if not o.rank}
-        rows = measured_rows(u, w.shape[0], quantizer, exact=exact or transform is not None, seed=seed)
+        table = {o.label: (o, option_cost(u, o, codec), dense[o.setting.label()]) for o in options if not o.rank}
+        rows = measured_rows(u, w.shape[0], codec, exact=exact, seed=seed)
         for rank in dict.fromkeys(o.rank for o in options if o.rank):
-            measured = lowrank_distortions(u, rank, w, h, f, settings, quantizer, transform, seed, rows=rows)
-            for s, (d, product) in zip(settings, measured):
+            for s, (d, product) in zip(settings, lowrank_distortions(codec, u, rank, target, seed, rows=rows)):
                 o = QKOption(rank, s)
-                table[o.label] = (o, option_cost(u, o, quantizer, transform), d)
+                table[o.label] = (o, option_cost(u, o, codec), d)
                 if keep is not None:
                     keep[(u.key, o.label)] = product.half().cpu()
         out[u.key] = table

@@ -1,25 +1,36 @@
 """Step: each unit's damage at each candidate setting, measured on the original layer's inputs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from tqdm.auto import tqdm
 
 from casp.algorithms.distortion import weighted_distortion
-from casp.models.adapters import Adapter
-from casp.steps.quantize import dequantize_unit_many, factorise, transform_seed, unit_weight_and_xtx
+from casp.steps.quantize import factorise, transform_seed, unit_weight_and_xtx
 from casp.steps.units import Role, Unit
 
 MEASURE_ROWS = 256   # output rows a large matrix's damage is estimated from (rows-independent quantizers)
 
 
-def measured_rows(unit: Unit, out_features: int, quantizer, *, exact: bool, seed: int) -> torch.Tensor | None:
+@dataclass
+class Target:
+    """A matrix to measure: its weight, the XᵀX of its input, the Fisher weights of its outputs (or None), and
+    for a down factor the up factor its error is lifted through (or None)."""
+
+    w: torch.Tensor
+    xtx: torch.Tensor
+    fisher: torch.Tensor | None = None
+    lift: torch.Tensor | None = None
+
+
+def measured_rows(unit: Unit, out_features: int, codec, *, exact: bool, seed: int) -> torch.Tensor | None:
     """A fixed random subset of output rows to measure on, or None for all of them.
 
-    A quantizer whose rows are quantized independently (GPTQ, RTN: one XᵀX, a grid per row group)
-    has a damage that is a sum over rows, so a uniform sample scaled by out/rows estimates it without
-    bias; the same rows serve every setting, so the settings of a unit compare on equal terms.
+    A codec whose rows are quantized independently (GPTQ, RTN without a transform: one XᵀX, a grid per
+    row group) has a damage that is a sum over rows, so a uniform sample scaled by out/rows estimates it
+    without bias; the same rows serve every setting, so the settings of a unit compare on equal terms.
     """
-    if exact or not quantizer.rows_independent or out_features <= MEASURE_ROWS:
+    if exact or not codec.rows_independent or out_features <= MEASURE_ROWS:
         return None
     g = torch.Generator().manual_seed(transform_seed(seed, unit))
     return torch.randperm(out_features, generator=g)[:MEASURE_ROWS].sort().values
@@ -33,44 +44,45 @@ def on_rows(rows: torch.Tensor | None, w: torch.Tensor, fisher: torch.Tensor | N
             fisher[rows.to(fisher.device)] if fisher is not None else None)
 
 
-def unit_distortions(unit: Unit, w: torch.Tensor, xtx: torch.Tensor, fisher, settings, quantizer, *, transform=None,
-                     seed: int = 0, lift=None, exact: bool = False) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """Fisher-weighted output distortion of `w` at each setting (label -> value), and the quantized weights.
+def unit_distortions(codec, unit: Unit, target: Target, settings, *, seed: int = 0,
+                     exact: bool = False) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Fisher-weighted output distortion of `target.w` at each setting (label -> value), and the quantized weights.
 
     Unless `exact`, the damage of a large matrix is estimated from `measured_rows`, and the weights
-    returned are those rows' only. Transforms mix rows and factor errors are lifted through another
-    matrix, so both are always measured whole.
+    returned are those rows' only. Factor errors are lifted through another matrix, so those are always
+    measured whole.
     """
-    rows = measured_rows(unit, w.shape[0], quantizer, exact=exact or transform is not None or lift is not None,
-                         seed=seed)
-    scale, w, fisher = on_rows(rows, w, fisher)
+    rows = measured_rows(unit, target.w.shape[0], codec, exact=exact or target.lift is not None, seed=seed)
+    scale, w, fisher = on_rows(rows, target.w, target.fisher)
     w = w.float()
-    quantized = dequantize_unit_many(w, xtx, settings, quantizer, transform, transform_seed(seed, unit))
-    values = {s.label(): scale * weighted_distortion(wq - w, xtx, fisher, lift) for s, wq in zip(settings, quantized)}
+    quantized = codec.dequantize_many(w, target.xtx, settings, transform_seed(seed, unit))
+    values = {s.label(): scale * weighted_distortion(wq - w, target.xtx, fisher, target.lift)
+              for s, wq in zip(settings, quantized)}
     return values, quantized
 
 
-def measure_distortions(layers, adapter: Adapter, units: list[Unit], analysis, ranks, settings, quantizer,
-                        fisher: dict | None, *, transform=None, seed: int = 0, keep: dict | None = None,
-                        progress: bool = True, device="cpu") -> None:
-    """Fill `unit.distortion[label]`: the Fisher-weighted output distortion of quantizing it at each setting.
+def fisher_of_unit(run, fisher: dict | None, unit: Unit):
+    """The output Fisher of the projection a unit belongs to, or None."""
+    return fisher.get(f"{run.prefix(unit.layer)}{unit.module}") if fisher else None
 
-    With `keep`, also store each quantized weight (fp16, original basis, on the CPU) under (unit.key, label);
-    every row is then measured. The layer is on `device`; its XᵀX is moved there.
+
+def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
+    """Fill `unit.distortion[label]` for the units of `layers` (index -> layer, on the run's device).
+
+    With `measured.database`, also store each quantized weight (fp16, original basis, on the CPU) under
+    (unit.key, label); every row is then measured.
     """
-    by_layer: dict[int, list[Unit]] = {}
-    for u in units:
-        by_layer.setdefault(u.layer, []).append(u)
-    for i in tqdm(sorted(by_layer), desc="measure", disable=not progress):
+    keep = measured.database
+    settings = run.codec.candidates()
+    for i in sorted(layers):
         layer = layers[i]
-        moments = {k: v.to(device) for k, v in analysis[i].moments.items()}
-        lowrank = factorise(layer, adapter, ranks[i], moments["attn_in"].double())
-        for u in by_layer[i]:
+        moments = {k: v.to(run.device) for k, v in analysis[i].moments.items()}
+        lowrank = factorise(layer, run.adapter, measured.ranks[i], moments["attn_in"].double())
+        for u in [u for u in measured.units if u.layer == i]:
             w, xtx = unit_weight_and_xtx(u, layer, lowrank, moments)
-            f = fisher.get(f"{adapter.layers}.{i}.{u.module}") if fisher else None
             lift = lowrank[u.module].up.weight.data if u.role is Role.DOWN else None
-            values, quantized = unit_distortions(u, w, xtx, f, settings, quantizer, transform=transform, seed=seed,
-                                                 lift=lift, exact=keep is not None)
+            target = Target(w, xtx, fisher_of_unit(run, measured.fisher, u), lift)
+            values, quantized = unit_distortions(run.codec, u, target, settings, seed=run.seed, exact=keep is not None)
             u.distortion.update(values)
             if keep is not None:
                 for s, wq in zip(settings, quantized):

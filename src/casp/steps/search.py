@@ -111,16 +111,18 @@ def mutate(allocation: Allocation, choice: dict[str, str], ladders, rng: random.
     return child if total <= allocation.budget_bits else None
 
 
-def search(model, adapter, allocation: Allocation, database, batches, *, steps: int, seed: int,
-           starts: dict[str, dict[str, str]] | None = None, progress: bool = True, device="cpu") -> dict:
+def search(run, allocation: Allocation, database, batches, starts: dict[str, dict[str, str]] | None = None) -> dict:
     """Refine `allocation.choice` in place; returns a summary (KL of the start and of the result).
 
     `starts` are other named answers (allocation alone, uniform): the search begins from whichever of
     them and the estimate's optimum has the lowest held-out KL, so its result is never worse than any
     of them on that KL.
 
-    Every forward runs with the model on the CPU and each decoder layer on `device` in turn.
+    Every forward runs with the model on the CPU and each decoder layer on the run's device in turn; the
+    recipe gives the number of steps and the seed.
     """
+    model, adapter, device = run.model, run.adapter, run.device
+    steps, seed = run.recipe.search_steps, run.seed
     with offloaded(model, adapter, device):
         reference = reference_logprobs(model, batches, device)
     swapper = WeightSwapper(adapter.decoder_layers(model), database)
@@ -147,7 +149,7 @@ def search(model, adapter, allocation: Allocation, database, batches, *, steps: 
                 best, best_kl, started_from = dict(start), kl, name
     rng = random.Random(seed)
     accepted = 0
-    for _ in tqdm(range(steps), desc="search", disable=not progress):
+    for _ in tqdm(range(steps), desc="search", disable=not run.progress):
         child = mutate(allocation, best, ladders, rng)
         if child is None:
             continue

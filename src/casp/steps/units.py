@@ -69,21 +69,35 @@ def plan_units(layers: nn.ModuleList, adapter: Adapter, ranks: list[dict[str, in
     return units
 
 
-def plan_state(ranks: list[dict[str, int]], units: list[Unit], plan: dict, summary: dict) -> dict:
+@dataclass
+class Plan:
+    """What the layer pass carries out: Q/K ranks per layer, the units, each unit's setting, and the summary of
+    how they were chosen (for the report)."""
+
+    ranks: list[dict[str, int]]
+    units: list[Unit]
+    settings: dict[str, object]      # unit key -> setting
+    summary: dict = field(default_factory=dict)
+
+    def units_of(self, layer: int) -> list[Unit]:
+        return [u for u in self.units if u.layer == layer]
+
+
+def plan_state(plan: Plan) -> dict:
     """A run's ranks, units, settings and allocation summary as plain JSON data (what `--resume` reads back)."""
     return {
-        "ranks": ranks,
-        "units": [{**{f.name: getattr(u, f.name) for f in fields(Unit)}, "role": u.role.value} for u in units],
-        "plan": {key: asdict(setting) for key, setting in plan.items()},
-        "labels": {key: setting.label() for key, setting in plan.items()},
-        "summary": summary,
+        "ranks": plan.ranks,
+        "units": [{**{f.name: getattr(u, f.name) for f in fields(Unit)}, "role": u.role.value} for u in plan.units],
+        "plan": {key: asdict(setting) for key, setting in plan.settings.items()},
+        "labels": {key: setting.label() for key, setting in plan.settings.items()},
+        "summary": plan.summary,
     }
 
 
-def restore_plan_state(state: dict, setting_type) -> tuple[list, list[Unit], dict, dict]:
-    """(ranks, units, plan, summary) from `plan_state` data; settings rebuilt as `setting_type` and checked by label."""
+def restore_plan_state(state: dict, setting_type) -> Plan:
+    """The `Plan` of `plan_state` data; settings rebuilt as `setting_type` and checked by label."""
     units = [Unit(**{**u, "role": Role(u["role"])}) for u in state["units"]]
-    plan = {key: setting_type(**values) for key, values in state["plan"].items()}
-    if any(plan[key].label() != label for key, label in state["labels"].items()):
+    settings = {key: setting_type(**values) for key, values in state["plan"].items()}
+    if any(settings[key].label() != label for key, label in state["labels"].items()):
         raise CaspError("--resume: the saved plan does not match this quantizer's settings; delete the partial run")
-    return state["ranks"], units, plan, state["summary"]
+    return Plan(state["ranks"], units, settings, state["summary"])
