@@ -32,8 +32,10 @@ def test_demo_rows_and_files(small_demo):
         gptq = result["rows"][i]
         for row in result["rows"][i + 1 : i + 3]:  # equal-bits rows never spend more than the GPTQ row
             assert row["average_bits"] <= gptq["average_bits"] + 1e-9
-    for name in ("report.md", "report.json", "demo.json", "casp_2bit_report.md"):
+    for name in ("report.md", "report.json", "demo.json", "casp_2bit_report.md", demo.KL_PLOT):
         assert (out / name).is_file(), name
+    assert not (out / "accuracy_vs_bits.png").exists()
+    assert f"]({demo.KL_PLOT})" in (out / "report.md").read_text()
     saved = json.loads((out / "demo.json").read_text())["rows"]
     assert [r["method"] for r in saved] == methods
     fp = result["rows"][0]
@@ -42,6 +44,37 @@ def test_demo_rows_and_files(small_demo):
         assert row["average_bits"] < 4.0 and row["kl"] > 0.0
         if row["method"] == "CASP+GPTQ":
             assert row["average_bits"] <= row["target_bits"] + 1e-9
+
+
+def test_plot_lines_group_rows_by_method():
+    names = ["RTN 2-bit g128", "GPTQ 2-bit g128", "GPTQ + allocation (= GPTQ bits)", "CASP+GPTQ (= GPTQ bits)",
+             "CASP+GPTQ", "RTN 3-bit g128", "GPTQ 3-bit g128", "GPTQ + allocation (= GPTQ bits)",
+             "CASP+GPTQ (= GPTQ bits)", "CASP+GPTQ"]
+    assert [n for n, _ in demo.demo_configs(0)] == [n for n in names if "=" not in n]
+    lines = {}
+    for n in names:
+        lines.setdefault(demo.method_of(n), []).append(n)
+    assert {m: len(v) for m, v in lines.items()} == {
+        "uniform RTN": 2, "uniform GPTQ": 2, "GPTQ + allocation (no low-rank Q/K)": 2,
+        "CASP+GPTQ (joint Q/K ranks and bits)": 4}
+
+
+def test_kl_plot_draws_each_method_sorted_by_bits(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.append((kw.get("label"), list(x))) or real(self, x, y, **kw))
+    rows = [{"method": "FP", "average_bits": 16.0, "kl": 0.0},
+            {"method": "GPTQ 3-bit g128", "average_bits": 3.148, "kl": 7e-5},
+            {"method": "CASP+GPTQ", "average_bits": 3.0, "kl": 2e-4},
+            {"method": "GPTQ 2-bit g128", "average_bits": 2.141, "kl": 1.35e-3},
+            {"method": "CASP+GPTQ (= GPTQ bits)", "average_bits": 2.141, "kl": 2.24e-3},
+            {"method": "CASP+GPTQ", "average_bits": 2.0, "kl": 1.19e-3}]
+    assert demo._kl_plot(rows, tmp_path) == demo.KL_PLOT
+    assert (tmp_path / demo.KL_PLOT).is_file()
+    assert dict(drawn) == {"uniform GPTQ": [2.141, 3.148], "CASP+GPTQ (joint Q/K ranks and bits)": [2.0, 2.141, 3.0]}
 
 
 def test_demo_refuses_a_foreign_directory(tmp_path):
