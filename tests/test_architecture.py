@@ -1,5 +1,6 @@
 """The layout's promises, checked on the source: no import cycles, family names only in the adapters."""
 import ast
+import dataclasses
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -57,3 +58,65 @@ def test_family_module_names_live_only_in_the_adapters():
                    if isinstance(n, ast.Constant) and isinstance(n.value, str)]
         leaks = [s for s in strings for name in FAMILY_NAMES if name in s]
         assert not leaks, f"{m} names model modules: {leaks[:3]}"
+
+
+MIDDLE = ("casp/pipeline.py", "casp/steps", "casp/config.py", "casp/cli.py")
+MAX_PARAMETERS = 6
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+            names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+            yield node.name, [n for n in names if n not in ("self", "cls")]
+
+
+def test_the_middle_layer_passes_the_run_not_ten_parameters():
+    paths = [p for m in MIDDLE for p in ([SRC / m] if m.endswith(".py") else sorted((SRC / m).rglob("*.py")))]
+    wide = [f"{p.relative_to(SRC)}:{name}({len(params)})" for p in paths for name, params in _functions(p)
+            if len(params) > MAX_PARAMETERS]
+    assert not wide, f"functions with more than {MAX_PARAMETERS} parameters: {wide}"
+
+
+def test_the_pipeline_reads_in_one_short_file():
+    lines = [line for line in (SRC / "casp" / "pipeline.py").read_text().splitlines() if line.strip()]
+    assert len(lines) <= 150, len(lines)
+
+
+def test_the_compress_flags_hold_no_default_of_their_own():
+    """Every `casp compress` flag that sets a config field takes its default from the config (argparse leaves
+    unset flags out), and the help shows the config's default: a default is written once."""
+    import argparse
+
+    from casp.cli import build_parser
+    from casp.config import CompressionConfig, flagged_fields
+
+    compress = build_parser()._subparsers._group_actions[0].choices["compress"]
+    by_dest = {a.dest: a for a in compress._actions}
+    for f in flagged_fields():
+        action = by_dest[f.name]
+        assert action.default is argparse.SUPPRESS, f.name
+        if f.default not in (None, False, dataclasses.MISSING) and not isinstance(f.default, bool):
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
+            assert f"(default {shown})" in action.help, f.name
+    unset = vars(compress.parse_args(["-o", "x"]))
+    assert not set(unset) & {f.name for f in dataclasses.fields(CompressionConfig)}
+    assert not [k for k in unset if k.startswith("option_")]
+
+
+def test_cli_source_repeats_no_config_default_or_check():
+    """cli.py names no literal default of a config field, and no range check: those live in config.py."""
+    from casp.config import flagged_fields
+
+    tree = ast.parse((SRC / "casp" / "cli.py").read_text())
+    defaults = {f.metadata["flag"]: f.default for f in flagged_fields()}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and node.args[0].value in defaults:
+            for k in node.keywords:
+                if k.arg == "default" and isinstance(k.value, ast.Constant):
+                    assert k.value.value != defaults[node.args[0].value], node.args[0].value
+    text = (SRC / "casp" / "cli.py").read_text()
+    assert "must be in" not in text and "ratio must be" not in text

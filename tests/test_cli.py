@@ -46,10 +46,11 @@ def test_info_lists_families():
 def test_quantizer_flags_reach_the_quantizer_config():
     from casp.cli import _quantizer_options, build_parser
     from casp.config import CompressionConfig
+    from casp.recipe import resolve
 
     args = build_parser().parse_args(["compress", "-o", "x", "--damp", "0.05", "--no-act-order", "--group-size", "64",
                                       "--candidate-bits", "2,4"])
-    q = CompressionConfig(quantizer="gptq", quantizer_options=_quantizer_options(args)).build_quantizer()
+    q = resolve(CompressionConfig(quantizer="gptq", quantizer_options=_quantizer_options(args)), None).build_quantizer()
     assert (q.config.damp, q.config.act_order, q.config.group_size, q.config.candidate_bits) == (0.05, False, 64, (2, 4))
     plain = build_parser().parse_args(["compress", "-o", "x"])
     assert _quantizer_options(plain) == {}
@@ -61,4 +62,33 @@ def test_incoherence_flag_and_search_flags_reach_the_config():
     args = build_parser().parse_args(["compress", "-o", "x", "--incoherence", "--search-steps", "5",
                                       "--qk-rank", "joint"])
     assert (args.transform, args.search_steps, args.qk_rank) == ("incoherence", 5, "joint")
-    assert build_parser().parse_args(["compress", "-o", "x"]).qk_rank is None
+    assert "qk_rank" not in vars(build_parser().parse_args(["compress", "-o", "x"]))
+
+
+def test_shared_option_names_and_their_deprecated_aliases(capsys):
+    """--damp / --hessian-shrink are one flag for gptq, e8 and aqlm; the old names still work, with a note."""
+    from casp.cli import _quantizer_options, build_parser
+
+    new = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "e8", "--damp", "0.05",
+                                     "--hessian-shrink", "0.3"])
+    assert _quantizer_options(new) == {"ldlq_damp": 0.05, "shrink": 0.3}
+    assert capsys.readouterr().err == ""
+    old = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "e8", "--e8-damp", "0.05",
+                                     "--e8-shrink", "0.3"])
+    assert _quantizer_options(old) == _quantizer_options(new)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--e8-damp is deprecated" in err[0] and "use --damp" in err[0]
+    aqlm = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "aqlm", "--aqlm-damp", "0.2"])
+    assert _quantizer_options(aqlm) == {"damp": 0.2}
+
+
+def test_help_shows_the_chosen_quantizers_own_defaults():
+    from casp.cli import build_parser
+
+    def damp_help(argv):
+        compress = build_parser(argv)._subparsers._group_actions[0].choices["compress"]
+        return next(a.help for a in compress._actions if "--damp" in a.option_strings)
+
+    assert "gptq: default 0.01" in damp_help(["compress", "-o", "x"]) and "e8:" in damp_help(["compress", "-o", "x"])
+    e8_only = damp_help(["compress", "-o", "x", "--quantizer", "e8"])
+    assert "e8: default 0.01" in e8_only and "gptq" not in e8_only

@@ -45,7 +45,7 @@ def _flag_kwargs(meta: dict, default) -> dict:
         kw["action"] = meta["action"]
     elif isinstance(default, bool):
         kw["action"] = "store_true"
-    else:
+    if kw.get("action") in (None, "append"):
         parse = meta.get("type", str)
         kw["type"] = _parsed_by(parse_ints if parse == "ints" else parse)
     for key in ("choices", "metavar"):

@@ -106,10 +106,8 @@ class CompressionConfig:
         if not (0 < self.bits <= 16):
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
         r = self.qk_rank
-        if isinstance(r, str) and r not in QK_RANK_WORDS:
+        if (r not in QK_RANK_WORDS) if isinstance(r, str) else (r is not None and not 0.0 <= float(r) <= 1.0):
             raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {r!r}")
-        if r is not None and not isinstance(r, str) and not (0.0 <= float(r) <= 1.0):
-            raise CaspError(f"--qk-rank must be in [0, 1], got {r}")
         if r == "joint" and (self.allocation != "rd" or self.quantizer == "none"):
             raise CaspError("--qk-rank joint (the default) chooses ranks with the bit allocation: it needs "
                             "--allocation rd and a quantizer; give --qk-rank RATIO (0 disables) otherwise")

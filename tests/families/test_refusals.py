@@ -60,9 +60,9 @@ def test_unknown_family_is_refused_with_the_supported_list():
 @pytest.mark.parametrize("qk_rank", [0.25, "auto"])
 def test_fused_qkv_refuses_low_rank_qk(qk_rank, scene_text, one_torch_thread, monkeypatch):
     """Phi-3's W_q and W_k are rows of one W_qkv: a forced low rank is refused, before any calibration."""
-    import casp.pipeline as pipeline
+    import casp.steps.load as load_step
 
-    monkeypatch.setattr(pipeline, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(load_step, "build_calibration", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     cfg = CompressionConfig(bits=3.0, qk_rank=qk_rank, calib_samples=4, calib_seq_len=16, calib_text=str(scene_text))
     with pytest.raises(CaspError) as e:
         compress(tiny_model("phi3"), None, cfg, processor=word_tokenizer(), progress=False)

@@ -18,6 +18,7 @@ from casp.io.modelio import load_model
 from casp.io.storage import load_compressed
 from casp.models.activations import SpillingActivations
 from casp.pipeline import compress
+from casp.run import RunOptions
 
 CALIB = dict(calib_samples=8, calib_seq_len=32)
 
@@ -170,7 +171,8 @@ def test_partial_run_needs_resume_and_the_same_options(tmp_path, tiny_llama_dir,
     with pytest.raises(CaspError, match="interrupted run: continue it with --resume"):
         compress(tiny_llama_dir, tmp_path / "out", CompressionConfig(stream=True, **cfg), progress=False)
     with pytest.raises(CaspError, match="used other options"):
-        compress(tiny_llama_dir, tmp_path / "out", CompressionConfig(resume=True, **cfg), progress=False)
+        compress(tiny_llama_dir, tmp_path / "out", CompressionConfig(**cfg), progress=False,
+                 options=RunOptions(resume=True))
     assert (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
 
 
@@ -204,10 +206,10 @@ from casp.cli import main
 point = sys.argv[1]
 if point == "mid-layer":
     real = p.compress_layer
-    def compress_layer(step, *a, **k):
+    def compress_layer(run, step, *a, **k):
         if step.index == 3:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(step, *a, **k)
+        return real(run, step, *a, **k)
     p.compress_layer = compress_layer
 else:
     real = w._write_atomic
@@ -273,13 +275,13 @@ def test_a_model_too_big_for_memory_is_streamed_by_default(tmp_path, tiny_llama_
 
 def test_plan_state_is_plain_json_and_round_trips():
     from casp.quant.scalar import QuantSpec
-    from casp.steps.units import Role, Unit, plan_state, restore_plan_state
+    from casp.steps.units import Plan, Role, Unit, plan_state, restore_plan_state
 
     units = [Unit(0, "self_attn.q_proj", Role.DOWN, "attn_in", 8, 32, 100, "q", 8, {"2b-g128": 0.5})]
     plan = {units[0].key: QuantSpec(3, 64, True)}
-    state = json.loads(json.dumps(plan_state([{"q": 8, "k": 0}], units, plan, {"kept": "joint"})))
-    ranks, back, settings, summary = restore_plan_state(state, QuantSpec)
-    assert (ranks, back, settings, summary) == ([{"q": 8, "k": 0}], units, plan, {"kept": "joint"})
-    state["labels"][units[0].key] = "4b-ch"
+    state = json.loads(json.dumps(plan_state(Plan([{"q": 8, "k": 0}], units, plan, {"kept": "joint"}))))
+    back = restore_plan_state(state, QuantSpec)
+    assert (back.ranks, back.units, back.settings, back.summary) == ([{"q": 8, "k": 0}], units, plan, {"kept": "joint"})
+    state["labels"][str(units[0].key)] = "4b-ch"
     with pytest.raises(CaspError, match="saved plan does not match"):
         restore_plan_state(state, QuantSpec)

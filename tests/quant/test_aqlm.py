@@ -5,6 +5,7 @@ import torch
 
 import casp
 from casp.config import CompressionConfig
+from casp.recipe import resolve
 from casp.errors import CaspError
 from casp.nn.aqlm_kernels import aqlm_fast_cpu_matmul
 from casp.nn.packed_linear import PackedLinear
@@ -50,11 +51,11 @@ def test_cli_flags_reach_the_config():
     args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "aqlm", "--aqlm-codebook-bits", "4",
                                       "--aqlm-group", "4", "--aqlm-beam", "3", "--aqlm-rounds", "2",
                                       "--aqlm-finetune-steps", "10", "--candidate-bits", "2,3"])
-    c = CompressionConfig(quantizer="aqlm", quantizer_options=_quantizer_options(args)).build_quantizer().config
+    c = resolve(CompressionConfig(quantizer="aqlm", quantizer_options=_quantizer_options(args)), None).build_quantizer().config
     assert (c.codebook_bits, c.group_size, c.beam, c.rounds, c.finetune_steps, c.candidate_bits) == \
         (4, 4, 3, 2, 10, (2, 3))
     with pytest.raises(CaspError, match="no option sym"):
-        CompressionConfig(quantizer="aqlm", quantizer_options={"sym": True}).build_quantizer()
+        resolve(CompressionConfig(quantizer="aqlm", quantizer_options={"sym": True}), None).build_quantizer()
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 7, 8, 9, 12, 15, 16])

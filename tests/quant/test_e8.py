@@ -5,6 +5,7 @@ import torch
 
 import casp
 from casp.config import CompressionConfig
+from casp.recipe import resolve
 from casp.errors import CaspError
 from casp.nn.e8p_kernels import e8p_fast_cpu_matmul
 from casp.nn.packed_linear import PackedLinear
@@ -42,8 +43,8 @@ def test_registered_with_settings():
 def test_default_ladder_reaches_past_the_target(bits, ladder):
     """Without --candidate-bits the rungs go to ⌊target⌋ + 2 (4 to 6), so a 4.25-bit target can be spent;
     the user's own ladder wins."""
-    assert CompressionConfig(bits=bits, quantizer="e8").build_quantizer().config.candidate_bits == ladder
-    q = CompressionConfig(bits=bits, quantizer="e8", quantizer_options={"candidate_bits": (2, 3)}).build_quantizer()
+    assert resolve(CompressionConfig(bits=bits, quantizer="e8"), None).build_quantizer().config.candidate_bits == ladder
+    q = resolve(CompressionConfig(bits=bits, quantizer="e8", quantizer_options={"candidate_bits": (2, 3)}), None).build_quantizer()
     assert q.config.candidate_bits == (2, 3)
 
 
@@ -53,12 +54,12 @@ def test_cli_flags_reach_the_config():
     args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "e8", "--e8-damp", "0.05",
                                       "--e8-scale-grid", "1,1.1", "--e8-rvq4-scales", "1.03,3.45", "--e8-act-order",
                                       "--candidate-bits", "2,4"])
-    q = CompressionConfig(quantizer="e8", quantizer_options=_quantizer_options(args)).build_quantizer()
+    q = resolve(CompressionConfig(quantizer="e8", quantizer_options=_quantizer_options(args)), None).build_quantizer()
     c = q.config
     assert (c.ldlq_damp, c.scale_multipliers, c.rvq4_scales, c.act_order, c.candidate_bits) == \
         (0.05, (1.0, 1.1), (1.03, 3.45), True, (2, 4))
     with pytest.raises(CaspError, match="no option sym"):
-        CompressionConfig(quantizer="e8", quantizer_options={"sym": True}).build_quantizer()
+        resolve(CompressionConfig(quantizer="e8", quantizer_options={"sym": True}), None).build_quantizer()
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (24, 20), (8, 130)])

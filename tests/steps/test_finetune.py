@@ -5,6 +5,7 @@ from torch import nn
 
 import casp
 from casp.config import CompressionConfig
+from casp.recipe import resolve
 from casp.errors import CaspError
 from casp.nn.packed_linear import PackedLinear
 from casp.quant.aqlm import AQLMQuantizer, AQLMSetting
@@ -103,7 +104,7 @@ def test_cli_flag_reaches_the_quantizer_and_only_aqlm_takes_it():
     from casp.cli import _quantizer_options, build_parser
 
     args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "aqlm", "--finetune-steps", "50"])
-    q = CompressionConfig(quantizer="aqlm", quantizer_options=_quantizer_options(args)).build_quantizer()
+    q = resolve(CompressionConfig(quantizer="aqlm", quantizer_options=_quantizer_options(args)), None).build_quantizer()
     assert layer_finetune_steps(q) == 50 and layer_finetune_steps(AQLMQuantizer()) == 0
     args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "gptq", "--finetune-steps", "5"])
     with pytest.raises(CaspError, match="does not apply"):

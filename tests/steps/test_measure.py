@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from casp.algorithms.distortion import weighted_distortion
+from casp.codec import Codec
 from casp.quant import GPTQ, QuantSpec, get_quantizer_class
 from casp.steps import measure
+from casp.steps.measure import Target
 from casp.steps.units import Role, Unit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,10 +29,10 @@ def test_small_matrices_and_exact_requests_measure_every_row(monkeypatch):
     w, h, f = _problem()
     q = GPTQ()
     whole = {s.label(): weighted_distortion(q.quantize(w, h, s)[1] - w, h, f) for s in SETTINGS}
-    assert measure.unit_distortions(_unit(48, 32), w, h, f, SETTINGS, q)[0] == pytest.approx(whole, rel=1e-12)
+    assert measure.unit_distortions(Codec(q), _unit(48, 32), Target(w, h, f), SETTINGS)[0] == pytest.approx(whole, rel=1e-12)
     monkeypatch.setattr(measure, "MEASURE_ROWS", 8)
-    assert measure.unit_distortions(_unit(48, 32), w, h, f, SETTINGS, q, exact=True)[0] == pytest.approx(whole, rel=1e-12)
-    sampled = measure.unit_distortions(_unit(48, 32), w, h, f, SETTINGS, q)[0]
+    assert measure.unit_distortions(Codec(q), _unit(48, 32), Target(w, h, f), SETTINGS, exact=True)[0] == pytest.approx(whole, rel=1e-12)
+    sampled = measure.unit_distortions(Codec(q), _unit(48, 32), Target(w, h, f), SETTINGS)[0]
     assert sampled != pytest.approx(whole, rel=1e-6)
 
 
@@ -38,9 +40,9 @@ def test_a_row_sample_is_the_scaled_damage_of_those_rows(monkeypatch):
     monkeypatch.setattr(measure, "MEASURE_ROWS", 8)
     w, h, f = _problem()
     q, u = GPTQ(), _unit(48, 32)
-    rows = measure.measured_rows(u, 48, q, exact=False, seed=0)
-    assert rows.numel() == 8 and torch.equal(rows, measure.measured_rows(u, 48, q, exact=False, seed=0))
-    values, quantized = measure.unit_distortions(u, w, h, f, SETTINGS, q)
+    rows = measure.measured_rows(u, 48, Codec(q), exact=False, seed=0)
+    assert rows.numel() == 8 and torch.equal(rows, measure.measured_rows(u, 48, Codec(q), exact=False, seed=0))
+    values, quantized = measure.unit_distortions(Codec(q), u, Target(w, h, f), SETTINGS)
     for s, wq in zip(SETTINGS, quantized):
         assert torch.equal(wq, q.quantize(w[rows], h, s)[1])
         assert values[s.label()] == pytest.approx(6 * weighted_distortion(wq - w[rows], h, f[rows]), rel=1e-12)
@@ -50,8 +52,8 @@ def test_the_row_sample_estimates_the_damage_without_bias(monkeypatch):
     monkeypatch.setattr(measure, "MEASURE_ROWS", 12)
     w, h, f = _problem(out_f=64)
     q, s = get_quantizer_class("rtn")(), QuantSpec(2, 16)
-    exact = measure.unit_distortions(_unit(64, 32), w, h, f, [s], q, exact=True)[0][s.label()]
-    draws = [measure.unit_distortions(_unit(64, 32), w, h, f, [s], q, seed=seed)[0][s.label()] for seed in range(200)]
+    exact = measure.unit_distortions(Codec(q), _unit(64, 32), Target(w, h, f), [s], exact=True)[0][s.label()]
+    draws = [measure.unit_distortions(Codec(q), _unit(64, 32), Target(w, h, f), [s], seed=seed)[0][s.label()] for seed in range(200)]
     assert sum(draws) / len(draws) == pytest.approx(exact, rel=0.05)
 
 
@@ -59,4 +61,4 @@ def test_quantizers_whose_rows_interact_are_measured_whole(monkeypatch):
     monkeypatch.setattr(measure, "MEASURE_ROWS", 8)
     e8 = get_quantizer_class("e8")()
     assert not e8.rows_independent
-    assert measure.measured_rows(_unit(48, 32), 48, e8, exact=False, seed=0) is None
+    assert measure.measured_rows(_unit(48, 32), 48, Codec(e8), exact=False, seed=0) is None

@@ -7,6 +7,7 @@ import torch
 import casp
 from casp.algorithms import allocate as alloc
 from casp.config import CompressionConfig
+from casp.recipe import resolve
 from casp.steps.allocation import Allocation
 from casp.steps.search import _ladders, mutate
 
@@ -78,4 +79,4 @@ def test_search_improves_or_keeps_held_out_kl_and_is_deterministic(tiny_llama_di
 
 def test_search_needs_whole_matrices():
     with pytest.raises(casp.CaspError, match="search"):
-        CompressionConfig(qk_rank=0.25, search_steps=4).validate()
+        resolve(CompressionConfig(qk_rank=0.25, search_steps=4), None)

@@ -8,7 +8,7 @@ from casp.algorithms import allocate as alloc
 from casp.errors import CaspError
 from casp.steps.costs import unit_cost
 from casp.steps.joint import option_cost, qk_options
-from casp.steps.units import Unit
+from casp.steps.units import Role, Unit, UnitKey
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Allocation:
     """The allocator's problem and answer: units (possibly merged per layer), members, chosen labels."""
 
     units: list[alloc.Unit]
-    members: dict[str, list[str]]    # allocator unit name -> the unit keys it sets
+    members: dict[str, list[UnitKey]]    # allocator unit name -> the units it sets
     choice: dict[str, str]           # allocator unit name -> candidate label
     budget_bits: int
     summary: dict = field(default_factory=dict)
@@ -31,25 +31,26 @@ def _problem(units: list[Unit], codec, granularity: str, rule: str, qk_tables=No
     settings = codec.candidates()
     qk_tables = qk_tables or {}
     plain = [u for u in units if u.key not in qk_tables]
-    a_units = [alloc.Unit(name=u.key, num_weights=u.num_weights,
+    a_units = [alloc.Unit(name=str(u.key), num_weights=u.num_weights,
                           cost_bits={s.label(): unit_cost(u, s, codec) for s in settings},
                           distortion=u.distortion, layer_index=u.layer,
                           kind=f"{u.qk}_factor" if u.is_factor else "dense") for u in plain]
-    members = {u.name: [u.name] for u in a_units}
+    names = {u.name: [u.name] for u in a_units}
     if granularity == "layer" and rule == "rd":
-        a_units, members = merge_per_layer(a_units)
+        a_units, names = merge_per_layer(a_units)
+    members = {name: [UnitKey.parse(n) for n in group] for name, group in names.items()}
     for u in units:
         if u.key in qk_tables:
             table = qk_tables[u.key]
-            a_units.append(alloc.Unit(name=u.key, num_weights=u.num_weights,
+            a_units.append(alloc.Unit(name=str(u.key), num_weights=u.num_weights,
                                       cost_bits={label: cost for label, (_, cost, _) in table.items()},
                                       distortion={label: d for label, (_, _, d) in table.items()},
                                       layer_index=u.layer, kind="qk"))
-            members[u.key] = [u.key]
+            members[str(u.key)] = [u.key]
     return a_units, members
 
 
-def allocate(run, units: list[Unit], rule: str | None = None) -> dict[str, object]:
+def allocate(run, units: list[Unit], rule: str | None = None) -> dict[UnitKey, object]:
     """unit.key -> setting under the run's target. `rule` (default: the recipe's) is uniform, paper or rd; rd
     works per matrix or per layer (the recipe's granularity)."""
     rule = rule or run.recipe.allocation
@@ -86,8 +87,8 @@ def decode(a: Allocation, units: list[Unit], codec, qk_tables: dict, num_layers:
                 option = qk_tables[key][label][0]
                 u = layer_of[key]
                 ranks[u.layer][u.qk] = option.rank
-                for role in ("", ".down", ".up"):
-                    plan[f"{key}{role}"] = option.setting
+                for k in (key, key.factor(Role.DOWN), key.factor(Role.UP)):
+                    plan[k] = option.setting
             else:
                 plan[key] = by_label[label]
     return ranks, plan

@@ -18,7 +18,7 @@ from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_l
 from casp.steps.costs import unit_cost
 from casp.steps.measure import Target, fisher_of_unit, measured_rows, on_rows, unit_distortions
 from casp.steps.quantize import transform_seed
-from casp.steps.units import Role, Unit
+from casp.steps.units import Role, Unit, UnitKey
 
 DENSE = "dense"
 
@@ -83,7 +83,7 @@ def lowrank_distortions(codec, unit: Unit, rank: int, target: Target, seed: int 
     return out
 
 
-def measure_qk_options(run, measured, layers: dict, analysis: dict) -> dict[str, dict[str, tuple[QKOption, int, float]]]:
+def measure_qk_options(run, measured, layers: dict, analysis: dict) -> dict[UnitKey, dict[str, tuple[QKOption, int, float]]]:
     """For every dense W_q / W_k unit of `layers` (index -> layer, on the run's device): option label ->
     (option, exact cost, distortion).
 

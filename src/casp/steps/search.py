@@ -21,19 +21,19 @@ from tqdm.auto import tqdm
 from casp.models.offload import offloaded
 from casp.models.placement import to_device
 from casp.steps.allocation import Allocation
+from casp.steps.units import UnitKey
 
 
 class WeightSwapper:
     """Puts database weights into the model's decoder linears, and restores the originals."""
 
-    def __init__(self, layers, database: dict[tuple[str, str], torch.Tensor]):
+    def __init__(self, layers, database: dict[tuple[UnitKey, str], torch.Tensor]):
         self.layers = layers
         self.database = database
-        self.original: dict[str, torch.Tensor] = {}
+        self.original: dict[UnitKey, torch.Tensor] = {}
 
-    def _module(self, key: str):
-        i, name = key.split(":", 1)
-        return self.layers[int(i)].get_submodule(name)
+    def _module(self, key: UnitKey):
+        return self.layers[key.layer].get_submodule(key.name)
 
     def apply(self, allocation: Allocation, choice: dict[str, str]) -> None:
         for name, label in choice.items():

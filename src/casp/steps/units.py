@@ -3,11 +3,33 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
+from typing import NamedTuple
 
 from torch import nn
 
 from casp.errors import CaspError
 from casp.models.adapters import Adapter
+
+
+class UnitKey(NamedTuple):
+    """Which stored matrix: decoder layer and dotted name inside it (a factor's name ends in .down / .up).
+
+    Its text form "layer:name" is what JSON files (the resume plan) and per-unit seeds use."""
+
+    layer: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> "UnitKey":
+        layer, name = text.split(":", 1)
+        return cls(int(layer), name)
+
+    def factor(self, role: "Role") -> "UnitKey":
+        """The key of this projection's down or up factor."""
+        return UnitKey(self.layer, f"{self.name}.{role.value}")
 
 
 class Role(Enum):
@@ -38,8 +60,8 @@ class Unit:
         return self.module if self.role is Role.DENSE else f"{self.module}.{self.role.value}"
 
     @property
-    def key(self) -> str:
-        return f"{self.layer}:{self.name}"
+    def key(self) -> UnitKey:
+        return UnitKey(self.layer, self.name)
 
     @property
     def is_factor(self) -> bool:
@@ -76,7 +98,7 @@ class Plan:
 
     ranks: list[dict[str, int]]
     units: list[Unit]
-    settings: dict[str, object]      # unit key -> setting
+    settings: dict[UnitKey, object]
     summary: dict = field(default_factory=dict)
 
     def units_of(self, layer: int) -> list[Unit]:
@@ -88,8 +110,8 @@ def plan_state(plan: Plan) -> dict:
     return {
         "ranks": plan.ranks,
         "units": [{**{f.name: getattr(u, f.name) for f in fields(Unit)}, "role": u.role.value} for u in plan.units],
-        "plan": {key: asdict(setting) for key, setting in plan.settings.items()},
-        "labels": {key: setting.label() for key, setting in plan.settings.items()},
+        "plan": {str(key): asdict(setting) for key, setting in plan.settings.items()},
+        "labels": {str(key): setting.label() for key, setting in plan.settings.items()},
         "summary": plan.summary,
     }
 
@@ -97,7 +119,7 @@ def plan_state(plan: Plan) -> dict:
 def restore_plan_state(state: dict, setting_type) -> Plan:
     """The `Plan` of `plan_state` data; settings rebuilt as `setting_type` and checked by label."""
     units = [Unit(**{**u, "role": Role(u["role"])}) for u in state["units"]]
-    settings = {key: setting_type(**values) for key, values in state["plan"].items()}
-    if any(settings[key].label() != label for key, label in state["labels"].items()):
+    settings = {UnitKey.parse(key): setting_type(**values) for key, values in state["plan"].items()}
+    if any(settings[UnitKey.parse(key)].label() != label for key, label in state["labels"].items()):
         raise CaspError("--resume: the saved plan does not match this quantizer's settings; delete the partial run")
     return Plan(state["ranks"], units, settings, state["summary"])
