@@ -39,7 +39,7 @@ class CaspLinear(nn.Module, ABC):
 
     @abstractmethod
     def dense_bias(self) -> torch.Tensor | None:
-        """The bias added to the output, or None."""
+        """The bias added to the output (detached), or None."""
 
     @abstractmethod
     def spec(self) -> dict:

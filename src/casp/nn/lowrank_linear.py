@@ -62,7 +62,7 @@ class LowRankLinear(CaspLinear, kind="lowrank"):
         return dense_weight_of(self.up) @ dense_weight_of(self.down)
 
     def dense_bias(self) -> torch.Tensor | None:
-        return self.up.bias
+        return None if self.up.bias is None else self.up.bias.detach()
 
     def spec(self) -> dict:
         """Rank, shape, and whether `up` has a bias (the factors have their own specs once quantized)."""

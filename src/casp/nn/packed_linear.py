@@ -118,7 +118,7 @@ class PackedLinear(CaspLinear, kind="packed"):
         return self.quantized_weight().dequantize()
 
     def dense_bias(self) -> torch.Tensor | None:
-        return self.bias
+        return None if self.bias is None else self.bias.detach()
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         small = self.out_features * self.in_features < SMALL_WEIGHTS

@@ -65,7 +65,7 @@ class TransformedLinear(CaspLinear, kind="transformed"):
         return self._maps(torch.eye(self.in_features, device=device)).float().t().contiguous()
 
     def dense_bias(self) -> torch.Tensor | None:
-        return self.bias
+        return None if self.bias is None else self.bias.detach()
 
     def spec(self) -> dict:
         """The transform's metadata, and whether there is a bias (`inner` has its own spec)."""
