@@ -33,9 +33,10 @@ from typing import Callable
 import torch
 
 from casp.nn import PackedLinear
-from casp.quant import QuantizedWeight, get_format
+from casp.quant import QuantizedWeight
 from casp.quant.aqlm import aqlm_cpu_matmul, pack_aqlm_codes
 from casp.quant.e8 import e8p_cpu_matmul
+from casp.quant.kernel_registry import using_matmul_kernel
 from casp.quant.packing import pack_codes
 from casp.quant.scalar import num_groups
 
@@ -118,16 +119,8 @@ def layer_formats(formats=("scalar", "e8", "aqlm"), bits=(2, 3, 4), group: int =
 
 def fallback_forward(module: PackedLinear, x: torch.Tensor, fallback) -> torch.Tensor:
     """The module's forward with the format's CPU kernel replaced by `fallback` (None: removed)."""
-    kernels = get_format(module.meta["format"]).kernels
-    kernel = kernels.pop("cpu", None)
-    if fallback is not None:
-        kernels["cpu"] = fallback
-    try:
+    with using_matmul_kernel(module.meta["format"], "cpu", fallback):
         return module(x)
-    finally:
-        kernels.pop("cpu", None)
-        if kernel is not None:
-            kernels["cpu"] = kernel
 
 
 def paired_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -149,7 +142,7 @@ def bench_layer(qw: QuantizedWeight, fallback, batches, reps, gen, time_fallback
     """Paired dense / kernel (/ fallback) timings of one packed weight at each batch size."""
     module = PackedLinear.from_quantized(qw)
     out_f, in_f = module.out_features, module.in_features
-    dense_w = module.dequantized_weight()
+    dense_w = module.dense_weight()
     t0 = time.perf_counter()
     with torch.inference_mode():
         module(torch.zeros(1, in_f))

@@ -45,7 +45,7 @@ def run(device: torch.device, bits_list, batches, reps: int) -> list[tuple]:
         for bits in bits_list:
             qw = random_packed(out_f, in_f, bits, GROUP, gen)
             packed = PackedLinear.from_quantized(qw).to(device)
-            dense_w = packed.dequantized_weight().to(dtype)
+            dense_w = packed.dense_weight().to(dtype)
             bpw = packed.stored_bits() / (out_f * in_f)
             with torch.inference_mode():
                 for batch in batches:

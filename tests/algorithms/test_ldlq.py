@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from casp.algorithms.e8p import e8p_encode, rvq_encode
+from casp.algorithms.hessian import prepare_hessian
 from casp.algorithms.ldlq import (
     block_ldl,
     block_ldl_reference,
     block_ldlq,
     block_ldlq_reference,
-    damp_hessian,
     proxy_loss,
 )
 
@@ -22,7 +22,7 @@ def correlated(out_f, in_f, seed=0, dtype=torch.float64):
     x = torch.randn(3 * in_f, in_f, generator=g, dtype=dtype) @ torch.randn(in_f, in_f, generator=g, dtype=dtype)
     x = x * torch.exp(0.5 * torch.randn(in_f, generator=g, dtype=dtype))
     w = torch.randn(out_f, in_f, generator=g, dtype=dtype)
-    return w, damp_hessian(x.T @ x, 0.01)
+    return w, prepare_hessian(x.T @ x, 0.01)
 
 
 def test_block_ldl_factors_h():

@@ -12,8 +12,8 @@ from torch import nn
 
 import casp.nn.cpu_kernels as ck
 from casp.nn import PackedLinear
-from casp.nn.packed_linear import register_matmul_kernel
-from casp.quant.scalar import SCALAR_FORMAT, QuantSpec, effective_group_size, rtn_codes, to_quantized_weight
+from casp.quant.kernel_registry import using_matmul_kernel
+from casp.quant.scalar import QuantSpec, effective_group_size, rtn_codes, to_quantized_weight
 
 U = 2.0 ** -8
 
@@ -23,13 +23,8 @@ pytestmark = pytest.mark.skipif(not ck.kernel_available(), reason="no vectorized
 @pytest.fixture(autouse=True)
 def kernel_registered(one_torch_thread):
     """Other tests may unregister the scalar CPU kernel; these need it in place."""
-    before = SCALAR_FORMAT.kernels.get("cpu")
-    register_matmul_kernel("scalar", "cpu", ck.scalar_cpu_matmul)
-    yield
-    if before is None:
-        SCALAR_FORMAT.kernels.pop("cpu", None)
-    else:
-        SCALAR_FORMAT.kernels["cpu"] = before
+    with using_matmul_kernel("scalar", "cpu", ck.scalar_cpu_matmul):
+        yield
 
 
 def _layer(out_f, in_f, spec, seed=0, bias=True):
@@ -42,14 +37,14 @@ def _layer(out_f, in_f, spec, seed=0, bias=True):
 
 def _bound(m, x, ref):
     """The elementwise error bound of the module docstring."""
-    w = m.dequantized_weight()
+    w = m.dense_weight()
     g = effective_group_size(m.in_features, m.meta["group_size"])
     s = m.scales.float().repeat_interleave(g, dim=1)[:, :m.in_features]
     return U * ref.abs() + U * (x.abs() @ (2 * w.abs() + (1 << m.meta["bits"]) * s).T)
 
 
 def _reference(m, x):
-    return nn.functional.linear(x, m.dequantized_weight(), m.bias)
+    return nn.functional.linear(x, m.dense_weight(), m.bias)
 
 
 @pytest.mark.parametrize("sym", [False, True])
@@ -101,7 +96,7 @@ def test_declines_to_the_generic_path(case, decline_input):
         m.cache_dequantized = True
     assert ck.scalar_cpu_matmul(m, x) is None
     y = m(x)
-    ref = nn.functional.linear(x, m.dequantized_weight().to(x.dtype), m.bias.to(x.dtype))
+    ref = nn.functional.linear(x, m.dense_weight().to(x.dtype), m.bias.to(x.dtype))
     assert torch.equal(y, ref)
     if case == "grad":
         y.sum().backward()
@@ -177,10 +172,6 @@ def test_save_load_round_trip_logits(llama_256_dir, scene_text, tmp_path):
     used = [m for m in loaded.modules() if isinstance(m, PackedLinear) and m.__dict__.get("_kernel_cache") is not None]
     assert len(used) >= 7          # every decoder linear of the layer ran on the kernel
     assert torch.equal(want, got)
-    kernel = SCALAR_FORMAT.kernels.pop("cpu")
-    try:
-        with torch.no_grad():
-            generic = loaded(ids).logits
-    finally:
-        SCALAR_FORMAT.kernels["cpu"] = kernel
+    with torch.no_grad(), using_matmul_kernel("scalar", "cpu", None):
+        generic = loaded(ids).logits
     assert (got - generic).norm() / generic.norm() < 1e-2

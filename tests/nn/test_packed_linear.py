@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from casp.nn.packed_linear import PackedLinear, register_matmul_kernel, unregister_matmul_kernel
+from casp.nn.packed_linear import PackedLinear
+from casp.quant.kernel_registry import register_matmul_kernel, unregister_matmul_kernel
 from casp.quant.scalar import scalar_stored_bits as storage_bits
 from casp.quant import QuantizedWeight, QuantSpec, get_quantizer_class, register_format, StorageFormat
 
@@ -24,7 +25,7 @@ def test_forward_matches_dequantized_linear(method, spec):
     lin, qw, deq = _quantized(spec=spec, method=method)
     m = PackedLinear.from_quantized(qw, bias=lin.bias.data)
     assert (m.in_features, m.out_features) == (200, 48)
-    assert torch.equal(m.dequantized_weight(), deq)
+    assert torch.equal(m.dense_weight(), deq)
     x = torch.randn(5, 7, 200)
     assert torch.equal(m(x), nn.functional.linear(x, deq, lin.bias.data))
     assert m.stored_bits() == qw.stored_bits() == storage_bits(spec, 48, 200)
@@ -79,8 +80,8 @@ def test_small_layers_cache_their_weight_and_follow_in_place_changes():
     x = torch.randn(2, 200)
     assert torch.equal(m(x), nn.functional.linear(x, deq)) and torch.equal(m._cache, deq)
     m.scales.mul_(2)
-    assert torch.equal(m(x), nn.functional.linear(x, m.dequantized_weight()))
-    assert torch.equal(m._cache, m.dequantized_weight()) and not torch.equal(m._cache, deq)
+    assert torch.equal(m(x), nn.functional.linear(x, m.dense_weight()))
+    assert torch.equal(m._cache, m.dense_weight()) and not torch.equal(m._cache, deq)
 
 
 def test_kernel_extension_point():
@@ -130,7 +131,7 @@ def test_slabbed_forward(chunk_rows):
     y = m(x)
     assert y.shape == (3, 4, 70)
     torch.testing.assert_close(y, nn.functional.linear(x, deq, lin.bias.data), rtol=1e-5, atol=1e-5)
-    assert torch.equal(m.dequantized_weight(), deq)
+    assert torch.equal(m.dense_weight(), deq)
 
 
 def test_dtype_casts_keep_the_stored_tensors():
@@ -142,4 +143,4 @@ def test_dtype_casts_keep_the_stored_tensors():
     for n, b in m.named_buffers():
         assert b.dtype == before[n].dtype and torch.equal(b, before[n])
     assert m.bias.dtype == torch.float32
-    assert torch.equal(m.dequantized_weight(), deq)
+    assert torch.equal(m.dense_weight(), deq)

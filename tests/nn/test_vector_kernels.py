@@ -24,6 +24,7 @@ from casp.quant import aqlm as aqlm_mod
 from casp.quant import e8 as e8mod
 from casp.quant.aqlm import AQLMQuantizer, AQLMSetting, unpack_aqlm_codes
 from casp.quant.e8 import E8Quantizer, E8Setting
+from casp.quant.kernel_registry import using_matmul_kernel
 from random_problems import weight_and_xtx
 
 U_BF16 = 2.0 ** -8
@@ -36,15 +37,8 @@ pytestmark = pytest.mark.skipif(not ck.kernel_available(), reason="no vectorized
 @pytest.fixture(autouse=True)
 def kernels_registered(one_torch_thread):
     """Other tests may unregister the CPU kernels; these need them in place."""
-    formats = {name: getattr(mod, f"{name.upper()}_FORMAT") for name, mod in (("e8p", e8mod), ("aqlm", aqlm_mod))}
-    before = {name: fmt.kernels.get("cpu") for name, fmt in formats.items()}
-    for name, fmt in formats.items():
-        fmt.kernels["cpu"] = KERNELS[name]
-    yield
-    for name, fmt in formats.items():
-        fmt.kernels.pop("cpu", None)
-        if before[name] is not None:
-            fmt.kernels["cpu"] = before[name]
+    with using_matmul_kernel("e8p", "cpu", KERNELS["e8p"]), using_matmul_kernel("aqlm", "cpu", KERNELS["aqlm"]):
+        yield
 
 
 def _e8_layer(bits, act_order=False, in_f=512, out_f=256, seed=0, bias=True):
@@ -160,7 +154,7 @@ def test_aqlm_large_codebooks_decline():
     x = torch.randn(1, 512)
     y = aqlm_fast_cpu_matmul(m, x)
     assert m.__dict__.get("_kernel_cache") is None
-    ref = nn.functional.linear(x, m.dequantized_weight(), m.bias)
+    ref = nn.functional.linear(x, m.dense_weight(), m.bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 

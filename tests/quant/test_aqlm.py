@@ -12,6 +12,7 @@ from casp.nn.packed_linear import PackedLinear
 from casp.quant import get_format, get_quantizer_class, quant_loss
 from casp.quant import aqlm as aqlm_mod
 from casp.quant.aqlm import AQLMQuantizer, AQLMSetting, pack_aqlm_codes, unpack_aqlm_codes
+from casp.quant.kernel_registry import matmul_kernel
 from random_problems import weight_and_xtx
 
 
@@ -115,7 +116,7 @@ def test_cpu_kernel_matches_dequantize_then_matmul(setting, in_f, monkeypatch):
     bias = torch.randn(40)
     module = PackedLinear.from_quantized(qw, bias)
     monkeypatch.setattr(aqlm_mod, "_CPU_SLAB_ELEMENTS", 8 * in_f)  # several slabs of rows
-    assert get_format("aqlm").kernels["cpu"] is aqlm_fast_cpu_matmul   # declines small layers to this kernel
+    assert matmul_kernel("aqlm", "cpu") is aqlm_fast_cpu_matmul   # declines small layers to this kernel
     for shape in [(1, in_f), (2, 3, in_f), (4, 5, in_f)]:
         x = torch.randn(shape)
         ref = torch.nn.functional.linear(x, deq, bias)

@@ -12,6 +12,7 @@ from casp.nn.packed_linear import PackedLinear
 from casp.quant import GPTQ, QuantSpec, get_format, get_quantizer_class, quant_loss
 from casp.quant import e8 as e8mod
 from casp.quant.e8 import E8Quantizer, E8Setting
+from casp.quant.kernel_registry import matmul_kernel
 from random_problems import weight_and_xtx
 
 
@@ -108,7 +109,7 @@ def test_cpu_kernel_matches_dequantize_then_matmul(bits, act_order, in_f, monkey
     y = e8mod.e8p_cpu_matmul(module, x)
     assert y.shape == (2, 3, 40)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    assert get_format("e8p").kernels["cpu"] is e8p_fast_cpu_matmul   # declines small layers to the slab kernel
+    assert matmul_kernel("e8p", "cpu") is e8p_fast_cpu_matmul   # declines small layers to the slab kernel
     torch.testing.assert_close(module(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 

@@ -120,7 +120,7 @@ def test_module_round_trip_on_a_fallback_shape():
     p = Incoherence().build(m, n, seed=9)
     mod = TransformedLinear(nn.Linear(n, m, bias=False).double(), p, bias=torch.randn(m))
     assert mod.transform_bits() == Incoherence().stored_bits(m, n)
-    spec = json.loads(json.dumps(mod.casp_spec()))
+    spec = json.loads(json.dumps(mod.spec()))
     new = TransformedLinear.from_spec(spec)
     new.inner = nn.Linear(n, m, bias=False).double()
     new.load_state_dict(mod.state_dict())
@@ -157,7 +157,7 @@ def test_quantized_in_the_hadamard_basis(compressed, tiny_llama_dir):
     assert isinstance(mod, TransformedLinear) and isinstance(mod.inner, PackedLinear)
     assert (mod.meta["kind_out"], mod.meta["kind_in"]) == ("hadamard", "hadamard")
     w = original.model.layers[0].mlp.down_proj.weight.data
-    stored = mod.inner.dequantized_weight()
+    stored = mod.inner.dense_weight()
     with torch.no_grad():
         dense = mod(torch.eye(mod.in_features)).T
     torch.testing.assert_close(dense, restore_weight(Incoherence, mod.params(), stored), rtol=0, atol=1e-5)

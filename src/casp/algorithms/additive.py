@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from casp.algorithms.hessian import prepare_hessian
+
 FP16_TINY = 2.0 ** -24
 FP16_MAX = 65504.0
 
@@ -59,17 +61,6 @@ def pad_inputs(w: torch.Tensor, h: torch.Tensor, g: int) -> tuple[torch.Tensor, 
     mean = float(h.diagonal().mean()) if n else 1.0
     hp[n:, n:] = (mean if mean > 0 else 1.0) * torch.eye(pad, dtype=h.dtype, device=h.device)
     return w, hp
-
-
-def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """float32 H, symmetrised, dead inputs (H_jj = 0) set to 1, plus damp·mean(diag H)·I."""
-    h = h.detach().to(torch.float64)
-    h = 0.5 * (h + h.T)
-    dead = h.diagonal() == 0
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-    h = h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return h.float()
 
 
 def reconstruct(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -448,7 +439,7 @@ def quantize_additive(w: torch.Tensor, h: torch.Tensor | None, num_codebooks: in
     if bool(dead.any()):   # inputs that never fire: their weights are free, code them as zeros
         wp = wp.clone()
         wp[:, dead] = 0.0
-    hs = damped(hp, damp)
+    hs = prepare_hessian(hp, damp).float()
     scales = positive_fp16(wp.pow(2).mean(1).sqrt())
     books, codes = init_codebooks(wp / scales[:, None], num_codebooks, codebook_bits, g, iters=kmeans_iters,
                                   seed=seed)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from casp.algorithms.ldlq import block_ldlq, damp_hessian, feedback_matrix, proxy_loss
+from casp.algorithms.hessian import prepare_hessian
+from casp.algorithms.ldlq import block_ldlq, feedback_matrix, proxy_loss
 
 CODE_DIM = 8
 NUM_CODES = 1 << 16
@@ -333,7 +334,7 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, 
         w[:, dead] = 0.0
     perm = torch.argsort(h64.diagonal(), descending=True, stable=True) if act_order else None
     wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
-    wp, hp = pad_to_codes(wq, damp_hessian(hq, damp, shrink))
+    wp, hp = pad_to_codes(wq, prepare_hessian(hq, damp, shrink))
     a, _ = feedback_matrix(hp, CODE_DIM)
     a = a.float()
     rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0

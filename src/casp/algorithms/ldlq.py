@@ -23,26 +23,6 @@ import torch
 BlockQuantizer = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]  # target -> (codes, values)
 
 
-def shrink_off_diagonal_(h: torch.Tensor, shrink: float) -> torch.Tensor:
-    """H's off-diagonal scaled by (1 - shrink) in place, its diagonal kept (GPTQ's and E8's `shrink`)."""
-    if shrink:
-        kept = h.diagonal().clone()
-        h.mul_(1.0 - shrink).diagonal().copy_(kept)
-    return h
-
-
-def damp_hessian(h: torch.Tensor, damp: float, shrink: float = 0.0) -> torch.Tensor:
-    """float64 copy of H, symmetrised, with dead inputs (H_jj = 0) set to 1, the off-diagonal scaled by
-    (1 - shrink) and damp·mean(diag)·I added."""
-    h = h.detach().to(torch.float64)
-    h = 0.5 * (h + h.T)
-    dead = h.diagonal() == 0
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-    shrink_off_diagonal_(h, shrink)
-    return h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-
-
 def _check_blocks(n: int, block: int) -> int:
     if block < 1 or n % block:
         raise ValueError(f"dimension {n} is not a multiple of the block size {block}")

@@ -1,9 +1,10 @@
 """Save and load compressed models in Hugging Face conventions, atomically, without pickle.
 
 OUT/config.json carries `quantization_config` (quant_method "casp") listing every replaced
-module: low-rank Q/K (`{"type": "lowrank", "rank": r}`) and packed matrices (the quantizer's
-metadata). Weights are safetensors; dense parts are stored in fp16 and the in-memory model
-is rounded through fp16 before saving, so a reload gives identical logits.
+module by its `CaspLinear.spec()`: low-rank Q/K (`{"type": "lowrank", "rank": r}`), packed matrices
+(the quantizer's metadata), transforms. Loading rebuilds each through the module registry
+(`casp.nn.module_from_spec`). Weights are safetensors; dense parts are stored in fp16 and the
+in-memory model is rounded through fp16 before saving, so a reload gives identical logits.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from casp.errors import CaspError
 from casp.io.checkpoint import QUANT_METHOD, architecture_of, read_config
 from casp.io.hf_compat import load_config, model_keys, unwrapped_names
+from casp.nn.base import CaspLinear, module_class
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +64,20 @@ def atomic_dir(out: Path):
         raise
 
 
-def _is_casp_module(module: nn.Module) -> bool:
-    from casp.nn import MODULE_TYPES
-
-    return isinstance(module, tuple(MODULE_TYPES.values()))
-
-
 def module_specs(model: nn.Module) -> dict[str, dict]:
     """Every casp module in the model, as JSON: what `load_compressed` must rebuild before loading weights."""
-    return {name: m.casp_spec() for name, m in model.named_modules() if _is_casp_module(m)}
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, CaspLinear)}
 
 
 def install_modules(model: nn.Module, specs: dict[str, dict]) -> None:
     """Replace dense linears by empty casp modules of the recorded shapes (parents before children)."""
-    from casp.nn import MODULE_TYPES
-
     for name in sorted(specs, key=lambda n: n.count(".")):
         spec = specs[name]
-        if spec.get("type") not in MODULE_TYPES:
-            raise CaspError(f"unknown casp module type {spec.get('type')!r} for {name}")
-        model.set_submodule(name, MODULE_TYPES[spec["type"]].from_spec(spec))
+        try:
+            cls = module_class(spec.get("type"))
+        except KeyError:
+            raise CaspError(f"unknown casp module type {spec.get('type')!r} for {name}") from None
+        model.set_submodule(name, cls.from_spec(spec))
 
 
 def round_through_fp16(model: nn.Module) -> None:
@@ -198,18 +194,13 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
 
 
 @torch.no_grad()
-def dense_equivalent(module: nn.Module) -> nn.Linear:
-    """The plain linear a casp module computes: its weight read off by probing with the identity."""
-    bias = getattr(module, "bias", None)
-    if bias is None and hasattr(module, "up"):
-        bias = module.up.bias
-    eye = torch.eye(module.in_features)
-    out = module(eye).float()
+def dense_equivalent(module: CaspLinear) -> nn.Linear:
+    """The plain float32 linear a casp module computes: its `dense_weight()` and `dense_bias()`."""
+    bias = module.dense_bias()
     lin = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
+    lin.weight.copy_(module.dense_weight())
     if bias is not None:
         lin.bias.copy_(bias.float())
-        out = out - bias.float()
-    lin.weight.copy_(out.t())
     return lin
 
 
@@ -218,7 +209,7 @@ def export_dense(src: str | Path, dst: str | Path, overwrite: bool = False) -> P
     src, dst = Path(src), Path(dst)
     check_output_dir(dst, overwrite)
     model = load_compressed(src)
-    outer = [n for n, m in model.named_modules() if _is_casp_module(m)]
+    outer = [n for n, m in model.named_modules() if isinstance(m, CaspLinear)]
     outer = [n for n in outer if not any(n.startswith(o + ".") for o in outer)]
     for name in outer:
         model.set_submodule(name, dense_equivalent(model.get_submodule(name)))

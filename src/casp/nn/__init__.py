@@ -1,11 +1,10 @@
-"""casp's inference modules, each rebuildable from the JSON spec saved in config.json."""
+"""casp's inference modules: `CaspLinear` subclasses, registered by kind and rebuilt from the JSON spec
+saved in config.json (`module_from_spec`). The formats' matmul kernels are declared with the formats
+(`casp.quant.kernel_registry`), not installed by importing this package."""
+from casp.nn.base import MODULE_TYPES, CaspLinear, dense_weight_of, module_class, module_from_spec
 from casp.nn.lowrank_linear import LowRankLinear
 from casp.nn.packed_linear import PackedLinear
 from casp.nn.transformed_linear import TransformedLinear
-import casp.nn.cpu_kernels  # noqa: F401  registers the scalar format's CPU kernel
-import casp.nn.e8p_kernels  # noqa: F401  registers the e8p format's CPU kernel
-import casp.nn.aqlm_kernels  # noqa: F401  registers the aqlm format's CPU kernel
 
-MODULE_TYPES = {"lowrank": LowRankLinear, "packed": PackedLinear, "transformed": TransformedLinear}
-
-__all__ = ["LowRankLinear", "MODULE_TYPES", "PackedLinear", "TransformedLinear"]
+__all__ = ["CaspLinear", "LowRankLinear", "MODULE_TYPES", "PackedLinear", "TransformedLinear", "dense_weight_of",
+           "module_class", "module_from_spec"]

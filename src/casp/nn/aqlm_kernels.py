@@ -1,5 +1,7 @@
 """Small-batch CPU matmul for the additive-codebook format ("aqlm") by lookup tables and embedding_bag.
 
+`aqlm_fast_cpu_matmul` is the format's CPU kernel, declared where the format is defined (`casp.quant.aqlm`).
+
 Method: y_r = s_r · Σ_{grp, m} x_grp · C_m[b_{r,grp,m}]. The input groups are cut into chunks of
 `CHUNK_GROUPS`; chunk c's lookup table L_c[(m·K + k)·16 + j, t] = x_t,grp_j · C_m[k] is a float32
 matmul (M·K × g)·(g × 16·T), 32 KB per token at 2x8, so it stays in cache while it is read.
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from casp.nn import cpu_kernels as ck
-from casp.quant.aqlm import AQLM_FORMAT, aqlm_cpu_matmul, unpack_aqlm_codes
+from casp.quant.aqlm import aqlm_cpu_matmul, unpack_aqlm_codes
 
 MAX_CODEBOOK_BITS = 8
 CHUNK_GROUPS = 16              # input groups per lookup table (M·2^B·16·T float32: 32 KB per token at 2x8)
@@ -116,5 +118,3 @@ def aqlm_fast_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor | None:
             return lut_matmul(module, tables, x)
     return aqlm_cpu_matmul(module, x)
 
-
-AQLM_FORMAT.kernels["cpu"] = aqlm_fast_cpu_matmul

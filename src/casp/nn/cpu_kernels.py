@@ -1,6 +1,6 @@
 """Small-batch CPU matmul for the scalar format on torch's own int4 kernel (no extension to build).
 
-`scalar_cpu_matmul(module, x)` is registered as the scalar format's `kernels["cpu"]`. It computes
+`scalar_cpu_matmul(module, x)` is the scalar format's CPU kernel (declared in `casp.quant.scalar`). It computes
 y = x Wᵀ + b with `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits per weight
 instead of dense float32's 32; at batch 1 the matmul is memory-bound, so that is the speed-up.
 
@@ -37,7 +37,7 @@ has `cache_dequantized` set (an explicit request for the dense float path); the 
 than `MIN_WEIGHTS` weights (toy layers keep exact float32 results, at a cost of tens of µs); the
 group size is not a multiple of 32; the CPU has neither AVX2 nor AVX512 (torch's bfloat16 path is
 not vectorized there); or the running torch lacks the ops. To force the generic path everywhere:
-`casp.nn.packed_linear.unregister_matmul_kernel("scalar", "cpu")`.
+`casp.quant.kernel_registry.unregister_matmul_kernel("scalar", "cpu")`.
 
 The int4 pieces (`pack_int4`, `pack_scales_zeros`, `int4_matmul`) and the cache and decline rules
 (`cached_layout`, `declines`) are plain functions shared with the vector formats' kernels
@@ -52,7 +52,7 @@ import torch
 
 from casp.nn.packed_linear import buffers_key
 from casp.quant.packing import unpack_codes
-from casp.quant.scalar import SCALAR_FORMAT, num_groups
+from casp.quant.scalar import num_groups
 
 MAX_TOKENS = 32          # small-batch decoding; on AVX2 the kernel's edge over dense is gone by 32-64 rows
 MIN_WEIGHTS = 1 << 16    # smaller (toy) layers keep exact float32 results; they cost microseconds either way
@@ -229,5 +229,3 @@ def scalar_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     return int4_matmul(w, x, module.out_features, module.bias)
 
-
-SCALAR_FORMAT.kernels["cpu"] = scalar_cpu_matmul

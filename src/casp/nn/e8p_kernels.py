@@ -1,5 +1,7 @@
 """Small-batch CPU matmul for the E8P lattice format ("e8p") on torch's int4 kernel.
 
+`e8p_fast_cpu_matmul` is the format's CPU kernel, declared where the format is defined (`casp.quant.e8`).
+
 Method: every E8P codeword coordinate is an odd multiple of 1/4 in [-2.75, 2.75] (|x| ∈ {½, 3/2,
 5/2} plus a ±¼ shift), so v = (q - 8)·½ - ¼ with q = 2v + 8.5 ∈ [3, 14]; every coordinate of the
 3-bit residual table is in {0, ±½, ±1, ±2}, so v = (q - 8)·½ with q = 2v + 8 ∈ [4, 12]. A layer is
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 from casp.algorithms.e8p import e8_1bit_table, e8p_codebook, stage_kinds
 from casp.nn import cpu_kernels as ck
-from casp.quant.e8 import E8P_FORMAT, code_names, e8p_cpu_matmul
+from casp.quant.e8 import code_names, e8p_cpu_matmul
 
 _E8P_ZERO = -0.25            # q = 2v + 8.5 with kernel scale ½ and zero -¼
 _RESIDUAL_ZERO = 0.0         # 3-bit residual stage: q = 2v + 8, zero 0
@@ -110,5 +112,3 @@ def e8p_fast_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor | None:
             return ck.int4_matmul(w, x, module.out_features, module.bias)
     return e8p_cpu_matmul(module, x)
 
-
-E8P_FORMAT.kernels["cpu"] = e8p_fast_cpu_matmul

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from casp.algorithms.lowrank import check_rank
+from casp.nn.base import CaspLinear, dense_weight_of
 
 
-
-class LowRankLinear(nn.Module):
+class LowRankLinear(CaspLinear, kind="lowrank"):
     """y = up(down(x)): a rank-r stand-in for an m×n `nn.Linear`, bias (if any) on `up`.
 
     `down` (n→r) holds B and `up` (r→m) holds A. Both are plain `nn.Linear`s and `forward` only
@@ -58,12 +58,15 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
     def dense_weight(self) -> torch.Tensor:
-        """A·B (m×n), while both children are still plain `nn.Linear`s."""
-        return self.up.weight @ self.down.weight
+        """A·B (m×n), from the factors' own dense weights (plain, packed or transformed)."""
+        return dense_weight_of(self.up) @ dense_weight_of(self.down)
 
-    def casp_spec(self) -> dict:
-        """What loading needs to rebuild this module before its weights are read."""
-        return {"type": "lowrank", "rank": self.rank, "in_features": self.in_features,
+    def dense_bias(self) -> torch.Tensor | None:
+        return None if self.up.bias is None else self.up.bias.detach()
+
+    def spec(self) -> dict:
+        """Rank, shape, and whether `up` has a bias (the factors have their own specs once quantized)."""
+        return {"type": self.kind, "rank": self.rank, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.up.bias is not None}
 
     @classmethod

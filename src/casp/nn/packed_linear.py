@@ -9,12 +9,12 @@ repacked layout; every cache is dropped on `.to()` and loading.
 On CPU the weight is rebuilt a slab of output rows at a time (`chunk_rows`), so the full dense
 matrix never exists and the scratch buffers stay small enough to be reused by the allocator.
 
-Extension point for fused kernels: a format's `kernels` (or `register_matmul_kernel(format,
-device_type, fn)`). Before the generic path, `forward` offers the call to the format's kernel for
-x.device.type;
+Extension point for fused kernels: `casp.quant.kernel_registry`, where each format declares its
+kernels by device type (`register_matmul_kernel(format, device_type, fn)` adds or replaces one).
+Before the generic path, `forward` offers the call to the format's kernel for x.device.type;
 `fn(module, x)` returns the output, or None to decline (unsupported shape, dtype or batch), in
 which case the generic dequantize + F.linear path runs. A batch-1 dequantize-matmul (e.g. Triton
-on CUDA) plugs in here without touching this module.
+on CUDA) plugs in there without touching this module.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casp.quant.base import MatmulKernel, QuantizedWeight, get_format
+from casp.nn.base import CaspLinear
+from casp.quant.base import QuantizedWeight, get_format
+from casp.quant.kernel_registry import matmul_kernel
 
 _CPU_CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 weight per slab
 SMALL_WEIGHTS = 1 << 16        # below this the dense weight (<= 256 KB in float32) is cached: rebuilding it
@@ -43,16 +45,7 @@ def buffers_key(module) -> tuple:
     return tuple(key)
 
 
-def register_matmul_kernel(fmt: str, device_type: str, fn: MatmulKernel) -> None:
-    """Use `fn(module, x)` for layers of format `fmt` on inputs on `device_type` ("cuda", "cpu")."""
-    get_format(fmt).kernels[device_type] = fn
-
-
-def unregister_matmul_kernel(fmt: str, device_type: str) -> None:
-    get_format(fmt).kernels.pop(device_type, None)
-
-
-class PackedLinear(nn.Module):
+class PackedLinear(CaspLinear, kind="packed"):
     """Linear layer whose weight lives in a packed quantized format (any registered format)."""
 
     def __init__(
@@ -103,9 +96,9 @@ class PackedLinear(nn.Module):
         bias = torch.zeros(int(meta["out_features"]), dtype=dtype) if has_bias else None
         return cls(meta, tensors, bias=bias)
 
-    def casp_spec(self) -> dict:
-        """What loading needs to rebuild this module before its weights are read."""
-        return {"type": "packed", "bias": self.bias is not None, **self.meta}
+    def spec(self) -> dict:
+        """The format's metadata, and whether there is a bias."""
+        return {"type": self.kind, "bias": self.bias is not None, **self.meta}
 
     @classmethod
     def from_spec(cls, spec: dict) -> PackedLinear:
@@ -120,16 +113,19 @@ class PackedLinear(nn.Module):
         """Bits of the stored weight tensors (bias not included), as `QuantizedWeight.stored_bits`."""
         return self.quantized_weight().stored_bits()
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The float32 weight (out, in) rebuilt from the buffers, on their device."""
         return self.quantized_weight().dequantize()
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.detach()
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         small = self.out_features * self.in_features < SMALL_WEIGHTS
         cache = self._cache
         if cache is not None and cache.dtype == dtype and (not small or self._cache_key == buffers_key(self)):
             return cache
-        w = self.dequantized_weight().to(dtype)
+        w = self.dense_weight().to(dtype)
         if self.cache_dequantized or small:
             self._cache, self._cache_key = w, buffers_key(self)
         return w
@@ -163,7 +159,7 @@ class PackedLinear(nn.Module):
         return self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = get_format(self.meta["format"]).kernels.get(x.device.type)
+        kernel = matmul_kernel(self.meta["format"], x.device.type)
         if kernel is not None:
             y = kernel(self, x)
             if y is not None:

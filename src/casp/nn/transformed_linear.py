@@ -3,18 +3,23 @@
 `inner` is the quantized matrix W' = U W Vᵀ (any casp module, usually a `PackedLinear` without
 bias); the transform's stored tensors are buffers of this module, so they are saved, loaded and
 counted like every other stored bit.
+
+Its dense weight W = Uᵀ W' V is read off the module's own maps applied to the identity, in forward's
+order: `restore_weight` gives the same matrix up to rounding, but only this order gives, bit for bit,
+what the module computes (and what the `up` factor quantized after a transformed `down` was measured on).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from casp.nn.base import CaspLinear
 from casp.transforms.base import TransformParams, get_transform_class
 
 _PREFIX = "transform_"
 
 
-class TransformedLinear(nn.Module):
+class TransformedLinear(CaspLinear, kind="transformed"):
     """Drop-in for `nn.Linear` whose weight is stored in a transformed basis."""
 
     def __init__(self, inner: nn.Module, params: TransformParams, bias: torch.Tensor | None = None):
@@ -44,13 +49,27 @@ class TransformedLinear(nn.Module):
                       for n in self._names)
         return tensors + int(self.meta.get("seed_bits", 0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ without the bias: out_inverse(inner(in_forward(x)))."""
         cls, p = self.transform, self.params()
-        y = cls.out_inverse(p.tensors, p.meta, self.inner(cls.in_forward(p.tensors, p.meta, x)))
+        return cls.out_inverse(p.tensors, p.meta, self.inner(cls.in_forward(p.tensors, p.meta, x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._maps(x)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
-    def casp_spec(self) -> dict:
-        return {"type": "transformed", "bias": self.bias is not None, "transform": dict(self.meta)}
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """W = Uᵀ W' V (float32), as the module computes it: its maps applied to the identity."""
+        device = next(self.buffers(), torch.empty(0)).device
+        return self._maps(torch.eye(self.in_features, device=device)).float().t().contiguous()
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.detach()
+
+    def spec(self) -> dict:
+        """The transform's metadata, and whether there is a bias (`inner` has its own spec)."""
+        return {"type": self.kind, "bias": self.bias is not None, "transform": dict(self.meta)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> TransformedLinear:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from casp.algorithms.additive import quantize_additive, reconstruct
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
+from casp.quant.kernel_registry import declare_kernels
 from casp.quant.packing import pack_codes, packed_bits, packed_words, unpack_codes
 
 FORMAT = "aqlm"
@@ -244,8 +245,8 @@ def aqlm_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], out_f)
 
 
-AQLM_FORMAT = StorageFormat(FORMAT, dequantize_aqlm, empty_aqlm_tensors, aqlm_stored_bits, aqlm_row_reader,
-                            kernels={"cpu": aqlm_cpu_matmul})
+AQLM_FORMAT = StorageFormat(FORMAT, dequantize_aqlm, empty_aqlm_tensors, aqlm_stored_bits, aqlm_row_reader)
+declare_kernels(FORMAT, cpu="casp.nn.aqlm_kernels:aqlm_fast_cpu_matmul")   # lookup tables, else aqlm_cpu_matmul
 
 
 @register

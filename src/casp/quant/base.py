@@ -5,8 +5,8 @@ A quantizer is one module. It declares
   `CompressionConfig.quantizer_options`; fields with `metadata={"flag": ...}` become CLI flags;
 - `candidates()`: the settings the allocator may choose from, and `uniform_setting(bits)`;
 - `format`: the `StorageFormat` it writes, which owns the exact stored bits of a setting for a
-  shape (the allocator's cost), the empty tensors used for loading, dequantization and an
-  optional matmul kernel.
+  shape (the allocator's cost), the empty tensors used for loading and dequantization; its fused
+  matmul kernels, if any, are declared beside it (`casp.quant.kernel_registry`).
 The pipeline, the allocator and the report only talk to these methods; none names a quantizer.
 """
 from __future__ import annotations
@@ -41,9 +41,6 @@ class QuantizedWeight:
         return get_format(self.meta["format"]).dequantize(self)
 
 
-MatmulKernel = Callable[[object, torch.Tensor], "torch.Tensor | None"]
-
-
 @dataclass(frozen=True)
 class StorageFormat:
     """How one stored layout (`meta["format"]`) is costed, rebuilt and read.
@@ -51,8 +48,8 @@ class StorageFormat:
     `stored_bits(setting, out_features, in_features)` must equal `QuantizedWeight.stored_bits()` of
     what the quantizer writes for that setting and shape: it is the allocator's cost.
     `row_reader(qw)` (optional) gives read(start, end) -> float32 rows, so inference can rebuild a
-    large weight a slice at a time. `kernels` (optional) maps a device type ("cpu", "cuda") to a
-    fused `fn(module, x)` returning the output, or None to decline.
+    large weight a slice at a time. Fused matmul kernels are not part of it: the module defining
+    the format declares them in `casp.quant.kernel_registry`.
     """
 
     name: str
@@ -60,7 +57,6 @@ class StorageFormat:
     empty_tensors: Callable[[dict], dict[str, torch.Tensor]]
     stored_bits: Callable[[object, int, int], int]
     row_reader: Callable[[QuantizedWeight], Callable[[int, int], torch.Tensor]] | None = None
-    kernels: dict[str, MatmulKernel] = field(default_factory=dict)
 
     def rows(self, qw: QuantizedWeight) -> Callable[[int, int], torch.Tensor]:
         """A function (start, end) -> float32 weight rows [start, end)."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, quantize_matrix, stage_count, stage_decoder,
                                  stage_kinds)
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
+from casp.quant.kernel_registry import declare_kernels
 
 FORMAT = "e8p"
 E8_BITS = tuple(STAGES)
@@ -224,8 +225,8 @@ def e8p_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], out_f)
 
 
-E8P_FORMAT = StorageFormat(FORMAT, dequantize_e8p, empty_e8p_tensors, e8p_stored_bits, e8p_row_reader,
-                           kernels={"cpu": e8p_cpu_matmul})
+E8P_FORMAT = StorageFormat(FORMAT, dequantize_e8p, empty_e8p_tensors, e8p_stored_bits, e8p_row_reader)
+declare_kernels(FORMAT, cpu="casp.nn.e8p_kernels:e8p_fast_cpu_matmul")   # int4 kernel, else e8p_cpu_matmul
 
 
 @register

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from casp.algorithms.ldlq import shrink_off_diagonal_
+from casp.algorithms.hessian import prepare_hessian
 from casp.quant.base import QuantizedWeight, Quantizer, register
 from casp.quant.scalar import (
     SCALAR_FORMAT,
@@ -82,18 +82,10 @@ def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: flo
     dead = diag == 0
     diag[dead] = 1.0
     w[:, dead] = 0.0
-    # h is always a copy: the caller's XᵀX is never changed (the permuted copy is made directly).
-    if act_order:
-        perm = torch.argsort(diag, descending=True, stable=True)
-        h = src.index_select(0, perm).index_select(1, perm)
-        dead = dead[perm]
-    else:
-        perm = None
-        h = src.clone()
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    # a copy (the caller's XᵀX is never changed), as accumulated; damped below, where a failed Cholesky raises it
+    h = prepare_hessian(src, None, shrink, dtype=hessian_dtype, symmetrize=False, order=perm)
     del src
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-    shrink_off_diagonal_(h, shrink)
     u, _ = inverse_hessian_cholesky(h, damp)
     return w, perm, u.to(torch.float32)
 

@@ -27,6 +27,7 @@ import torch
 from dataclasses import dataclass, field
 
 from casp.quant.base import QuantizedWeight, StorageFormat
+from casp.quant.kernel_registry import declare_kernels
 from casp.quant.packing import pack_codes, packed_bits, packed_words, unpack_codes
 
 FORMAT = "scalar"
@@ -248,3 +249,4 @@ def scalar_stored_bits(spec: QuantSpec, out_features: int, in_features: int) -> 
 
 
 SCALAR_FORMAT = StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors, scalar_stored_bits, scalar_row_reader)
+declare_kernels(FORMAT, cpu="casp.nn.cpu_kernels:scalar_cpu_matmul")

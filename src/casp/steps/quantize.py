@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from casp.algorithms.lowrank import factor_input_xtx, whitened_lowrank
-from casp.io.storage import dense_equivalent
 from casp.models.adapters import Adapter
+from casp.nn.base import dense_weight_of
 from casp.nn.lowrank_linear import LowRankLinear
 from casp.nn.packed_linear import PackedLinear
 from casp.nn.transformed_linear import TransformedLinear
@@ -32,16 +32,12 @@ def factorise(layer: nn.Module, adapter: Adapter, ranks: dict[str, int], xtx_att
     return out
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    return module.dequantized_weight() if isinstance(module, PackedLinear) else module.weight.data
-
-
 def unit_weight_and_xtx(unit: Unit, layer: nn.Module, lowrank: dict, moments: dict):
-    """The matrix a unit stores, and the XᵀX of its input."""
+    """The matrix a unit stores, and the XᵀX of its input (for `up`: that of B·x, with B the `down`
+    factor as it is stored by then: plain, packed or transformed)."""
     if unit.role is Role.UP:
         lr = lowrank[unit.module]
-        down = lr.down
-        w_down = dense_equivalent(down).weight.data if isinstance(down, TransformedLinear) else _dense_weight(down)
+        w_down = dense_weight_of(lr.down)
         h = moments[unit.input_group]
         return lr.up.weight.data, factor_input_xtx(w_down.to(h.dtype), h)
     if unit.role is Role.DOWN:

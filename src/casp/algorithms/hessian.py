@@ -1,0 +1,48 @@
+"""The proxy Hessian H = XᵀX made ready for a quantizer's rounding: one routine for GPTQ, BlockLDLQ (E8)
+and the additive-codebook search.
+
+Steps, in this order: a copy in `dtype` (rows and columns in the quantizer's visiting order when one is
+given), symmetrised, dead inputs (H_jj = 0: they never fire) given H_jj = 1, the off-diagonal scaled
+by (1 - shrink), then damp·mean(diag H)·I added. Each quantizer keeps its own choices: GPTQ works in
+`--hessian-dtype` on the matrix as accumulated (no symmetrising) and damps inside its Cholesky, raising
+the damping on failure; E8 and AQLM work on a symmetrised float64 copy.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def shrink_off_diagonal_(h: torch.Tensor, shrink: float) -> torch.Tensor:
+    """H's off-diagonal scaled by (1 - shrink) in place, its diagonal kept.
+
+    The per-input energies stay; the cross-correlations of the calibration text (the part that
+    moves most between domains) are trusted less.
+    """
+    if shrink:
+        kept = h.diagonal().clone()
+        h.mul_(1.0 - shrink).diagonal().copy_(kept)
+    return h
+
+
+def prepare_hessian(h: torch.Tensor, damp: float | None, shrink: float = 0.0, *, dtype: torch.dtype = torch.float64,
+                    symmetrize: bool = True, order: torch.Tensor | None = None) -> torch.Tensor:
+    """A new (n × n) H in `dtype`, ready to factor; the caller's `h` is never changed.
+
+    `order`: a permutation of the inputs, applied to rows and columns while copying (GPTQ's act order).
+    `symmetrize`: replace H by (H + Hᵀ)/2. Dead inputs get H_jj = 1; `shrink` scales the off-diagonal
+    by (1 - shrink); `damp` adds damp·mean(diag H)·I (None: left to the caller, as GPTQ does).
+    """
+    h = h.detach().to(dtype)
+    if order is not None:
+        h = h.index_select(0, order).index_select(1, order)
+    elif not symmetrize:
+        h = h.clone()
+    if symmetrize:
+        h = 0.5 * (h + h.T)
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+    shrink_off_diagonal_(h, shrink)
+    if damp is not None:
+        h = h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h
