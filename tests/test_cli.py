@@ -3,6 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from casp.errors import CaspError
+
 
 def casp_json(*args):
     proc = subprocess.run([sys.executable, "-m", "casp", *map(str, args), "--json", "--quiet"],
@@ -80,6 +84,8 @@ def test_shared_option_names_and_their_deprecated_aliases(capsys):
     assert len(err) == 2 and "--e8-damp is deprecated" in err[0] and "use --damp" in err[0]
     aqlm = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "aqlm", "--aqlm-damp", "0.2"])
     assert _quantizer_options(aqlm) == {"damp": 0.2}
+    with pytest.raises(CaspError, match="--e8-damp does not apply to --quantizer gptq"):
+        _quantizer_options(build_parser().parse_args(["compress", "-o", "x", "--e8-damp", "0.2"]))
 
 
 def test_help_shows_the_chosen_quantizers_own_defaults():

@@ -35,6 +35,7 @@ class _Renamed(argparse.Action):
         if option_string != self.option_strings[0]:
             print(f"casp: warning: {option_string} is deprecated and will be removed; use {self.option_strings[0]}",
                   file=sys.stderr)
+            setattr(namespace, _ALIASES, getattr(namespace, _ALIASES, ()) + (option_string,))
         setattr(namespace, self.dest, values)
 
 
@@ -90,6 +91,7 @@ def _given_config(args) -> dict:
 
 
 _OPTION = "option_"
+_ALIASES = "deprecated_names"
 
 
 def _flag_dest(flag: str) -> str:
@@ -148,6 +150,10 @@ def _quantizer_options(args) -> dict:
         if quantizer == "none":
             raise CaspError(f"{_flags(given)} need a quantizer, not 'none'")
         return {}
+    owned = {a for f, _ in _option_fields(quantizer) for a in f.metadata.get("aliases", ())}
+    foreign = [a for a in getattr(args, _ALIASES, ()) if a not in owned]
+    if foreign:
+        raise CaspError(f"{', '.join(foreign)} does not apply to --quantizer {quantizer}")
     options = {}
     for f, flag in _option_fields(quantizer):
         if _flag_dest(flag) in given:
