@@ -63,7 +63,7 @@ def main() -> None:
     print("| calibration | shrink | average bits | " + " | ".join(f"ppl {k}" for k in evals) + " | seconds |")
     print("|---|---|---|" + "---|" * len(evals) + "---|")
     fp = ppl(load_model(path))
-    print(f"| FP | – | 16 | " + " | ".join(f"{p:.2f}" for p in fp) + " | – |", flush=True)
+    print("| FP | – | 16 | " + " | ".join(f"{p:.2f}" for p in fp) + " | – |", flush=True)
     for calib in args.calib.split(","):
         for shrink in (float(s) for s in args.shrinks.split(",")):
             cfg = CompressionConfig(bits=args.bits, allocation=args.allocation, quantizer="gptq", preset="none",

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from casp.config import CompressionConfig
 from casp.models.engine import walk_layers
 

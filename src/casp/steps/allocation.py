@@ -145,13 +145,6 @@ def allocate_joint(run, units: list[Unit], qk_tables: dict) -> Allocation:
     return joint
 
 
-def alloc_distortion(unit: Unit, label: str, qk_tables: dict) -> float:
-    """A unit's measured distortion at a setting label (dense Q/K read from the joint table)."""
-    if unit.key in qk_tables:
-        return qk_tables[unit.key][f"dense:{label}"][2]
-    return unit.distortion[label]
-
-
 def check_feasible(run) -> None:
     """Refuse a target below the cheapest feasible average, from the shapes alone (before calibration).
 
