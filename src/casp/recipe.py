@@ -73,7 +73,10 @@ class Recipe:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """The text of OUT/recipe.json for this recipe."""
+        from casp.report import recipe_json
+
+        return recipe_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
@@ -172,7 +175,9 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
     reasons: dict[str, str] = {}
     quantizer_name = config.quantizer
     qk_rank = _qk_rank(config, reasons)
-    path = _model_path(model)
+    from casp.io.modelio import model_source
+
+    path = model_source(model)
     source = _calibration_source(config, path)
     preset = _preset(config, source, reasons)
     quantizer_options, excluded = _quantizer_options(config, path, preset, reasons)
@@ -192,16 +197,6 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
                   reasons=dict(sorted(reasons.items())))
     recipe = Recipe(**values)
     return Recipe.from_dict(recipe.to_dict())   # exactly what recipe.json will read back
-
-
-def _model_path(model) -> Path | None:
-    from torch import nn
-
-    from casp.io.modelio import resolve_model_path
-
-    if isinstance(model, nn.Module):
-        return Path(getattr(model.config, "_name_or_path", "") or ".")
-    return resolve_model_path(model)
 
 
 def _qk_rank(config: CompressionConfig, reasons: dict):

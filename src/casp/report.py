@@ -141,10 +141,15 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def recipe_json(data: dict) -> str:
+    """The text of recipe.json for a recipe's `to_dict()` data (one format for the file and `Recipe.to_json`)."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_report(report: dict, out: Path) -> None:
     """report.json, report.md, the plots, and recipe.json (the run's recipe, verbatim)."""
     out = Path(out)
-    (out / "recipe.json").write_text(json.dumps(report["recipe"], indent=2, sort_keys=True) + "\n")
+    (out / "recipe.json").write_text(recipe_json(report["recipe"]))
     plots = write_plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (out / "report.md").write_text(render_markdown(report, plots))

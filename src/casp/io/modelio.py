@@ -20,6 +20,15 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
+def model_source(model) -> Path:
+    """The directory a model comes from: a model in memory's `name_or_path`, else `resolve_model_path`."""
+    from torch import nn
+
+    if isinstance(model, nn.Module):
+        return Path(getattr(model.config, "_name_or_path", "") or ".")
+    return resolve_model_path(model)
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
     """None -> the embedded model; a built-in name -> its cached conversion; else a local directory."""
     if model is None:

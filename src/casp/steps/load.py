@@ -1,13 +1,12 @@
 """Step: the (uncompressed) model, its processor and adapter, the layer source and the calibration batches."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from torch import nn
 
 from casp.data.calibration import build_calibration
 from casp.errors import CaspError
-from casp.io.modelio import is_compressed, load_model, load_processor, resolve_model_path
+from casp.io.modelio import is_compressed, load_model, load_processor, model_source
 from casp.models.adapters import adapter_for
 from casp.models.streaming import InMemoryLayers, load_streamed
 
@@ -20,13 +19,12 @@ def load_parts(model, recipe, processor=None, spill_dir=None):
     With `recipe.stream` only the non-layer parts are loaded; the layer source (`casp.models.streaming`)
     reads each decoder layer when the walk reaches it and spills activations into `spill_dir`.
     """
-    layer_source = InMemoryLayers()
+    layer_source, source = InMemoryLayers(), model_source(model)
     if isinstance(model, nn.Module):
         if recipe.stream:
             raise CaspError("--stream reads the model from its directory; it cannot compress a model in memory")
-        loaded, source = model, Path(getattr(model.config, "_name_or_path", "") or ".")
+        loaded = model
     else:
-        source = resolve_model_path(model)
         if is_compressed(source):
             raise CaspError(f"{source} is already compressed by casp; use the original model")
         if recipe.stream:
