@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from casp.steps.quantize import dequantize_unit_many, quantize_unit
+from casp.algorithms.distortion import weighted_distortion
+from casp.steps.quantize import dequantize_unit_many, in_basis, quantize_unit
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,14 @@ class Codec:
 
     @property
     def rows_independent(self) -> bool:
-        """Rows are quantized independently given XᵀX (a transform mixes them)."""
+        """Rows of the original matrix are quantized independently given XᵀX (a transform mixes them)."""
         return self.quantizer.rows_independent and self.transform is None
+
+    @property
+    def samples_rows(self) -> bool:
+        """A row sample estimates a matrix's damage: rows are quantized independently in the quantizer's
+        basis (under a transform, the rows of U W Vᵀ), given XᵀX and the whole matrix's `row_context`."""
+        return self.quantizer.rows_independent
 
     def candidates(self) -> list:
         return [s for s in self.quantizer.candidates() if s.label() not in self.excluded]
@@ -62,3 +69,29 @@ class Codec:
     def dequantize_many(self, w: torch.Tensor, h: torch.Tensor, settings, seed: int) -> list[torch.Tensor]:
         """The dequantized float32 weight (original basis) at each setting, with shared work."""
         return dequantize_unit_many(w, h, settings, self.quantizer, self.transform, seed)
+
+    def sampled_damages(self, w: torch.Tensor, h: torch.Tensor, fisher: torch.Tensor | None, settings, seed: int,
+                        rows: torch.Tensor) -> list[float]:
+        """Each setting's Fisher-weighted damage Σ_o F_o (ΔW H ΔWᵀ)_oo of the whole matrix, estimated from
+        `rows` of the matrix the quantizer sees (scaled by out / rows).
+
+        Under a transform that matrix is W' = U W Vᵀ and the damage is Σ_ij G_ij (Δ'H'Δ'ᵀ)_ij with
+        G = U diag(F) Uᵀ; the estimate keeps its diagonal, G_ii = Σ_o U_io² F_o (= mean F for a
+        Hadamard U), as rounding errors of different rows are uncorrelated.
+        """
+        out_f = w.shape[0]
+        wt, ht, params, _ = in_basis(w, h, self.transform, seed)
+        weights = fisher.to(wt.device).double() if fisher is not None else torch.ones(out_f, dtype=torch.float64,
+                                                                                        device=wt.device)
+        if params is not None:
+            cls = type(self.transform)
+            u_rows = cls.out_inverse(params.tensors, params.meta,
+                                     torch.eye(out_f, dtype=torch.float64, device=wt.device)[rows.to(wt.device)])
+            g = (u_rows * u_rows) @ weights
+        else:
+            g = weights[rows.to(wt.device)]
+        sample = wt[rows.to(wt.device)]
+        context = self.quantizer.row_context(wt)
+        scale = out_f / rows.numel()
+        return [scale * weighted_distortion(d - sample, ht, g)
+                for d in self.quantizer.dequantize_many(sample, ht, settings, context)]

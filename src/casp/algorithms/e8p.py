@@ -117,10 +117,83 @@ def _check_dim(x: torch.Tensor) -> None:
         raise ValueError(f"expected 8-vectors (last dimension {CODE_DIM}), got shape {tuple(x.shape)}")
 
 
+@functools.cache
+def _abs_lookup64() -> torch.Tensor:
+    """(3^8,) int64: the absolute-table row of a vector with |x_i| - ½ = t_i ∈ {0, 1, 2}, indexed by
+    Σ t_i·3^i; -1 where that vector is not in the table (‖x‖² > 10 and not a padding entry)."""
+    lut = torch.full((3 ** CODE_DIM,), -1, dtype=torch.int64)
+    t = (_abs_table64() - 0.5).round().long()
+    lut[(t * _POW3).sum(1)] = torch.arange(256)
+    return lut
+
+
+_POW3 = torch.tensor([3 ** i for i in range(CODE_DIM)])
+
+
+def _nearest_dhat8(z: torch.Tensor) -> torch.Tensor:
+    """The nearest point of D̂8 = D8 + ½·1 to each row of z (n, 8) (Conway & Sloane's D_n decoder):
+    round z - ½ to integers; if their sum is odd, round the coordinate farthest from its integer the
+    other way; add ½ back."""
+    y = z - 0.5
+    f = torch.round(y)
+    d = y - f
+    odd = (f.sum(1).remainder(2) != 0).nonzero().squeeze(1)
+    if odd.numel():
+        i = d[odd].abs().argmax(1)
+        step = torch.where(d[odd, i] >= 0, 1.0, -1.0).to(f.dtype)
+        f[odd, i] += step
+    return f + 0.5
+
+
 def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest E8P codeword of each 8-vector of x (…, 8): codes int32 (…) in [0, 2^16) and the codewords.
 
-    Exact (up to ties): see the module docstring. Computes in x's dtype, `chunk` vectors at a time.
+    Exact (up to ties). Fast path: for each shift ±¼, the nearest point of the whole lattice D̂8 (an
+    O(8) rounding); when it lies in the codebook it is the codebook's nearest for that shift, and a
+    shift whose lattice point is nearer than the other's codeword settles the vector. The few vectors
+    left (their nearest lattice point is outside the 2^16 codewords) go to the exhaustive search of
+    `e8p_encode_search`. Computes in x's dtype.
+    """
+    _check_dim(x)
+    shape = x.shape[:-1]
+    x = x.reshape(-1, CODE_DIM)
+    lut = _abs_lookup64().to(x.device)
+    pow3 = _POW3.to(x.device)
+    weights = (1 << torch.arange(CODE_DIM - 1, device=x.device)) << _SIGN_SHIFT
+    best_cost = best_code = None
+    lattice_cost = []
+    for shift_bit, t in ((0, -0.25), (1, 0.25)):
+        z = x - t
+        p = _nearest_dhat8(z)
+        cost = (p - z).pow(2).sum(1)
+        a = (p.abs() - 0.5).round().long()
+        inside = (a <= 2).all(1)
+        k = lut[(a.clamp(max=2) * pow3).sum(1)]
+        member = inside & (k >= 0)
+        code = k.clamp(min=0) | ((p[:, 1:] < 0).long() * weights).sum(1) | (shift_bit << _SHIFT_BIT)
+        cost_m = torch.where(member, cost, torch.full_like(cost, float("inf")))
+        lattice_cost.append(cost)
+        if best_cost is None:
+            best_cost, best_code = cost_m, code
+        else:
+            take = cost_m < best_cost
+            best_cost = torch.where(take, cost_m, best_cost)
+            best_code = torch.where(take, code, best_code)
+    settled = best_cost <= torch.minimum(*lattice_cost)
+    codes = best_code.to(torch.int32)
+    rest = (~settled).nonzero().squeeze(1)
+    if rest.numel():
+        codes[rest] = e8p_encode_search(x[rest], chunk)[0]
+    codes = codes.reshape(shape)
+    return codes, e8p_decode(codes, x.dtype)
+
+
+def e8p_encode_search(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """`e8p_encode` by exhaustive search over the 2 × 256 absolute entries (the reference, and the
+    fallback of the fast path).
+
+    For each shift and entry the best signs are sign(y); if their parity is wrong, flipping the
+    coordinate with the smallest a_i·|y_i| costs the least (4·a_i·|y_i|). `chunk` vectors at a time.
     """
     _check_dim(x)
     shape = x.shape[:-1]
@@ -311,9 +384,63 @@ class E8PMatrix:
     multiplier: float
 
 
+STACK_ELEMENTS = 1 << 24   # weights of one stacked BlockLDLQ sweep (64 MB in float32); more trials take more sweeps
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One bit-width with its operating point: stage-1 RMS `rho` and the residual ratios (`rvq_encode`)."""
+
+    bits: int
+    rho: float
+    resid_scale: object = 1.0
+
+
+class _MixedRVQ:
+    """The block quantizer of many stacked row groups, each with its own bit-width and stage gains.
+
+    Row group j (rows offsets[j]:offsets[j+1]) is coded as `rvq_encode` at `bits[j]` with the per-row
+    gains given; rows of the same stage kind are encoded in one call, so every candidate of a matrix
+    shares one BlockLDLQ sweep.
+    """
+
+    def __init__(self, groups: list[tuple[int, int, tuple[float, ...]]], device):
+        rows = sum(n for _, n, _ in groups)
+        self.stages = max(stage_count(b) for b, _, _ in groups)
+        self.plan = []
+        for k in range(self.stages):
+            for kind in ("p", "r"):
+                idx, gain = [], []
+                at = 0
+                for bits, n, gains in groups:
+                    kinds = stage_kinds(bits)
+                    if k < len(kinds) and kinds[k] == kind:
+                        idx.append(torch.arange(at, at + n))
+                        gain.append(torch.full((n, 1), gains[k]))
+                    at += n
+                if idx:
+                    i = torch.cat(idx).to(device)
+                    self.plan.append((k, kind, None if i.numel() == rows else i, torch.cat(gain).to(device)))
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        approx = torch.zeros_like(t)
+        codes = torch.zeros(t.shape[0], self.stages, dtype=torch.int32, device=t.device)
+        for k, kind, idx, gain in self.plan:
+            g = gain.to(t.dtype)
+            if idx is None:
+                c, v = _encoder(kind)((t - approx) * g)
+                approx += v / g
+                codes[:, k] = c
+            else:
+                c, v = _encoder(kind)((t[idx] - approx[idx]) * g)
+                approx.index_add_(0, idx, v / g)
+                codes[idx, k] = c
+        return codes, approx
+
+
 def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, resid_scale: float = 1.0,
                     multipliers: tuple[float, ...] = (1.0,), damp: float = 0.01, act_order: bool = False,
-                    buffer: int = 128, shrink: float = 0.0) -> E8PMatrix:
+                    buffer: int = 128, shrink: float = 0.0, rms: float | None = None) -> E8PMatrix:
     """E8P / RVQ codes of W (out × in) by BlockLDLQ on H = XᵀX, with the best of a few scales.
 
     The first-stage scale is s1 = m·RMS(W)/rho for each multiplier m (W/s1 has RMS rho/m, rho being the
@@ -321,11 +448,28 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, 
     (H's off-diagonal scaled by 1 - `shrink`, then damped by `damp`·mean diag) and the one with the lowest tr(ΔHΔᵀ) on the undamped H wins.
     `act_order` visits the columns by decreasing H_jj (GPTQ's order; the caller stores `perm`).
     in_features that are not a multiple of 8 are padded with zero columns (dropped from Ŵ).
+    `rms` replaces RMS(W) when W is a row sample of a larger matrix (then every row is coded as it
+    would be in the whole matrix, up to the choice of multiplier).
+    """
+    return quantize_candidates(w, h, [StageSpec(bits, rho, resid_scale)], multipliers=multipliers, damp=damp,
+                               act_order=act_order, buffer=buffer, shrink=shrink, rms=rms)[0]
+
+
+def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec], *,
+                        multipliers: tuple[float, ...] = (1.0,), damp: float = 0.01, act_order: bool = False,
+                        buffer: int = 128, shrink: float = 0.0, rms: float | None = None) -> list[E8PMatrix]:
+    """`quantize_matrix` of W at every spec (bit-width and operating point), in one BlockLDLQ sweep.
+
+    Every (spec, multiplier) pair is a block of rows of one stacked matrix: they share H's preparation,
+    its block LDL and every feedback product, and each column block is encoded once for all of them.
+    Rows never mix (BlockLDLQ rounds each row on its own), so each result equals its own sweep's up to
+    float rounding. Returns the best multiplier's result for each spec, in order.
     """
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
         raise ValueError(f"H has shape {tuple(h.shape)}, expected {(in_f, in_f)}")
-    stage_count(bits)
+    for spec in specs:
+        stage_count(spec.bits)
     w = w.detach().float()
     h64 = h.detach().to(torch.float64)
     dead = h64.diagonal() == 0
@@ -336,18 +480,32 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, 
     wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
     wp, hp = pad_to_codes(wq, prepare_hessian(hq, damp, shrink))
     a, _ = feedback_matrix(hp, CODE_DIM)
-    a = a.float()
-    rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
+    if rms is None:
+        rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
     inverse = torch.argsort(perm) if perm is not None else None
-    best = None
-    for mult in dict.fromkeys(multipliers):
-        scales = stage_scales(mult * rms / rho, bits, resid_scale)
-        ratios = tuple(scales[k - 1] / scales[k] for k in range(1, len(scales)))
-        _, codes = block_ldlq(wp / scales[0], hp, lambda t: rvq_encode(t, bits, ratios), CODE_DIM, buffer, a)
-        q = rvq_decode(codes, bits, scales).reshape(out_f, -1)[:, :in_f]
-        if inverse is not None:
-            q = q[:, inverse]
-        loss = proxy_loss(w, q, h64)
-        if best is None or loss < best.loss:
-            best = E8PMatrix(codes, scales, perm, q, loss, mult)
-    return best
+    trials = [(spec, mult, stage_scales(mult * rms / spec.rho, spec.bits, spec.resid_scale))
+              for spec in specs for mult in dict.fromkeys(multipliers)]
+    per_sweep = max(1, STACK_ELEMENTS // max(1, out_f * wp.shape[1]))
+    best: dict[StageSpec, E8PMatrix] = {}
+    for first in range(0, len(trials), per_sweep):
+        sweep = trials[first:first + per_sweep]
+        groups = [(spec.bits, out_f, tuple(scales[0] / s for s in scales)) for spec, _, scales in sweep]
+        stacked = torch.cat([wp / scales[0] for _, _, scales in sweep])
+        _, codes = block_ldlq(stacked, hp, _MixedRVQ(groups, w.device), CODE_DIM, buffer, a.float())
+        for j, trial in enumerate(sweep):
+            _keep_best(best, trial, codes[j * out_f:(j + 1) * out_f], (w, h64, perm, inverse))
+    return [best[spec] for spec in specs]
+
+
+def _keep_best(best: dict, trial, codes: torch.Tensor, problem) -> None:
+    """Decode one (spec, multiplier) trial and keep it in `best[spec]` if its proxy loss is the lowest yet."""
+    spec, mult, scales = trial
+    w, h64, perm, inverse = problem
+    out_f, in_f = w.shape
+    c = codes[:, :, :stage_count(spec.bits)].contiguous()
+    q = rvq_decode(c, spec.bits, scales).reshape(out_f, -1)[:, :in_f]
+    if inverse is not None:
+        q = q[:, inverse]
+    loss = proxy_loss(w, q, h64)
+    if spec not in best or loss < best[spec].loss:
+        best[spec] = E8PMatrix(c, scales, perm, q, loss, mult)

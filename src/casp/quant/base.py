@@ -110,7 +110,9 @@ class Quantizer(Configurable, ABC):
 
     format: ClassVar[StorageFormat]
     in_features_multiple: ClassVar[int] = 1   # input sizes it can store (vector quantizers: the vector length)
-    rows_independent: ClassVar[bool] = False  # each output row quantized on its own (damage sums over rows)
+    # each output row is quantized on its own given XᵀX and `row_context` of the whole matrix, so a damage
+    # is a sum over rows and a row sample estimates it
+    rows_independent: ClassVar[bool] = False
 
     @classmethod
     def target_options(cls, bits: float) -> dict:
@@ -140,10 +142,18 @@ class Quantizer(Configurable, ABC):
     def quantize(self, weight: torch.Tensor, xtx: torch.Tensor | None, setting) -> tuple[QuantizedWeight, torch.Tensor]:
         ...
 
-    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings) -> list[torch.Tensor]:
-        """The dequantized float32 weight at each setting: what measuring candidates needs.
+    def row_context(self, weight: torch.Tensor) -> dict:
+        """What coding a sample of `weight`'s rows needs from the whole matrix (E8: its RMS), so that each
+        sampled row is coded as it is in the whole; {} when rows need nothing of each other."""
+        return {}
 
-        A quantizer overrides it when the settings can share work (GPTQ: one Cholesky, one sweep).
+    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings,
+                        context: dict | None = None) -> list[torch.Tensor]:
+        """The dequantized float32 weight at each setting: what measuring candidates needs. `context` is
+        `row_context` of the whole matrix when `weight` is a row sample of it.
+
+        A quantizer overrides it when the settings can share work (GPTQ: one Cholesky, one sweep; E8: one
+        BlockLDLQ sweep for every setting and scale).
         """
         return [self.quantize(weight, xtx, s)[1] for s in settings]
 

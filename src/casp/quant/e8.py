@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, quantize_matrix, stage_count, stage_decoder,
-                                 stage_kinds)
+from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, StageSpec, quantize_candidates, quantize_matrix,
+                                 stage_count, stage_decoder, stage_kinds)
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
 from casp.quant.kernel_registry import declare_kernels
 
@@ -236,6 +236,7 @@ class E8Quantizer(Quantizer):
     name = "e8"
     Config = E8Options
     format = E8P_FORMAT
+    rows_independent = True   # BlockLDLQ rounds each row on its own; the scale comes from the whole matrix's RMS
 
     @classmethod
     def target_options(cls, bits: float) -> dict:
@@ -271,3 +272,24 @@ class E8Quantizer(Quantizer):
                 "out_features": out_f, "in_features": in_f}
         qw = QuantizedWeight(tensors={k: v.contiguous() for k, v in tensors.items()}, meta=meta)
         return qw, dequantize_e8p(qw)
+
+    def row_context(self, weight: torch.Tensor) -> dict:
+        """The whole matrix's RMS: the scales of a row sample are the whole matrix's."""
+        return {"rms": float(weight.float().pow(2).mean().sqrt()) if weight.numel() else 0.0}
+
+    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings,
+                        context: dict | None = None) -> list[torch.Tensor]:
+        """Every setting and scale in one BlockLDLQ sweep (`quantize_candidates`)."""
+        settings = list(settings)
+        if not settings:
+            return []
+        if len({s.act_order for s in settings}) > 1:
+            return [d for s in settings for d in self.dequantize_many(weight, xtx, [s], context)]
+        if xtx is None:
+            xtx = torch.eye(weight.shape[1], device=weight.device)
+        c = self.config
+        specs = [StageSpec(s.bits, *c.rho_and_resid(s.bits)) for s in settings]
+        found = quantize_candidates(weight, xtx, specs, multipliers=c.scale_multipliers, damp=c.ldlq_damp,
+                                    act_order=settings[0].act_order, buffer=c.buffer, shrink=c.shrink,
+                                    rms=(context or {}).get("rms"))
+        return [r.weight for r in found]

@@ -278,9 +278,10 @@ class GPTQ(Quantizer):
         )
         return to_quantized_weight(codes, scale, zero, spec, method=self.name), q
 
-    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings) -> list[torch.Tensor]:
+    def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings,
+                        context: dict | None = None) -> list[torch.Tensor]:
         c = self.config
         if xtx is None or not c.act_order or c.static_groups is False:
-            return super().dequantize_many(weight, xtx, settings)
+            return super().dequantize_many(weight, xtx, settings, context)
         return gptq_dequantize_many(weight, xtx, list(settings), damp=c.damp, block_size=c.block_size,
                                     hessian_dtype=c.hessian_dtype, shrink=c.shrink)

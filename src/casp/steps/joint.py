@@ -110,7 +110,7 @@ def measure_qk_options(run, measured, layers: dict, analysis: dict) -> dict[Unit
                 for s, wq in zip(settings, quantized):
                     keep[(u.key, QKOption(0, s).label)] = wq.half().cpu()
         table = {o.label: (o, option_cost(u, o, codec), dense[o.setting.label()]) for o in options if not o.rank}
-        rows = measured_rows(u, w.shape[0], codec, exact=exact, seed=seed)
+        rows = measured_rows(u, w.shape[0], codec, exact=exact or not codec.rows_independent, seed=seed)
         for rank in dict.fromkeys(o.rank for o in options if o.rank):
             for s, (d, product) in zip(settings, lowrank_distortions(codec, u, rank, target, seed, rows=rows)):
                 o = QKOption(rank, s)

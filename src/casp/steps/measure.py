@@ -30,7 +30,7 @@ def measured_rows(unit: Unit, out_features: int, codec, *, exact: bool, seed: in
     row group) has a damage that is a sum over rows, so a uniform sample scaled by out/rows estimates it
     without bias; the same rows serve every setting, so the settings of a unit compare on equal terms.
     """
-    if exact or not codec.rows_independent or out_features <= MEASURE_ROWS:
+    if exact or not codec.samples_rows or out_features <= MEASURE_ROWS:
         return None
     g = torch.Generator().manual_seed(transform_seed(seed, unit))
     return torch.randperm(out_features, generator=g)[:MEASURE_ROWS].sort().values
@@ -48,15 +48,17 @@ def unit_distortions(codec, unit: Unit, target: Target, settings, *, seed: int =
                      exact: bool = False) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Fisher-weighted output distortion of `target.w` at each setting (label -> value), and the quantized weights.
 
-    Unless `exact`, the damage of a large matrix is estimated from `measured_rows`, and the weights
-    returned are those rows' only. Factor errors are lifted through another matrix, so those are always
+    Unless `exact`, the damage of a large matrix is estimated from `measured_rows` (`Codec.sampled_damages`),
+    and no weights are returned. Factor errors are lifted through another matrix, so those are always
     measured whole.
     """
     rows = measured_rows(unit, target.w.shape[0], codec, exact=exact or target.lift is not None, seed=seed)
-    scale, w, fisher = on_rows(rows, target.w, target.fisher)
-    w = w.float()
+    w = target.w.float()
+    if rows is not None:
+        damages = codec.sampled_damages(w, target.xtx, target.fisher, settings, transform_seed(seed, unit), rows)
+        return {s.label(): d for s, d in zip(settings, damages)}, []
     quantized = codec.dequantize_many(w, target.xtx, settings, transform_seed(seed, unit))
-    values = {s.label(): scale * weighted_distortion(wq - w, target.xtx, fisher, target.lift)
+    values = {s.label(): weighted_distortion(wq - w, target.xtx, target.fisher, target.lift)
               for s, wq in zip(settings, quantized)}
     return values, quantized
 

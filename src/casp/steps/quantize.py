@@ -50,7 +50,7 @@ def transform_seed(seed: int, unit: Unit) -> int:
     return zlib.crc32(f"{seed}:{unit.key}".encode())
 
 
-def _in_basis(w: torch.Tensor, h: torch.Tensor, transform, seed: int):
+def in_basis(w: torch.Tensor, h: torch.Tensor, transform, seed: int):
     """(W, XᵀX) in the transform's basis (float32), its parameters, and the map back to the original basis."""
     if transform is None:
         return w.float(), h.float(), None, lambda d: d
@@ -63,7 +63,7 @@ def _in_basis(w: torch.Tensor, h: torch.Tensor, transform, seed: int):
 
 def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0):
     """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
-    wt, ht, params, back = _in_basis(w, h, transform, seed)
+    wt, ht, params, back = in_basis(w, h, transform, seed)
     qw, deq = quantizer.quantize(wt, ht, setting)
     return qw, back(deq), params
 
@@ -71,7 +71,7 @@ def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transfor
 def dequantize_unit_many(w: torch.Tensor, h: torch.Tensor, settings, quantizer, transform=None,
                          seed: int = 0) -> list[torch.Tensor]:
     """The dequantized float32 weight (original basis) at each setting: `quantize_unit`'s, with shared work."""
-    wt, ht, _, back = _in_basis(w, h, transform, seed)
+    wt, ht, _, back = in_basis(w, h, transform, seed)
     return [back(d) for d in quantizer.dequantize_many(wt, ht, settings)]
 
 
