@@ -13,6 +13,7 @@ import sys
 
 from casp.config import parse_ints, parse_qk_rank
 from casp.errors import CaspError
+from casp.threads import use_threads
 
 log = logging.getLogger("casp")
 
@@ -172,6 +173,9 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     if seed:
         _config_flags(p, ("seed",))
     p.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    if not any("--threads" in a.option_strings for a in p._actions):
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads of the heavy kernels (default: every core this process may use)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -394,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # 5.x draws "Loading weights" bars on stderr
     try:
+        if args.command != "generate":
+            use_threads(getattr(args, "threads", None))
         COMMANDS[args.command](args)
     except CaspError as e:
         if args.debug:

@@ -174,3 +174,25 @@ def test_from_pretrained_reproduces_logits_exactly(compressed):
     ids = torch.randint(5, 40, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, res.model(ids).logits)
+
+
+@pytest.mark.parametrize("m,n", [(64, 192), (100, 100)])
+def test_many_rows_fold_the_maps_into_one_dense_matmul(m, n, monkeypatch):
+    """Past rows·(in+out) > 2·in·out, and without a gradient, forward is one matmul by W = Uᵀ W' V."""
+    import casp.nn.transformed_linear as tl
+
+    p = Incoherence().build(m, n, seed=3)
+    mod = TransformedLinear(nn.Linear(n, m, bias=False), p, bias=torch.randn(m))
+    rows = 2 * n * m // (n + m) + 1
+    x = torch.randn(rows, n)
+    calls, maps = [], tl.TransformedLinear._maps
+    monkeypatch.setattr(tl.TransformedLinear, "_maps", lambda self, v: calls.append(v.shape[0]) or maps(self, v))
+    with torch.no_grad():
+        folded = mod(x)
+        assert calls == []
+        mod(x[:2])
+        assert calls == [2]
+        torch.testing.assert_close(folded, maps(mod, x) + mod.bias, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    mod(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()

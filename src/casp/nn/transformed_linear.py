@@ -7,16 +7,20 @@ counted like every other stored bit.
 Its dense weight W = Uᵀ W' V is read off the module's own maps applied to the identity, in forward's
 order: `restore_weight` gives the same matrix up to rounding, but only this order gives, bit for bit,
 what the module computes (and what the `up` factor quantized after a transformed `down` was measured on).
+
+With many rows and no gradient (prefill, teacher-forced evaluation, calibration of later layers) the
+forward folds the maps into W once per call and runs one dense matmul (`_folds`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from casp.nn.base import CaspLinear
-from casp.transforms.base import TransformParams, get_transform_class
+from casp.nn.base import CaspLinear, dense_weight_of
+from casp.transforms.base import TransformParams, get_transform_class, restore_weight
 
 _PREFIX = "transform_"
+FOLD_RATIO = 2   # fold the maps into a dense weight when rows·(in + out) exceeds this many times in·out
 
 
 class TransformedLinear(CaspLinear, kind="transformed"):
@@ -55,8 +59,25 @@ class TransformedLinear(CaspLinear, kind="transformed"):
         return cls.out_inverse(p.tensors, p.meta, self.inner(cls.in_forward(p.tensors, p.meta, x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._folds(x):
+            return nn.functional.linear(x, self._folded_weight().to(x.dtype),
+                                        None if self.bias is None else self.bias.to(x.dtype))
         y = self._maps(x)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        """Many rows, no gradient: rebuilding W = Uᵀ W' V once (maps over out·in weights) costs less than
+        the maps over every row of x and y (rows·(in + out)), and then one dense matmul does the rest."""
+        rows = x.numel() // max(1, self.in_features)
+        if rows * (self.in_features + self.out_features) <= FOLD_RATIO * self.in_features * self.out_features:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _folded_weight(self) -> torch.Tensor:
+        """W = Uᵀ W' V from the inner module's dense weight (`restore_weight`: equal to `dense_weight` up to
+        float rounding)."""
+        with torch.no_grad():
+            return restore_weight(self.transform, self.params(), dense_weight_of(self.inner).float())
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
