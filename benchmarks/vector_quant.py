@@ -99,7 +99,8 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
-                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
+                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                                layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))
         model, report = res.model, res.report
     seconds = time.time() - t0
