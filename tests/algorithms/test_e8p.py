@@ -193,3 +193,45 @@ def test_norm12_padding_positions_are_distinct_triples():
     assert len(set(_NORM12_HALF_POSITIONS)) == 29
     assert all(len(p) == 3 and len(set(p)) == 3 and set(p) <= set(range(8)) for p in _NORM12_HALF_POSITIONS)
     assert set(_NORM12_HALF_POSITIONS) <= set(itertools.combinations(range(8), 3))
+
+
+@pytest.mark.parametrize("scale", [0.4, 1.03, 2.5])
+def test_fast_encoder_equals_the_exhaustive_search(scale):
+    """The D̂8-rounding fast path (with its fallback) finds codewords as near as the search over all 512 entries,
+    at scales where the fallback is rare (0.4), common (1.03, the 2-bit operating point) and dominant (2.5)."""
+    from casp.algorithms.e8p import e8p_encode_search
+
+    x = torch.randn(4000, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * scale
+    codes, values = e8p_encode(x)
+    _, searched = e8p_encode_search(x)
+    torch.testing.assert_close(((x - values) ** 2).sum(1), ((x - searched) ** 2).sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(e8p_decode(codes, torch.float64), values)
+
+
+def test_all_candidates_in_one_sweep_equal_one_sweep_each():
+    """quantize_candidates stacks every (bits, scale) trial into one BlockLDLQ sweep; each result is the one
+    its own sweep gives, also when the trials are split over several sweeps."""
+    from casp.algorithms import e8p as mod
+
+    w, h = _problem(24, 40, seed=5)
+    specs = [mod.StageSpec(2, 1.03, ()), mod.StageSpec(3, 0.98, (2.04,)), mod.StageSpec(5, 0.85, (3.85, 2.04))]
+    together = mod.quantize_candidates(w, h, specs, multipliers=(0.9, 1.1))
+    for spec, got in zip(specs, together):
+        alone = quantize_matrix(w, h, spec.bits, rho=spec.rho, resid_scale=spec.resid_scale, multipliers=(0.9, 1.1))
+        assert torch.equal(got.codes, alone.codes) and got.scales == alone.scales and got.multiplier == alone.multiplier
+        torch.testing.assert_close(got.weight, alone.weight, rtol=0, atol=1e-6)
+    old = mod.STACK_ELEMENTS
+    try:
+        mod.STACK_ELEMENTS = 24 * 40   # one trial per sweep
+        split = mod.quantize_candidates(w, h, specs, multipliers=(0.9, 1.1))
+    finally:
+        mod.STACK_ELEMENTS = old
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(split, together))
+
+
+def test_a_given_rms_codes_rows_as_in_the_whole_matrix():
+    w, h = _problem(32, 40, seed=6)
+    whole = quantize_matrix(w, h, 3, rho=0.98, resid_scale=2.04)
+    rms = float(w.pow(2).mean().sqrt())
+    part = quantize_matrix(w[5:12], h, 3, rho=0.98, resid_scale=2.04, rms=rms)
+    assert torch.equal(part.codes, whole.codes[5:12])
