@@ -10,6 +10,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(int(os.environ.get("CASP_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
+@pytest.fixture(autouse=True)
+def own_plan_cache_and_threads(tmp_path, monkeypatch):
+    """Each test has its own plan cache (a CLI run never reuses another test's plan), and a CLI run's
+    `--threads` default does not outlive the test."""
+    monkeypatch.setenv("CASP_PLAN_CACHE", str(tmp_path / "plans"))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA in HF layout with the embedded tokenizer/processor (hidden 64, 2 layers)."""

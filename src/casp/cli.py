@@ -204,6 +204,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="randomized Hadamard incoherence processing on both sides of W (= --transform incoherence)")
     _quantizer_flags(c, _chosen_quantizer(argv))
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--no-plan-cache", action="store_true",
+                   help="measure the plan even if an earlier run on the same model, calibration and options kept it "
+                        "(default: kept under $CASP_CACHE/plans and reused, so another --bits costs only the "
+                        "allocation and the layer pass)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted --stream run from OUT.partial (same options; same bytes as an "
                         "uninterrupted run)")
@@ -288,8 +292,11 @@ def cmd_compress(args) -> None:
     from casp.pipeline import compress
     from casp.run import RunOptions
 
+    from casp.io.plan_cache import PlanCache
+
+    cache = None if args.no_plan_cache else PlanCache()
     result = compress(args.model, args.out, compression_request(args), progress=not args.quiet,
-                      options=RunOptions(overwrite=args.overwrite, resume=args.resume))
+                      options=RunOptions(overwrite=args.overwrite, resume=args.resume, cache=cache))
     r, recipe = result.report, result.recipe
     summary = {k: r[k] for k in ("average_bits", "stored_bytes", "original_weights", "seconds", "peak_rss_mb")}
     summary.update(out=str(result.out), target_bits=recipe.bits, preset=recipe.preset,

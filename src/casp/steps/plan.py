@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from casp.data.calibration import first_batches
+from casp.io.plan_cache import plan_key
 from casp.models.placement import off_cpu, on_device
 from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
@@ -18,6 +20,8 @@ from casp.steps.units import Unit, plan_units
 # settings and layers against each other, which XᵀX of 16k tokens does as well as of 64k, and the measuring
 # walk then costs a quarter of the compression walk.
 PLAN_TOKENS = 16384
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,11 +57,12 @@ def plan_ranks_and_units(run, batches) -> Measured:
     allocation, auto ranks). Unless ranks are "auto" (they need every layer's spectrum first), each
     layer's units are measured while the analysis walk holds that layer, and its XᵀX is then dropped:
     one layer's second moments in memory at a time, and one pass over a streamed model. The run's
-    cache (a dict) lets runs with the same `Recipe.measurement_key` share this work.
+    cache (a dict, or `casp.io.plan_cache.PlanCache` on disk) lets runs with the same `plan_key` share this work.
     """
     recipe = run.recipe
-    key = recipe.measurement_key()
+    key = plan_key(run)
     if run.cache is not None and key in run.cache:
+        logger.info("measured plan reused from the plan cache")
         return _units_copied(run.cache[key])
     measure = run.codec is not None and recipe.allocation == "rd"
     joint, auto = recipe.qk_rank == "joint", recipe.qk_rank == "auto"

@@ -1,0 +1,44 @@
+"""The on-disk plan cache: a second target on the same model reuses the measured plan; a changed model,
+calibration file or option measures again."""
+import json
+
+import pytest
+
+from casp.cli import main
+
+
+def _compress(model, out, *extra):
+    return main(["compress", str(model), "-o", str(out), "--quiet", "--json", "--calib-samples", "4",
+                 "--calib-seq-len", "16", "--qk-rank", "0", *extra])
+
+
+@pytest.fixture
+def measured_calls(monkeypatch):
+    from casp.steps import plan
+
+    calls = []
+    real = plan._measure_while_analysing
+    monkeypatch.setattr(plan, "_measure_while_analysing", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_second_target_reuses_the_plan(tiny_llama_dir, scene_text, tmp_path, measured_calls, capsys):
+    calib = ["--calib-text", str(scene_text)]
+    assert _compress(tiny_llama_dir, tmp_path / "a", "--bits", "3", *calib) == 0
+    assert _compress(tiny_llama_dir, tmp_path / "b", "--bits", "3.5", *calib) == 0
+    assert measured_calls == [1]
+    assert len(list((tmp_path / "plans").glob("*.pt"))) == 1
+    assert _compress(tiny_llama_dir, tmp_path / "c", "--bits", "3", "--no-plan-cache", *calib) == 0
+    assert measured_calls == [1, 1]
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    c = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert [u["setting"] for u in a["layers"]] == [u["setting"] for u in c["layers"]]
+
+
+def test_other_calibration_or_options_measure_again(tiny_llama_dir, scene_text, tmp_path, measured_calls):
+    other = tmp_path / "other.txt"
+    other.write_text(scene_text.read_text()[::-1])
+    assert _compress(tiny_llama_dir, tmp_path / "a", "--bits", "3", "--calib-text", str(scene_text)) == 0
+    assert _compress(tiny_llama_dir, tmp_path / "b", "--bits", "3", "--calib-text", str(other)) == 0
+    assert _compress(tiny_llama_dir, tmp_path / "c", "--bits", "3", "--calib-text", str(scene_text), "--seed", "1") == 0
+    assert measured_calls == [1, 1, 1]
