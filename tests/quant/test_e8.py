@@ -169,3 +169,25 @@ def test_e8_shrink_one_rounds_as_if_xtx_were_diagonal():
     assert not torch.equal(q.quantize(w, h, E8Setting(2))[1], ref.quantize(w, h, E8Setting(2))[1])
     with pytest.raises(ValueError, match="e8-shrink"):
         E8Quantizer(shrink=-0.1)
+
+
+def test_a_large_matrix_takes_its_scale_from_a_row_sample_then_is_coded_once(monkeypatch):
+    """Past twice `scale_sample_rows` rows, the multiplier is chosen on a row sample and the whole matrix is
+    coded once with it; `scale_sample_rows=0` tries every multiplier on every row."""
+    import casp.algorithms.e8p as alg
+    from casp.algorithms.e8p import quantize_matrix
+
+    w, h = problem(40, 24, seed=3)
+    q = E8Quantizer(scale_multipliers=(0.8, 1.0, 1.25), scale_sample_rows=8)
+    swept = []
+    real = alg.block_ldlq
+    monkeypatch.setattr(alg, "block_ldlq", lambda w_, *a, **k: swept.append(w_.shape[0]) or real(w_, *a, **k))
+    qw, deq = q.quantize(w, h, E8Setting(3))
+    assert swept == [8 * 3, 40]
+    mult = q._scale_choice(w, h, E8Setting(3))
+    assert len(mult) == 1 and mult[0] in (0.8, 1.0, 1.25)
+    one = quantize_matrix(w, h, 3, rho=0.98, resid_scale=(2.04,), multipliers=mult)
+    torch.testing.assert_close(deq, one.weight, rtol=0, atol=1e-6)
+    swept.clear()
+    E8Quantizer(scale_multipliers=(0.8, 1.0, 1.25), scale_sample_rows=0).quantize(w, h, E8Setting(3))
+    assert swept == [40 * 3]

@@ -95,6 +95,10 @@ class E8Options:
     candidate_bits: tuple[int, ...] = field(default=(2, 3, 4), metadata={
         "flag": "--candidate-bits", "type": "ints",
         "help": "bit-widths the allocator may choose, among 2-6 (default: 2 up to ⌊--bits⌋ + 2, within 4-6)"})
+    scale_sample_rows: int = field(default=256, metadata={
+        "flag": "--e8-scale-sample-rows", "type": int,
+        "help": "rows of a larger matrix the scale multiplier is chosen on before the whole matrix is coded "
+                "once (0: every multiplier on every row) (default 256)"})
     buffer: int = 128
 
     def __post_init__(self):
@@ -114,6 +118,8 @@ class E8Options:
             raise ValueError(f"--e8-shrink must be in [0, 1], got {self.shrink}")
         if self.e8p_rho <= 0:
             raise ValueError(f"--e8-rho must be positive, got {self.e8p_rho}")
+        if self.scale_sample_rows < 0:
+            raise ValueError(f"--e8-scale-sample-rows must be >= 0, got {self.scale_sample_rows}")
 
     def rho_and_resid(self, bits: int) -> tuple[float, tuple[float, ...]]:
         """The operating RMS of stage 1 and the residual scales of the later stages."""
@@ -261,7 +267,8 @@ class E8Quantizer(Quantizer):
             xtx = torch.eye(in_f, device=weight.device)
         c = self.config
         rho, resid = c.rho_and_resid(setting.bits)
-        r = quantize_matrix(weight, xtx, setting.bits, rho=rho, resid_scale=resid, multipliers=c.scale_multipliers,
+        multipliers = self._scale_choice(weight, xtx, setting)
+        r = quantize_matrix(weight, xtx, setting.bits, rho=rho, resid_scale=resid, multipliers=multipliers,
                             damp=c.ldlq_damp, act_order=setting.act_order, buffer=c.buffer, shrink=c.shrink)
         tensors = {"scales": torch.tensor(r.scales, dtype=torch.float16, device=weight.device)}
         for k, (name, kind) in enumerate(zip(code_names(setting.bits), stage_kinds(setting.bits))):
@@ -272,6 +279,22 @@ class E8Quantizer(Quantizer):
                 "out_features": out_f, "in_features": in_f}
         qw = QuantizedWeight(tensors={k: v.contiguous() for k, v in tensors.items()}, meta=meta)
         return qw, dequantize_e8p(qw)
+
+    def _scale_choice(self, weight: torch.Tensor, xtx: torch.Tensor, setting: E8Setting) -> tuple[float, ...]:
+        """The multipliers to code the whole matrix with: all of them, or for a matrix of more than twice
+        `scale_sample_rows` rows the one that wins on a fixed row sample (coded with the whole matrix's RMS),
+        so the whole matrix is coded once instead of once per multiplier."""
+        c = self.config
+        out_f = weight.shape[0]
+        if len(set(c.scale_multipliers)) < 2 or not c.scale_sample_rows or out_f <= 2 * c.scale_sample_rows:
+            return c.scale_multipliers
+        g = torch.Generator().manual_seed(out_f * 65537 + weight.shape[1])
+        rows = torch.randperm(out_f, generator=g)[:c.scale_sample_rows].sort().values.to(weight.device)
+        rho, resid = c.rho_and_resid(setting.bits)
+        best = quantize_candidates(weight[rows], xtx, [StageSpec(setting.bits, rho, resid)],
+                                   multipliers=c.scale_multipliers, damp=c.ldlq_damp, act_order=setting.act_order,
+                                   buffer=c.buffer, shrink=c.shrink, rms=self.row_context(weight)["rms"])[0]
+        return (best.multiplier,)
 
     def row_context(self, weight: torch.Tensor) -> dict:
         """The whole matrix's RMS: the scales of a row sample are the whole matrix's."""
