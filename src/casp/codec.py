@@ -70,17 +70,18 @@ class Codec:
         """The dequantized float32 weight (original basis) at each setting, with shared work."""
         return dequantize_unit_many(w, h, settings, self.quantizer, self.transform, seed)
 
-    def sampled_damages(self, w: torch.Tensor, h: torch.Tensor, fisher: torch.Tensor | None, settings, seed: int,
-                        rows: torch.Tensor) -> list[float]:
-        """Each setting's Fisher-weighted damage Σ_o F_o (ΔW H ΔWᵀ)_oo of the whole matrix, estimated from
-        `rows` of the matrix the quantizer sees (scaled by out / rows).
+    def sampled_damages(self, target, settings, seed: int, rows: torch.Tensor) -> list[float]:
+        """Each setting's Fisher-weighted damage Σ_o F_o (ΔW H ΔWᵀ)_oo of the whole matrix `target.w` (input
+        second moment `target.xtx`, Fisher `target.fisher`), estimated from `rows` of the matrix the quantizer
+        sees (scaled by out / rows).
 
         Under a transform that matrix is W' = U W Vᵀ and the damage is Σ_ij G_ij (Δ'H'Δ'ᵀ)_ij with
         G = U diag(F) Uᵀ; the estimate keeps its diagonal, G_ii = Σ_o U_io² F_o (= mean F for a
         Hadamard U), as rounding errors of different rows are uncorrelated.
         """
+        w, fisher = target.w.float(), target.fisher
         out_f = w.shape[0]
-        wt, ht, params, _ = in_basis(w, h, self.transform, seed)
+        wt, ht, params, _ = in_basis(w, target.xtx, self.transform, seed)
         weights = fisher.to(wt.device).double() if fisher is not None else torch.ones(out_f, dtype=torch.float64,
                                                                                         device=wt.device)
         if params is not None:

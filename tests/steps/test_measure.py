@@ -91,7 +91,7 @@ def test_e8_row_samples_estimate_the_whole_damage(transform):
     settings = [E8Setting(2), E8Setting(3)]
     whole = [weighted_distortion(d - w, h, f) for d in codec.dequantize_many(w, h, settings, seed=5)]
     g = torch.Generator().manual_seed(1)
-    draws = torch.tensor([codec.sampled_damages(w, h, f, settings, 5, torch.randperm(64, generator=g)[:16])
+    draws = torch.tensor([codec.sampled_damages(Target(w, h, f), settings, 5, torch.randperm(64, generator=g)[:16])
                           for _ in range(60)])
     mean = draws.mean(0)
     for k in range(len(settings)):

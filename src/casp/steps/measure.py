@@ -55,7 +55,7 @@ def unit_distortions(codec, unit: Unit, target: Target, settings, *, seed: int =
     rows = measured_rows(unit, target.w.shape[0], codec, exact=exact or target.lift is not None, seed=seed)
     w = target.w.float()
     if rows is not None:
-        damages = codec.sampled_damages(w, target.xtx, target.fisher, settings, transform_seed(seed, unit), rows)
+        damages = codec.sampled_damages(target, settings, transform_seed(seed, unit), rows)
         return {s.label(): d for s, d in zip(settings, damages)}, []
     quantized = codec.dequantize_many(w, target.xtx, settings, transform_seed(seed, unit))
     values = {s.label(): weighted_distortion(wq - w, target.xtx, target.fisher, target.lift)
