@@ -105,11 +105,20 @@ class Plan:
         return [u for u in self.units if u.layer == layer]
 
 
+def units_state(units: list[Unit]) -> list[dict]:
+    """Units as plain JSON data (`units_from_state` reads them back)."""
+    return [{**{f.name: getattr(u, f.name) for f in fields(Unit)}, "role": u.role.value} for u in units]
+
+
+def units_from_state(state: list[dict]) -> list[Unit]:
+    return [Unit(**{**u, "role": Role(u["role"])}) for u in state]
+
+
 def plan_state(plan: Plan) -> dict:
     """A run's ranks, units, settings and allocation summary as plain JSON data (what `--resume` reads back)."""
     return {
         "ranks": plan.ranks,
-        "units": [{**{f.name: getattr(u, f.name) for f in fields(Unit)}, "role": u.role.value} for u in plan.units],
+        "units": units_state(plan.units),
         "plan": {str(key): asdict(setting) for key, setting in plan.settings.items()},
         "labels": {str(key): setting.label() for key, setting in plan.settings.items()},
         "summary": plan.summary,
@@ -118,7 +127,7 @@ def plan_state(plan: Plan) -> dict:
 
 def restore_plan_state(state: dict, setting_type) -> Plan:
     """The `Plan` of `plan_state` data; settings rebuilt as `setting_type` and checked by label."""
-    units = [Unit(**{**u, "role": Role(u["role"])}) for u in state["units"]]
+    units = units_from_state(state["units"])
     settings = {UnitKey.parse(key): setting_type(**values) for key, values in state["plan"].items()}
     if any(settings[UnitKey.parse(key)].label() != label for key, label in state["labels"].items()):
         raise CaspError("--resume: the saved plan does not match this quantizer's settings; delete the partial run")
