@@ -145,6 +145,14 @@ def _nearest_dhat8(z: torch.Tensor) -> torch.Tensor:
     return f + 0.5
 
 
+def _nearer(best_cost, best_code, cost: torch.Tensor, code: torch.Tensor):
+    """Per vector, the (cost, code) of the lower cost between the best so far (None: none yet) and a new shift's."""
+    if best_cost is None:
+        return cost, code
+    take = cost < best_cost
+    return torch.where(take, cost, best_cost), torch.where(take, code, best_code)
+
+
 def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest E8P codeword of each 8-vector of x (…, 8): codes int32 (…) in [0, 2^16) and the codewords.
 
@@ -173,12 +181,7 @@ def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.
         code = k.clamp(min=0) | ((p[:, 1:] < 0).long() * weights).sum(1) | (shift_bit << _SHIFT_BIT)
         cost_m = torch.where(member, cost, torch.full_like(cost, float("inf")))
         lattice_cost.append(cost)
-        if best_cost is None:
-            best_cost, best_code = cost_m, code
-        else:
-            take = cost_m < best_cost
-            best_cost = torch.where(take, cost_m, best_cost)
-            best_code = torch.where(take, code, best_code)
+        best_cost, best_code = _nearer(best_cost, best_code, cost_m, code)
     settled = best_cost <= torch.minimum(*lattice_cost)
     codes = best_code.to(torch.int32)
     rest = (~settled).nonzero().squeeze(1)
@@ -228,12 +231,7 @@ def e8p_encode_search(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor,
             flip_at = (az * table[k]).argmin(1)
             neg[rows[fix], flip_at[fix]] ^= 1
             code = k | (neg[:, 1:] * weights).sum(1) | (shift_bit << _SHIFT_BIT)
-            if best_cost is None:
-                best_cost, best_code = c, code
-            else:
-                take = c < best_cost
-                best_cost = torch.where(take, c, best_cost)
-                best_code = torch.where(take, code, best_code)
+            best_cost, best_code = _nearer(best_cost, best_code, c, code)
         codes[s:s + chunk] = best_code.to(torch.int32)
     codes = codes.reshape(shape)
     return codes, e8p_decode(codes, dtype)
