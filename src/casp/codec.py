@@ -82,17 +82,18 @@ class Codec:
         w, fisher = target.w.float(), target.fisher
         out_f = w.shape[0]
         wt, ht, params, _ = in_basis(w, target.xtx, self.transform, seed)
+        rows = rows.to(wt.device)
         weights = fisher.to(wt.device).double() if fisher is not None else torch.ones(out_f, dtype=torch.float64,
                                                                                         device=wt.device)
         if params is not None:
             cls = type(self.transform)
             u_rows = cls.out_inverse(params.tensors, params.meta,
-                                     torch.eye(out_f, dtype=torch.float64, device=wt.device)[rows.to(wt.device)])
+                                     torch.eye(out_f, dtype=torch.float64, device=wt.device)[rows])
             g = (u_rows * u_rows) @ weights
         else:
-            g = weights[rows.to(wt.device)]
-        sample = wt[rows.to(wt.device)]
-        context = self.quantizer.row_context(wt)
+            g = weights[rows]
+        sample = wt[rows]
+        context = self.quantizer.row_context(wt, ht)
         scale = out_f / rows.numel()
         return [scale * weighted_distortion(d - sample, ht, g)
                 for d in self.quantizer.dequantize_many(sample, ht, settings, context)]

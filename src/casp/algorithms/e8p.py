@@ -436,6 +436,23 @@ class _MixedRVQ:
         return codes, approx
 
 
+def _live_weight(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """W in float32 with the columns of dead inputs (H_jj = 0: they never fire) set to zero."""
+    w = w.detach().float()
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        w = w.clone()
+        w[:, dead.to(w.device)] = 0.0
+    return w
+
+
+def scale_rms(w: torch.Tensor, h: torch.Tensor) -> float:
+    """RMS(W) over its live inputs' columns (dead ones counted as zero): what the stage scales are built from.
+    A row sample of W is coded as in the whole matrix when given the whole matrix's `scale_rms`."""
+    w = _live_weight(w, h)
+    return float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
+
+
 def quantize_matrix(w: torch.Tensor, h: torch.Tensor, bits: int, *, rho: float, resid_scale: float = 1.0,
                     multipliers: tuple[float, ...] = (1.0,), damp: float = 0.01, act_order: bool = False,
                     buffer: int = 128, shrink: float = 0.0, rms: float | None = None) -> E8PMatrix:
@@ -468,18 +485,14 @@ def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec]
         raise ValueError(f"H has shape {tuple(h.shape)}, expected {(in_f, in_f)}")
     for spec in specs:
         stage_count(spec.bits)
-    w = w.detach().float()
+    w = _live_weight(w, h)
     h64 = h.detach().to(torch.float64)
-    dead = h64.diagonal() == 0
-    if bool(dead.any()):
-        w = w.clone()
-        w[:, dead] = 0.0
     perm = torch.argsort(h64.diagonal(), descending=True, stable=True) if act_order else None
     wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
     wp, hp = pad_to_codes(wq, prepare_hessian(hq, damp, shrink))
     a, _ = feedback_matrix(hp, CODE_DIM)
     if rms is None:
-        rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
+        rms = scale_rms(w, h)
     inverse = torch.argsort(perm) if perm is not None else None
     trials = [(spec, mult, stage_scales(mult * rms / spec.rho, spec.bits, spec.resid_scale))
               for spec in specs for mult in dict.fromkeys(multipliers)]

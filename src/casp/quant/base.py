@@ -142,9 +142,9 @@ class Quantizer(Configurable, ABC):
     def quantize(self, weight: torch.Tensor, xtx: torch.Tensor | None, setting) -> tuple[QuantizedWeight, torch.Tensor]:
         ...
 
-    def row_context(self, weight: torch.Tensor) -> dict:
-        """What coding a sample of `weight`'s rows needs from the whole matrix (E8: its RMS), so that each
-        sampled row is coded as it is in the whole; {} when rows need nothing of each other."""
+    def row_context(self, weight: torch.Tensor, xtx: torch.Tensor | None) -> dict:
+        """What coding a sample of `weight`'s rows (input second moment `xtx`) needs from the whole matrix (E8:
+        its RMS), so that each sampled row is coded as it is in the whole; {} when rows need nothing of each other."""
         return {}
 
     def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings,

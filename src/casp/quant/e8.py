@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from casp.algorithms.e8p import (CODE_DIM, STAGE_CODE_BITS, STAGES, StageSpec, quantize_candidates, quantize_matrix,
-                                 stage_count, stage_decoder, stage_kinds)
+                                 scale_rms, stage_count, stage_decoder, stage_kinds)
 from casp.quant.base import QuantizedWeight, Quantizer, StorageFormat, matmul_by_slabs, register
 from casp.quant.kernel_registry import declare_kernels
 
@@ -293,12 +293,14 @@ class E8Quantizer(Quantizer):
         rho, resid = c.rho_and_resid(setting.bits)
         best = quantize_candidates(weight[rows], xtx, [StageSpec(setting.bits, rho, resid)],
                                    multipliers=c.scale_multipliers, damp=c.ldlq_damp, act_order=setting.act_order,
-                                   buffer=c.buffer, shrink=c.shrink, rms=self.row_context(weight)["rms"])[0]
+                                   buffer=c.buffer, shrink=c.shrink, rms=scale_rms(weight, xtx))[0]
         return (best.multiplier,)
 
-    def row_context(self, weight: torch.Tensor) -> dict:
-        """The whole matrix's RMS: the scales of a row sample are the whole matrix's."""
-        return {"rms": float(weight.float().pow(2).mean().sqrt()) if weight.numel() else 0.0}
+    def row_context(self, weight: torch.Tensor, xtx: torch.Tensor | None) -> dict:
+        """The whole matrix's `scale_rms`: the scales of a row sample are the whole matrix's."""
+        if xtx is None:
+            xtx = torch.eye(weight.shape[1], device=weight.device)
+        return {"rms": scale_rms(weight, xtx)}
 
     def dequantize_many(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings,
                         context: dict | None = None) -> list[torch.Tensor]:
