@@ -51,7 +51,7 @@ def test_a_kept_plan_reads_back_equal_without_unpickling(tmp_path):
     from casp.io.plan_cache import PlanCache
     from casp.quant.e8 import E8Setting
     from casp.steps.joint import QKOption
-    from casp.steps.plan import Measured
+    from casp.steps.measured import Measured
     from casp.steps.units import Role, Unit, UnitKey
 
     units = [Unit(0, "self_attn.q_proj", Role.DENSE, "attn_in", 8, 8, 64, "q", 0, {"e8p-2b": 1.5, "e8p-3b": 0.25})]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from casp.models.real_models import cache_dir
 from casp.steps.joint import QKOption
+from casp.steps.measured import Measured
 from casp.steps.units import UnitKey, units_from_state, units_state
 
 
@@ -69,7 +70,7 @@ def _registered_setting_type(name: str) -> type:
     raise KeyError(name)
 
 
-def _state(measured) -> dict:
+def _state(measured: Measured) -> dict:
     """Everything but the Fisher weights as JSON data."""
     tables, kind = None, None
     if measured.qk_tables is not None:
@@ -82,10 +83,8 @@ def _state(measured) -> dict:
             "qk_tables": tables, "setting_type": kind}
 
 
-def _measured(state: dict, fisher: dict | None):
+def _measured(state: dict, fisher: dict | None) -> Measured:
     """The `Measured` of `_state` data and its Fisher weights."""
-    from casp.steps.plan import Measured
-
     tables = state["qk_tables"]
     if tables is not None:
         setting = _registered_setting_type(state["setting_type"]) if state["setting_type"] else None
@@ -108,7 +107,7 @@ class PlanCache:
     def __contains__(self, key: str) -> bool:
         return self._path(key, ".json").exists()
 
-    def __getitem__(self, key: str):
+    def __getitem__(self, key: str) -> Measured:
         try:
             state = json.loads(self._path(key, ".json").read_text())
             fisher = load_file(self._path(key, ".safetensors")) if state["has_fisher"] else None
@@ -116,7 +115,7 @@ class PlanCache:
             raise KeyError(key) from None
         return _measured(state, fisher)
 
-    def __setitem__(self, key: str, measured) -> None:
+    def __setitem__(self, key: str, measured: Measured) -> None:
         if measured.database:
             return
         self.root.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -13,8 +12,9 @@ from casp.models.placement import off_cpu, on_device
 from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
 from casp.steps.measure import measure_distortions
+from casp.steps.measured import Measured
 from casp.steps.ranks import check_separate_qk, choose_ranks
-from casp.steps.units import Unit, plan_units
+from casp.steps.units import plan_units
 
 # Calibration tokens the measuring walk uses (the sensitivity pass uses as many): candidate damages only rank
 # settings and layers against each other, which XᵀX of 16k tokens does as well as of 64k, and the measuring
@@ -22,18 +22,6 @@ from casp.steps.units import Unit, plan_units
 PLAN_TOKENS = 16384
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Measured:
-    """What the original model showed: Q/K ranks (None until chosen), the units with their measured damages,
-    the output Fisher, the joint W_q / W_k option tables and, for the search, every quantized candidate."""
-
-    ranks: list[dict[str, int]] | None
-    units: list[Unit]
-    fisher: dict | None = None
-    qk_tables: dict | None = None
-    database: dict | None = None
 
 
 def fisher_of(run, batches):

@@ -1,0 +1,18 @@
+"""What the measuring pass over the original model produces: the plan's input, cached between runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from casp.steps.units import Unit
+
+
+@dataclass
+class Measured:
+    """What the original model showed: Q/K ranks (None until chosen), the units with their measured damages,
+    the output Fisher, the joint W_q / W_k option tables and, for the search, every quantized candidate."""
+
+    ranks: list[dict[str, int]] | None
+    units: list[Unit]
+    fisher: dict | None = None
+    qk_tables: dict | None = None
+    database: dict | None = None
