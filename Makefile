@@ -18,4 +18,4 @@ demo: $(STAMP)
 	$(BIN)/casp demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n auto --dist loadscope --durations=15

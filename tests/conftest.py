@@ -7,7 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(int(os.environ.get("CASP_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# Under pytest-xdist each worker gets one thread: two workers of two threads on two cores stall each other.
+_default_threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("CASP_TEST_THREADS", _default_threads)))
 
 
 @pytest.fixture(autouse=True)
