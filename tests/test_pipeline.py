@@ -109,18 +109,33 @@ def test_feasibility_counts_per_layer_units(tiny_llama_dir, scene_text, monkeypa
         compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=0.25, bits=floor - 1e-4), progress=False)
 
 
-def test_a_built_in_models_source_grid_is_left_out_and_reported(tiny_llama_dir, scene_text, tmp_path):
-    """A directory marked as the converted SmolLM2 (Q4_1: 4 bits, groups of 32) never gets 4-bit g32."""
-    import json
+def _snap(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """w dequantized from an affine `bits`-bit grid with groups of `group` columns (as GGUF Q4_1 by 32)."""
+    g = w.reshape(w.shape[0], -1, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((hi - lo) / ((1 << bits) - 1)).half().float()
+    return (torch.round((g - lo) / step) * step + lo).reshape(w.shape)
+
+
+def test_weights_on_a_source_grid_leave_its_settings_out_and_say_so(tiny_llama_dir, scene_text, tmp_path):
+    """A checkpoint whose MLP weights lie on 4-bit grids by 32 and attention weights on 8-bit grids by 32
+    (as a model converted from GGUF) never gets 4b-g32 or 8b-g32; the report says which grids were found."""
     import shutil
 
-    marked = tmp_path / "marked"
+    from safetensors.torch import load_file, save_file
+
+    marked = tmp_path / "on_grid"
     shutil.copytree(tiny_llama_dir, marked)
-    (marked / "casp_builtin.json").write_text(json.dumps({"name": "smollm2-135m"}))
+    tensors = load_file(marked / "model.safetensors")
+    for k, w in tensors.items():
+        if k.endswith("proj.weight"):
+            tensors[k] = _snap(w, 4 if ".mlp." in k else 8, 32).contiguous()
+    save_file(tensors, marked / "model.safetensors", metadata={"format": "pt"})
     res = compress(marked, None, _cfg(scene_text, bits=4.0, granularity="matrix"), progress=False)
-    assert res.report["excluded_candidates"]["settings"] == ["4b-g32"]
+    assert res.report["excluded_candidates"]["settings"] == ["4b-g32", "8b-g32"]
+    assert "6 on 4b-g32, 8 on 8b-g32" in res.report["excluded_candidates"]["why"]
     settings = {u["setting"] for u in res.report["layers"]}
-    assert "4b-g32" not in settings
+    assert not settings & {"4b-g32", "8b-g32"}
     plain = compress(tiny_llama_dir, None, _cfg(scene_text, bits=4.0, granularity="matrix"), progress=False)
     assert "excluded_candidates" not in plain.report
 

@@ -263,16 +263,18 @@ def _quantizer_options(config: CompressionConfig, path: Path | None, preset: str
 
 
 def _excluded(config: CompressionConfig, quantizer, path: Path | None, reasons: dict) -> tuple[str, ...]:
-    """Candidates that reproduce the grid the model's weights were stored on (they would measure no error)."""
-    from casp.models.real_models import source_grid
+    """Candidates that reproduce a grid some of the model's weights already lie on (they would measure no error)."""
+    from casp.models.source_grids import detect_source_grids, grid_counts
 
-    grid = source_grid(path) if path is not None and config.allocation != "uniform" else None
-    if grid is None:
+    if path is None or config.allocation == "uniform":
         return ()
-    dropped = tuple(s.label() for s in quantizer.candidates() if quantizer.reproduces_grid(s, grid))
+    grids = detect_source_grids(path)
+    found = sorted(set(grids.values()))
+    dropped = tuple(s.label() for s in quantizer.candidates() if any(quantizer.reproduces_grid(s, g) for g in found))
     if dropped:
-        reasons["excluded_candidates"] = (f"the weights were stored on a {grid[0]}-bit grid with groups of {grid[1]}; "
-                                          "these settings reproduce it and would measure almost no error")
+        counts = ", ".join(f"{n} on {label}" for label, n in sorted(grid_counts(grids).items()))
+        reasons["excluded_candidates"] = (f"{len(grids)} weight matrices already lie on a quantization grid ({counts}); "
+                                          "these settings reproduce one and would measure almost no error")
     return dropped
 
 

