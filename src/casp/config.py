@@ -78,6 +78,8 @@ class CompressionConfig:
     search_steps: int = option(0, "--search-steps", "KL-guided search steps over the allocation, on held-out "
                                "calibration samples (0: off)", type=int)
     search_samples: int = option(8, "--search-samples", "calibration samples held out for the search", type=int)
+    check_samples: int = option(4, "--check-samples", "calibration samples held out to check an allocated run "
+                                "against the quantizer's uniform setting before saving (0: no check)", type=int)
     allocation: str = option("rd", "--allocation", "bit allocation: rate-distortion, the paper's rule, or uniform "
                              "int(--bits)", choices=ALLOCATIONS)
     granularity: str = option("layer", "--granularity", "rd allocation unit: each decoder layer or each matrix",
@@ -120,6 +122,8 @@ class CompressionConfig:
             raise CaspError(f"--qk-rank-ladder ratios must be in (0, 1), got {self.qk_rank_ladder}")
         if self.search_steps < 0 or self.search_samples < 1:
             raise CaspError("--search-steps must be >= 0 and --search-samples >= 1")
+        if self.check_samples < 0:
+            raise CaspError(f"--check-samples must be >= 0, got {self.check_samples}")
         if self.max_memory is not None and self.max_memory <= 0:
             raise CaspError(f"--max-memory must be a positive number of GB, got {self.max_memory}")
         if self.allocation not in ALLOCATIONS:

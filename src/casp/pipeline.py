@@ -21,6 +21,7 @@ from casp.data.calibration import hold_out
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
 from casp.recipe import Recipe, resolve
 from casp.run import Run, RunOptions, open_writer
+from casp.steps import baseline_check
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.load import calibrate, load_parts
@@ -82,7 +83,9 @@ def start(model, recipe: Recipe, writer, processor, progress: bool, cache):
 
 def carry_out(run: Run, batches: list[dict]) -> CompressionResult:
     """Plan (or read back the plan of a resumed run), compress every layer, report and save."""
-    batches, held = hold_out(batches, run.recipe.search_samples) if run.recipe.search_steps else (batches, [])
+    recipe = run.recipe
+    spared = max(recipe.search_samples if recipe.search_steps else 0, recipe.check_samples)
+    batches, held = hold_out(batches, spared) if spared else (batches, [])
     run.times["plan"] = time.time()
     saved = run.writer.saved_plan()
     if saved is None:
@@ -91,8 +94,16 @@ def carry_out(run: Run, batches: list[dict]) -> CompressionResult:
     else:
         plan = restore_plan_state(saved, run.codec and run.codec.setting_type())
     run.times["layers"] = time.time()
+    if recipe.check_samples:
+        run.check = baseline_check.prepare(run, held)
     compress_layers(run, batches, plan)
+    checked = baseline_check.decide(run, run.check) if run.check is not None else None
     report = build_report(run, batches, plan)
+    if checked is not None:
+        report["baseline_check"] = {**checked, "share_of_run": checked["seconds"] / max(report["seconds"], 1e-9)}
+        report["phase_seconds"]["baseline_check"] = checked["seconds"]   # part of the layer pass and after it
+    elif recipe.check_samples:
+        report["baseline_check"] = baseline_check.skipped("the uniform setting needs more bits than the target")
     result = CompressionResult(run.model, run.processor, run.source, report, run.recipe)
     result.out = run.writer.finish(result, run.layer_source)
     if run.recipe.stream:

@@ -34,6 +34,7 @@ class Recipe:
     granularity: str
     search_steps: int
     search_samples: int
+    check_samples: int               # held out for the baseline check (0: none)
     calib_samples: int
     calib_seq_len: int
     calib_jsonl: str | None
@@ -81,13 +82,13 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version"})
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples"})
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
         if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
             raise CaspError(f"recipe version {data['version']} is not {RECIPE_VERSION}; re-run resolve with this casp")
-        values = dict(data)
+        values = {"check_samples": 0, **data}   # recipes written before the baseline check ran without it
         values["qk_rank_overrides"] = {int(k): v for k, v in data["qk_rank_overrides"].items()}
         values["qk_rank_ladder"] = tuple(data["qk_rank_ladder"])
         values["excluded_candidates"] = tuple(data["excluded_candidates"])
@@ -190,6 +191,7 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
     if stream and config.search_steps:
         raise CaspError("--search-steps measures KL on the whole model in memory; it cannot run with --stream")
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CompressionConfig)}
+    values.update(check_samples=_check_samples(config, stream, reasons))
     values.update(qk_rank=qk_rank, quantizer_options=quantizer_options, transform_options=transform_options,
                   qk_rank_overrides=dict(config.qk_rank_overrides), qk_rank_ladder=tuple(config.qk_rank_ladder),
                   layers=tuple(config.layers) if config.layers is not None else None, stream=stream,
@@ -197,6 +199,24 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
                   reasons=dict(sorted(reasons.items())))
     recipe = Recipe(**values)
     return Recipe.from_dict(recipe.to_dict())   # exactly what recipe.json will read back
+
+
+# An allocated run holds out at most one calibration sample in this many for its baseline check.
+CHECK_SHARE = 8
+
+
+def _check_samples(config: CompressionConfig, stream: bool, reasons: dict) -> int:
+    """Samples held out to check the allocation against uniform (`casp.steps.baseline_check`); 0 when not run."""
+    if not config.check_samples or config.allocation == "uniform" or config.quantizer == "none":
+        return 0
+    if stream:
+        reasons["check_samples"] = "a streamed run never holds the whole model, which the baseline check measures"
+        return 0
+    n = min(config.check_samples, config.calib_samples // CHECK_SHARE)
+    if n < config.check_samples:
+        reasons["check_samples"] = (f"at most one calibration sample in {CHECK_SHARE} is held out for the baseline "
+                                    "check" + ("" if n else ": too few to check"))
+    return n
 
 
 def _qk_rank(config: CompressionConfig, reasons: dict):

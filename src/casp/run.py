@@ -40,6 +40,7 @@ class Run:
     progress: bool = True
     cache: dict | None = None
     times: dict = field(default_factory=dict)
+    check: object = None             # `BaselineCheck` while the allocation is checked against uniform
 
     @property
     def device(self) -> str:

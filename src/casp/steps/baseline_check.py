@@ -1,0 +1,108 @@
+"""Step: an allocated run is never worse than the uniform setting of its quantizer, measured before saving.
+
+The allocator trusts a per-matrix damage estimate; on a model it was not tuned on, that estimate can rank
+settings badly. So an allocated run also quantizes every matrix of every layer at the quantizer's uniform
+setting (on the same inputs, in the same layer pass), and at the end measures KL(FP ‖ model) on calibration
+samples held out of everything else, once with the allocated modules and once with the uniform ones. The
+better model is kept; both figures go to `report["baseline_check"]`.
+
+The uniform alternative is quantized on the allocated model's inputs, not on a uniform model's own; it is
+the uniform setting as this run would store it. The check needs the whole model in memory (no --stream),
+and a uniform setting that fits the target bits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from casp.models.offload import offloaded
+from casp.steps.costs import unit_cost
+from casp.steps.search import kl_to_reference, reference_logprobs
+from casp.steps.units import plan_units
+
+
+@dataclass
+class BaselineCheck:
+    """The held-out samples, the FP model's answers on them, and each layer's uniform alternative."""
+
+    held: list[dict]
+    reference: list[torch.Tensor]
+    setting: object                                  # the quantizer's uniform setting
+    uniform_bits: float                              # its average stored bits over the compressed units
+    alternatives: dict[int, list] = field(default_factory=dict)   # layer -> [(unit name, module, row)]
+    seconds: float = 0.0
+
+
+def uniform_fit(run):
+    """(uniform setting, its average stored bits), or None when it needs more bits than the target."""
+    codec = run.codec
+    setting = codec.quantizer.uniform_setting(run.recipe.bits)
+    units = plan_units(run.layers, run.adapter, [{}] * len(run.layers), run.recipe.layers)
+    total = sum(u.num_weights for u in units)
+    bits = sum(unit_cost(u, setting, codec) for u in units) / max(total, 1)
+    return (setting, bits) if bits <= run.recipe.bits + 1e-9 else None
+
+
+def prepare(run, held: list[dict]) -> BaselineCheck | None:
+    """The FP model's log-probabilities on `held`, taken before any layer is compressed."""
+    fit = uniform_fit(run)
+    if fit is None or not held:
+        return None
+    t0 = time.time()
+    with offloaded(run.model, run.adapter, run.device):
+        reference = reference_logprobs(run.model, held, run.device)
+    return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
+
+
+def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, xtx: dict, store) -> None:
+    """Quantize the layer's dense linears at the uniform setting (before they are replaced); keep them aside.
+    `store(unit, weight, xtx, setting, bias)` gives (module, report row), as for the allocated units."""
+    t0 = time.time()
+    units = plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,))
+    kept = []
+    for u in units:
+        lin = layer.get_submodule(u.name)
+        bias = lin.bias.data.clone() if lin.bias is not None else None
+        module, row = store(u, lin.weight.data, xtx[u.input_group], check.setting, bias)
+        kept.append((u.name, module, row))
+    check.alternatives[index] = kept
+    check.seconds += time.time() - t0
+
+
+def decide(run, check: BaselineCheck) -> dict:
+    """Measure both models on the held-out samples; keep the uniform layers when they do better."""
+    t0 = time.time()
+    layers = run.layers
+    rows = run.writer.rows
+    with offloaded(run.model, run.adapter, run.device):
+        allocated_kl = kl_to_reference(run.model, check.held, check.reference, run.device)
+    allocated = {i: [(name, layers[i].get_submodule(name)) for name, _, _ in alts]
+                 for i, alts in check.alternatives.items()}
+    _put(layers, {i: [(n, m) for n, m, _ in alts] for i, alts in check.alternatives.items()})
+    with offloaded(run.model, run.adapter, run.device):
+        uniform_kl = kl_to_reference(run.model, check.held, check.reference, run.device)
+    kept = "uniform" if uniform_kl < allocated_kl else "allocation"
+    if kept == "uniform":
+        for i, alts in check.alternatives.items():
+            rows[i] = {**rows[i], "rank_q": 0, "rank_k": 0, "units": [r for _, _, r in alts]}
+    else:
+        _put(layers, allocated)
+    stored = sum(r["stored_bits"] for i in check.alternatives for r in rows[i]["units"])
+    weights = sum(r["num_weights"] for i in check.alternatives for r in rows[i]["units"])
+    check.seconds += time.time() - t0
+    return {"samples": sum(len(b["input_ids"]) for b in check.held), "allocation_kl": allocated_kl, "uniform_kl": uniform_kl,
+            "uniform_setting": check.setting.label(), "uniform_bits": check.uniform_bits, "kept": kept,
+            "kept_bits": stored / max(weights, 1), "seconds": check.seconds}
+
+
+def skipped(why: str) -> dict:
+    return {"kept": "allocation", "skipped": why}
+
+
+def _put(layers, modules: dict[int, list]) -> None:
+    for i, pairs in modules.items():
+        for name, module in pairs:
+            layers[i].set_submodule(name, module)

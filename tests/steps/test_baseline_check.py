@@ -1,0 +1,75 @@
+"""The baseline check: an allocated run measures itself against the uniform setting and keeps the better."""
+import json
+
+import pytest
+import torch
+
+import casp.pipeline as pipeline
+from casp.config import CompressionConfig
+from casp.pipeline import compress
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cfg(scene_text, **kw):
+    base = dict(bits=3.25, qk_rank=0, calib_samples=16, calib_seq_len=32, calib_text=str(scene_text))
+    return CompressionConfig(**{**base, **kw})
+
+
+def _flipped(monkeypatch):
+    """The measured damage table with its signs flipped: the allocator then spends bits where they hurt."""
+    honest = pipeline.plan_ranks_and_units
+
+    def flipped(run, batches):
+        measured = honest(run, batches)
+        for u in measured.units:
+            u.distortion = {k: -v for k, v in u.distortion.items()}
+        return measured
+
+    monkeypatch.setattr(pipeline, "plan_ranks_and_units", flipped)
+
+
+def test_a_bad_allocation_is_caught_and_the_uniform_model_saved(tiny_llama_dir, scene_text, tmp_path, monkeypatch):
+    from casp.io.storage import load_compressed
+
+    _flipped(monkeypatch)
+    res = compress(tiny_llama_dir, tmp_path / "out", _cfg(scene_text), progress=False)
+    check = res.report["baseline_check"]
+    assert check["kept"] == "uniform" and check["uniform_kl"] < check["allocation_kl"]
+    assert check["samples"] == 2 and check["uniform_setting"] == "3b-g128"
+    assert {u["setting"] for u in res.report["layers"]} == {"3b-g128"}
+    assert res.report["average_bits"] == pytest.approx(check["uniform_bits"]) and res.report["average_bits"] <= 3.25
+    assert "baseline_check" in res.report["phase_seconds"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["baseline_check"]["kept"] == "uniform"
+    ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_compressed(tmp_path / "out")(ids).logits, res.model(ids).logits)
+
+
+def test_the_better_allocation_is_kept_with_both_figures(tiny_llama_dir, scene_text):
+    """CASP's joint ranks and bits beat uniform 3-bit on this model and data: the allocation stays, low-rank Q/K too."""
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=None), progress=False)
+    check = res.report["baseline_check"]
+    assert check["kept"] == "allocation" and check["allocation_kl"] <= check["uniform_kl"]
+    assert any(u["rank"] for u in res.report["layers"])
+    assert check["kept_bits"] == pytest.approx(res.report["average_bits"])
+    assert 0 < check["share_of_run"] < 1
+    assert any(u["setting"] != "3b-g128" for u in res.report["layers"])
+
+
+def test_the_check_holds_its_samples_out_of_fitting_and_can_be_turned_off(tiny_llama_dir, scene_text):
+    on = compress(tiny_llama_dir, None, _cfg(scene_text), progress=False)
+    off = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=0), progress=False)
+    assert on.recipe.check_samples == 2 and "one calibration sample in 8" in on.recipe.reasons["check_samples"]
+    assert off.recipe.check_samples == 0 and "baseline_check" not in off.report
+    assert on.report["calibration"]["tokens"] == off.report["calibration"]["tokens"] * 14 // 16
+    uniform = compress(tiny_llama_dir, None, _cfg(scene_text, allocation="uniform", bits=3), progress=False)
+    assert uniform.recipe.check_samples == 0 and "baseline_check" not in uniform.report
+
+
+def test_no_uniform_setting_under_the_target_means_no_check(tiny_llama_dir, scene_text):
+    """At 2.14 bits the uniform 2-bit g128 setting (2.15 bits a weight here) does not fit: nothing to compare with."""
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, bits=2.14), progress=False)
+    assert res.report["baseline_check"] == {"kept": "allocation",
+                                            "skipped": "the uniform setting needs more bits than the target"}
