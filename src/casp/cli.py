@@ -305,6 +305,11 @@ def cmd_compress(args) -> None:
     if recipe.excluded_candidates:
         summary["excluded_candidates"] = list(recipe.excluded_candidates)
         note = f"; left out {', '.join(recipe.excluded_candidates)} ({recipe.reasons['excluded_candidates']})"
+    check = r.get("baseline_check", {})
+    if check.get("kept") == "uniform":
+        summary["baseline_check"] = check
+        note += (f"; the allocation measured worse than uniform {check['uniform_setting']} on held-out samples "
+                 f"(KL {check['allocation_kl']:.4g} against {check['uniform_kl']:.4g}), so the uniform model was kept")
     if recipe.preset != "none" and "preset" in recipe.reasons:
         note += (f"; calibrated on casp's built-in text, so preset {recipe.preset} (give --calib-text with your own "
                  "data, or --preset none, to change it)")

@@ -92,6 +92,17 @@ def _excluded_lines(report: dict) -> list[str]:
     return [f"Candidates left out: {', '.join(ex['settings'])} ({ex['why']}).", ""]
 
 
+def _check_lines(report: dict) -> list[str]:
+    c = report.get("baseline_check")
+    if not c:
+        return []
+    if "skipped" in c:
+        return [f"Baseline check: skipped ({c['skipped']}).", ""]
+    return [f"Baseline check on {c['samples']} held-out samples: KL(FP ‖ model) {c['allocation_kl']:.4g} allocated, "
+            f"{c['uniform_kl']:.4g} uniform {c['uniform_setting']} ({c['uniform_bits']:.4f} bits); kept the "
+            f"{c['kept']} model ({c['seconds']:.1f} s, {100 * c['share_of_run']:.0f} % of the run).", ""]
+
+
 def render_markdown(report: dict, plots: list[str]) -> str:
     cfg = report["recipe"]
     lines = [
@@ -111,6 +122,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         report["accounting"] + ".",
         "",
         *_excluded_lines(report),
+        *_check_lines(report),
         "## Per decoder layer",
         "",
         "Density: per head and query row, the fraction of visible keys needed to hold "

@@ -109,3 +109,15 @@ def test_read_text_file_missing_or_directory(tmp_path):
         read_text_file(tmp_path / "nope.txt")
     with pytest.raises(ValueError, match="cannot read"):
         read_text_file(tmp_path)
+
+
+def test_the_second_evaluation_text_is_disjoint_from_both_others():
+    from casp.data.textdata import evaluation_texts
+
+    texts = evaluation_texts()
+    lic = texts["licences"]
+    assert 100_000 < len(lic) < 150_000 and lic.lstrip().startswith("GNU GENERAL PUBLIC LICENSE")
+    assert not re.search(r"[\r\x00-\x08\x0b-\x1f]", lic)
+    assert not shingles(lic) & shingles(texts["alice"])
+    # A few stdlib docstrings carry a warranty disclaimer: 15 shared 8-word sequences out of ~15,000.
+    assert len(shingles(lic) & shingles(calibration_text())) < 0.002 * len(shingles(lic))

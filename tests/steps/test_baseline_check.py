@@ -73,3 +73,17 @@ def test_no_uniform_setting_under_the_target_means_no_check(tiny_llama_dir, scen
     res = compress(tiny_llama_dir, None, _cfg(scene_text, bits=2.14), progress=False)
     assert res.report["baseline_check"] == {"kept": "allocation",
                                             "skipped": "the uniform setting needs more bits than the target"}
+
+
+def test_the_command_line_says_when_the_uniform_model_was_kept(tiny_llama_dir, scene_text, tmp_path, monkeypatch,
+                                                               capsys):
+    from casp.cli import main
+
+    _flipped(monkeypatch)
+    args = ["compress", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--bits", "3.25", "--qk-rank", "0",
+            "--calib-text", str(scene_text), "--calib-samples", "16", "--calib-seq-len", "32"]
+    assert main([*args, "--quiet"]) == 0
+    assert "so the uniform model was kept" in capsys.readouterr().out
+    assert main([*args, "-o", str(tmp_path / "j"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["baseline_check"]["kept"] == "uniform"
+    assert "Baseline check on 2 held-out samples" in (tmp_path / "o" / "report.md").read_text()

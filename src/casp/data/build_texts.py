@@ -11,6 +11,9 @@ text; this script records exactly how they were made (see docs/data.md):
 * alice_in_wonderland.txt: the Canterbury-corpus file `alice29.txt` as shipped in the
   `brotli` sdist on PyPI, with CRLF turned into LF, trailing spaces and the final DOS
   end-of-file byte (0x1A) removed.
+* licences.txt: the licence texts Debian ships in /usr/share/common-licenses (package base-files)
+  named in `LICENCES`, in that order, trailing spaces removed: a second evaluation text, legal
+  English, far from both others.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ SKIP = {
     "lib2to3", "sre_compile", "sre_constants", "sre_parse", "distutils", "encodings",
     "msilib", "msvcrt", "nt", "winreg", "winsound", "ntpath", "nturl2path",
 }
+LICENCES = ("GPL-3", "LGPL-2.1", "GFDL-1.3", "MPL-2.0", "Apache-2.0")
 MODULE_CAP = 6000  # characters of one module's docs, so that no single module dominates
 ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -105,12 +109,20 @@ def alice(path: Path) -> str:
     return "\n".join(line.rstrip() for line in raw.splitlines()).strip("\n") + "\n"
 
 
+def licences(folder: Path) -> str:
+    texts = [(folder / name).read_text(encoding="utf-8") for name in LICENCES]
+    lines = "\n\n\n".join(t.strip("\n") for t in texts).splitlines()
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alice", type=Path, required=True, help="alice29.txt from the brotli sdist")
+    ap.add_argument("--licences", type=Path, default=Path("/usr/share/common-licenses"))
     args = ap.parse_args()
     (HERE / "python_docs.txt").write_text(python_docs(), encoding="utf-8")
     (HERE / "alice_in_wonderland.txt").write_text(alice(args.alice), encoding="utf-8")
+    (HERE / "licences.txt").write_text(licences(args.licences), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Built-in offline text for calibration and evaluation, and token windows cut from text.
 
-Two shipped texts, disjoint by source (provenance and licences in docs/data.md):
+Three shipped texts, disjoint by source (provenance and licences in docs/data.md):
 calibration is Python's own documentation (help topics and standard-library docstrings),
 evaluation is a literary public-domain text (Lewis Carroll, *Alice's Adventures in
-Wonderland*). Neither needs a model hub or network.
+Wonderland*), and a second evaluation text is legal English (GNU, Mozilla and Apache licence
+texts). None needs a model hub or network.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "python_docs.txt"
 EVALUATION_FILE = "alice_in_wonderland.txt"
+SECOND_EVALUATION_FILE = "licences.txt"
 
 
 @lru_cache(maxsize=None)
@@ -33,6 +35,11 @@ def calibration_text() -> str:
 def evaluation_text() -> str:
     """The built-in evaluation text: *Alice's Adventures in Wonderland* (~148 kB)."""
     return _shipped(EVALUATION_FILE)
+
+
+def evaluation_texts() -> dict[str, str]:
+    """Both held-out texts by name: the novel and the licences (~115 kB), for results on two domains."""
+    return {"alice": evaluation_text(), "licences": _shipped(SECOND_EVALUATION_FILE)}
 
 
 def read_text_file(path: str | Path) -> str:
