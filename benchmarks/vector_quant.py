@@ -105,7 +105,8 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
         model, report = res.model, res.report
     seconds = time.time() - t0
     row = {"method": spec["label"], "average_bits": report["average_bits"] if report else 16.0,
-           "seconds": seconds if report else 0.0}
+           "seconds": seconds if report else 0.0,
+           "baseline_check": (report or {}).get("baseline_check")}
     if args.model == "embedded":
         from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
 
@@ -115,13 +116,17 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
                          progress=False)
         row.update(vqa_accuracy=r["vqa_accuracy"], kl=r["kl_vs_reference"])
     else:
-        from casp.data.textdata import evaluation_text
+        from casp.data.textdata import evaluation_texts
         from casp.eval.text_ppl import text_perplexity
 
-        text = evaluation_text()[: args.eval_chars] if args.eval_chars else evaluation_text()
         tok = tokenizer_of(processor)
-        row["text_ppl"] = text_perplexity(model, tok, text, context_length=args.ctx, progress=False)["text_ppl"]
-        row["kl"] = text_kl(reference, model, tok, text, args.ctx, args.kl_windows) if report else 0.0
+        for i, name in enumerate(args.eval_texts.split(",")):
+            text = evaluation_texts()[name]
+            text = text[: args.eval_chars] if args.eval_chars else text
+            ppl = text_perplexity(model, tok, text, context_length=args.ctx, progress=False)["text_ppl"]
+            row["text_ppl" if i == 0 else f"text_ppl_{name}"] = ppl
+            if i == 0:
+                row["kl"] = text_kl(reference, model, tok, text, args.ctx, args.kl_windows) if report else 0.0
     from casp.data.textdata import evaluation_text
     from casp.eval.text_ppl import tokenize_text
 
@@ -135,10 +140,12 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
 def arguments(description: str) -> argparse.ArgumentParser:
     """The options shared by the benchmarks that run rows through `run_row`."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (token ppl) or embedded (KL, VQA)")
+    ap.add_argument("--model", default="smollm2-135m", help="a text model or built-in name (token ppl) or embedded "
+                    "(KL, VQA)")
     ap.add_argument("--rows", default="all", help="comma-separated row labels (default: all)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--eval-chars", type=int, default=60000, help="evaluate on the first N characters (0: all)")
+    ap.add_argument("--eval-texts", default="alice", help="shipped evaluation texts (alice, licences); KL on the first")
     ap.add_argument("--questions", type=int, default=600)
     ap.add_argument("--kl-records", type=int, default=200)
     ap.add_argument("--kl-windows", type=int, default=8, help="text windows for KL vs FP (SmolLM2)")
