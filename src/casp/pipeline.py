@@ -3,7 +3,8 @@
 resolve the recipe -> load (whole, or only the non-layer parts when streaming) -> check the budget from
 the shapes -> calibrate -> plan (Q/K ranks, units, each unit's damage at each candidate, joint Q/K
 options) -> allocate bits (optionally searched by held-out KL) -> compress layer by layer (low-rank Q/K,
-transform, quantizer; a streamed run writes each layer as it finishes and can resume) -> report -> save.
+transform, quantizer; a streamed run writes each layer as it finishes and can resume) -> baseline check (the
+allocated model against the uniform setting on held-out samples; the better is kept) -> report -> save.
 Each step is a function in `casp.steps` that takes the run and its data.
 """
 from __future__ import annotations
@@ -94,16 +95,11 @@ def carry_out(run: Run, batches: list[dict]) -> CompressionResult:
     else:
         plan = restore_plan_state(saved, run.codec and run.codec.setting_type())
     run.times["layers"] = time.time()
-    if recipe.check_samples:
-        run.check = baseline_check.prepare(run, held)
+    run.check = baseline_check.prepare(run, held) if recipe.check_samples else None
     compress_layers(run, batches, plan)
     checked = baseline_check.decide(run, run.check) if run.check is not None else None
     report = build_report(run, batches, plan)
-    if checked is not None:
-        report["baseline_check"] = {**checked, "share_of_run": checked["seconds"] / max(report["seconds"], 1e-9)}
-        report["phase_seconds"]["baseline_check"] = checked["seconds"]   # part of the layer pass and after it
-    elif recipe.check_samples:
-        report["baseline_check"] = baseline_check.skipped("the uniform setting needs more bits than the target")
+    baseline_check.add_to_report(report, checked, recipe.check_samples)
     result = CompressionResult(run.model, run.processor, run.source, report, run.recipe)
     result.out = run.writer.finish(result, run.layer_source)
     if run.recipe.stream:

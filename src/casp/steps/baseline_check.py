@@ -98,8 +98,13 @@ def decide(run, check: BaselineCheck) -> dict:
             "kept_bits": stored / max(weights, 1), "seconds": check.seconds}
 
 
-def skipped(why: str) -> dict:
-    return {"kept": "allocation", "skipped": why}
+def add_to_report(report: dict, checked: dict | None, samples: int) -> None:
+    """`report["baseline_check"]` and its time in `phase_seconds` (it overlaps the layer pass)."""
+    if checked is not None:
+        report["baseline_check"] = {**checked, "share_of_run": checked["seconds"] / max(report["seconds"], 1e-9)}
+        report["phase_seconds"]["baseline_check"] = checked["seconds"]
+    elif samples:
+        report["baseline_check"] = {"kept": "allocation", "skipped": "the uniform setting needs more bits than the target"}
 
 
 def _put(layers, modules: dict[int, list]) -> None:
