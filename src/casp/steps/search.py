@@ -49,26 +49,37 @@ class WeightSwapper:
         self.original.clear()
 
 
+# Tokens whose log-softmax is taken at once: a 262k vocabulary makes a whole batch of float32 log-probs gigabytes.
+KL_CHUNK = 128
+
+
 @torch.no_grad()
 def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
     """FP next-token log-probabilities on the held-out batches (fp16 to halve the memory; on the CPU)."""
-    return [F.log_softmax(model(**to_device(b, device), use_cache=False).logits.float(), -1).half().cpu()
-            for b in batches]
+    out = []
+    for b in batches:
+        logits = model(**to_device(b, device), use_cache=False).logits
+        out.append(torch.cat([F.log_softmax(c.float(), -1).half().cpu() for c in logits.split(KL_CHUNK, dim=1)], 1))
+        del logits
+    return out
 
 
 @torch.no_grad()
 def kl_to_reference(model, batches, reference: list[torch.Tensor], device="cpu") -> float:
-    """Mean over real tokens of KL(FP ‖ model), computed on `device`."""
+    """Mean over real tokens of KL(FP ‖ model), computed on `device`, `KL_CHUNK` tokens at a time."""
     total, count = 0.0, 0
     for b, ref in zip(batches, reference):
         b = to_device(b, device)
-        logq = F.log_softmax(model(**b, use_cache=False).logits.float(), -1)
-        p = ref.to(device).float()
-        kl = (p.exp() * (p - logq)).sum(-1)
+        logits = model(**b, use_cache=False).logits
         mask = b.get("attention_mask")
-        mask = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
-        total += float(kl[mask].sum())
-        count += int(mask.sum())
+        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+        for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
+            logq = F.log_softmax(q.float(), -1)
+            p = p.to(logq.device).float()
+            kl = (p.exp() * (p - logq)).sum(-1)
+            total += float(kl[m].sum())
+            count += int(m.sum())
+        del logits
     return total / max(count, 1)
 
 
