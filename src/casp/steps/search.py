@@ -53,11 +53,20 @@ class WeightSwapper:
 KL_CHUNK = 128
 
 
+def _rows(batches):
+    """Text batches one row at a time (the logits of a whole batch over a large vocabulary are gigabytes)."""
+    for b in batches:
+        if set(b) <= {"input_ids", "attention_mask"}:
+            yield from ({k: v[i:i + 1] for k, v in b.items()} for i in range(len(b["input_ids"])))
+        else:
+            yield b
+
+
 @torch.no_grad()
 def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
-    """FP next-token log-probabilities on the held-out batches (fp16 to halve the memory; on the CPU)."""
+    """FP next-token log-probabilities on the held-out batches, one text row at a time (fp16; on the CPU)."""
     out = []
-    for b in batches:
+    for b in _rows(batches):
         logits = model(**to_device(b, device), use_cache=False).logits
         out.append(torch.cat([F.log_softmax(c.float(), -1).half().cpu() for c in logits.split(KL_CHUNK, dim=1)], 1))
         del logits
@@ -68,7 +77,7 @@ def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
 def kl_to_reference(model, batches, reference: list[torch.Tensor], device="cpu") -> float:
     """Mean over real tokens of KL(FP ‖ model), computed on `device`, `KL_CHUNK` tokens at a time."""
     total, count = 0.0, 0
-    for b, ref in zip(batches, reference):
+    for b, ref in zip(_rows(batches), reference):
         b = to_device(b, device)
         logits = model(**b, use_cache=False).logits
         mask = b.get("attention_mask")
