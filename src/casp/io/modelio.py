@@ -36,9 +36,12 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
         return Path(EMBEDDED_MODEL_DIR)
     if isinstance(model, str) and model in builtin_names():
-        from casp.models.real_models import resolve_builtin
+        from casp.models.real_models import BuiltinModelError, resolve_builtin
 
-        return Path(resolve_builtin(model))
+        try:
+            return Path(resolve_builtin(model))
+        except BuiltinModelError as e:
+            raise CaspError(str(e)) from None
     path = Path(model)
     if not path.exists():
         raise CaspError(f"model directory {str(path)!r} does not exist (built-in names: {', '.join(builtin_names())})")
