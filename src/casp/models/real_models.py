@@ -116,27 +116,29 @@ def source_gguf(spec: BuiltinModel) -> Path:
     """Path of the GGUF file inside the installed package (or joined from its parts), found without importing it."""
     if spec.parts:
         return _joined_parts(spec)
-    found = importlib.util.find_spec(spec.package)
-    locations = list(found.submodule_search_locations or []) if found else []
+    locations = _package_dirs(spec.package)
     for loc in locations:
-        path = Path(loc) / spec.gguf_file
+        path = loc / spec.gguf_file
         if path.is_file():
             return path
-    where = f"package {spec.package} at {locations}" if locations else f"package {spec.package}"
+    where = f"package {spec.package} at {[str(p) for p in locations]}" if locations else f"package {spec.package}"
     raise BuiltinModelError(
         f"built-in model {spec.name!r} needs {spec.gguf_file} from {where}, which is not "
         f"installed; install it with: {spec.install_hint}"
     )
 
 
+def _package_dirs(package: str) -> list[Path]:
+    """The folders of an installed package, found without importing it (empty when it is not installed)."""
+    found = importlib.util.find_spec(package)
+    return [Path(loc) for loc in (found.submodule_search_locations or [])] if found else []
+
+
 def _joined_parts(spec: BuiltinModel) -> Path:
     """Join the chunk packages' files once into `cache_dir()/sources`, checked against `spec.sha256`."""
     chunks = []
     for package in spec.parts:
-        found = importlib.util.find_spec(package)
-        files = []
-        for loc in list(found.submodule_search_locations or []) if found else []:
-            files += sorted((Path(loc) / "data").glob(f"{spec.gguf_file}.part*"))
+        files = [f for loc in _package_dirs(package) for f in sorted((loc / "data").glob(f"{spec.gguf_file}.part*"))]
         if not files:
             raise BuiltinModelError(
                 f"built-in model {spec.name!r} needs part {package} of {spec.gguf_file}, which is not "
