@@ -20,6 +20,7 @@ from torch import nn
 
 from casp.models.offload import offloaded
 from casp.steps.costs import unit_cost
+from casp.steps.quantize import stored_unit
 from casp.steps.search import kl_to_reference, reference_logprobs
 from casp.steps.units import plan_units
 
@@ -57,16 +58,15 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
     return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
 
 
-def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, xtx: dict, store) -> None:
-    """Quantize the layer's dense linears at the uniform setting (before they are replaced); keep them aside.
-    `store(unit, weight, xtx, setting, bias)` gives (module, report row), as for the allocated units."""
+def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, xtx: dict) -> None:
+    """Quantize the layer's dense linears at the uniform setting (before they are replaced); keep them aside."""
     t0 = time.time()
     units = plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,))
     kept = []
     for u in units:
         lin = layer.get_submodule(u.name)
         bias = lin.bias.data.clone() if lin.bias is not None else None
-        module, row = store(u, lin.weight.data, xtx[u.input_group], check.setting, bias)
+        module, row = stored_unit(run, u, lin.weight.data, xtx[u.input_group], check.setting, bias)
         kept.append((u.name, module, row))
     check.alternatives[index] = kept
     check.seconds += time.time() - t0

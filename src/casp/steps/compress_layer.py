@@ -9,7 +9,7 @@ from casp.models.adapters import Adapter
 from casp.steps.analyse import observe_layer
 from casp.steps.baseline_check import add_layer
 from casp.steps.finetune import Tuning, finetune_layer, layer_finetune_steps
-from casp.steps.quantize import FP16_BITS, factorise, stored_module, transform_seed, unit_weight_and_xtx
+from casp.steps.quantize import FP16_BITS, factorise, stored_unit, unit_row, unit_weight_and_xtx
 from casp.steps.units import Plan, Unit
 
 
@@ -29,7 +29,7 @@ def compress_layer(run, step, plan: Plan) -> dict:
     original, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     if run.check is not None:
-        add_layer(run, run.check, layer, i, xtx, lambda *a: stored_unit(run, *a))
+        add_layer(run, run.check, layer, i, xtx)
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
     stats = layer_attention_stats(layer, adapter, run.geometry, attn_inputs, run.recipe.density_mass,
                                   qk_pair(layer, adapter, lowrank))
@@ -51,28 +51,10 @@ def _store_unit(run, layer, u: Unit, plan: Plan, factors_and_moments) -> dict:
     lowrank, xtx = factors_and_moments
     w, h = unit_weight_and_xtx(u, layer, lowrank, xtx)
     if run.codec is None:
-        return {**_row(run, u), "setting": "fp16", "bits": FP16_BITS, "group_size": None,
+        return {**unit_row(run, u), "setting": "fp16", "bits": FP16_BITS, "group_size": None,
                 "stored_bits": w.numel() * FP16_BITS}
     target = layer.get_submodule(u.name)
     bias = target.bias.data.clone() if target.bias is not None else None
     module, row = stored_unit(run, u, w, h, plan.settings[u.key], bias)
     layer.set_submodule(u.name, module)
     return row
-
-
-def stored_unit(run, u: Unit, w, h, setting, bias) -> tuple:
-    """(stored module, report row) of matrix `w` of unit `u` quantized at `setting` by the run's codec."""
-    codec = run.codec
-    qw, _, params = codec.quantize(w, h, setting, transform_seed(run.seed, u))
-    module = stored_module(qw, params, bias)
-    stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
-    row = _row(run, u)
-    if params is not None:
-        row.update(type(codec.transform).describe(params.meta))
-    return module, {**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
-                    "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())}
-
-
-def _row(run, u: Unit) -> dict:
-    return {"name": f"{run.adapter.layers}.{u.layer}.{u.name}", "layer": u.layer, "rank": u.rank,
-            "num_weights": u.num_weights, "out_features": u.out_features, "in_features": u.in_features}

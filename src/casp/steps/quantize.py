@@ -80,3 +80,22 @@ def stored_module(qw, params, bias: torch.Tensor | None) -> nn.Module:
     if params is None:
         return PackedLinear.from_quantized(qw, bias)
     return TransformedLinear(PackedLinear.from_quantized(qw), params, bias)
+
+
+def stored_unit(run, u: Unit, w, h, setting, bias) -> tuple:
+    """(stored module, report row) of matrix `w` of unit `u` quantized at `setting` by the run's codec."""
+    codec = run.codec
+    qw, _, params = codec.quantize(w, h, setting, transform_seed(run.seed, u))
+    module = stored_module(qw, params, bias)
+    stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
+    row = unit_row(run, u)
+    if params is not None:
+        row.update(type(codec.transform).describe(params.meta))
+    return module, {**row, "setting": setting.label(), **setting.describe(), "stored_bits": stored,
+                    "bits_per_weight": stored / max(u.num_weights, 1), "distortion": u.distortion.get(setting.label())}
+
+
+def unit_row(run, u: Unit) -> dict:
+    """The report fields that describe unit `u` itself."""
+    return {"name": f"{run.adapter.layers}.{u.layer}.{u.name}", "layer": u.layer, "rank": u.rank,
+            "num_weights": u.num_weights, "out_features": u.out_features, "in_features": u.in_features}
