@@ -1,4 +1,3 @@
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +19,35 @@ def own_plan_cache_and_threads(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(capfd):
+    """Run `casp ARGS...` in this process, as the command would run: returncode, stdout and stderr. The
+    process-wide settings `main` changes (transformers' verbosity and progress bars) are given back."""
+    import subprocess
+
+    import transformers
+
+    from casp.cli import main
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capfd.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse refuses a flag this way
+            rc = e.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["casp", *argv], rc, out, err)
+
+    yield run
+    transformers.logging.set_verbosity(verbosity)
+    if bars:
+        transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="session")

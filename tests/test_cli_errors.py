@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 
-def run_cli(*args, cwd=None):
+def run_command(*args, cwd=None):
+    """The real `casp` command in its own process (most tests use the in-process `cli` fixture)."""
     return subprocess.run([sys.executable, "-m", "casp", *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
@@ -27,54 +28,54 @@ def _no_leftovers(parent: Path, name: str):
 
 
 def test_nonexistent_model_dir(tmp_path):
-    p = run_cli("compress", tmp_path / "nope", "-o", tmp_path / "out")
+    p = run_command("compress", tmp_path / "nope", "-o", tmp_path / "out")
     assert_one_line_error(p, "does not exist")
     _no_leftovers(tmp_path, "out")
 
 
-def test_missing_config_json(tmp_path):
+def test_missing_config_json(tmp_path, cli):
     (tmp_path / "m").mkdir()
-    assert_one_line_error(run_cli("eval", tmp_path / "m"), "config.json")
+    assert_one_line_error(cli("eval", tmp_path / "m"), "config.json")
 
 
-def test_unreadable_config_json(tmp_path):
+def test_unreadable_config_json(tmp_path, cli):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{not json")
-    assert_one_line_error(run_cli("info", tmp_path / "m"), "cannot read")
+    assert_one_line_error(cli("info", tmp_path / "m"), "cannot read")
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_architecture(tmp_path, cli):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    assert_one_line_error(run_cli("compress", tmp_path / "m", "-o", tmp_path / "out"), "unsupported architecture",
+    assert_one_line_error(cli("compress", tmp_path / "m", "-o", tmp_path / "out"), "unsupported architecture",
                           "LlavaForConditionalGeneration")
     _no_leftovers(tmp_path, "out")
 
 
-def test_corrupt_safetensors(tmp_path, tiny_llama_dir):
+def test_corrupt_safetensors(tmp_path, tiny_llama_dir, cli):
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_llama_dir, bad)
     (bad / "model.safetensors").write_bytes(b"\x00garbage" * 100)
-    assert_one_line_error(run_cli("compress", bad, "-o", tmp_path / "out"), str(bad))
+    assert_one_line_error(cli("compress", bad, "-o", tmp_path / "out"), str(bad))
     _no_leftovers(tmp_path, "out")
 
 
-def test_empty_calibration_text(tmp_path, tiny_llama_dir):
+def test_empty_calibration_text(tmp_path, tiny_llama_dir, cli):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", "--calib-text", empty)
+    p = cli("compress", tiny_llama_dir, "-o", tmp_path / "out", "--calib-text", empty)
     assert_one_line_error(p)
     assert "empty" in p.stderr.lower()
     _no_leftovers(tmp_path, "out")
 
 
-def test_unreadable_image(tmp_path, tiny_llava_dir):
+def test_unreadable_image(tmp_path, tiny_llava_dir, cli):
     bad = tmp_path / "calib.jsonl"
     (tmp_path / "broken.png").write_bytes(b"not an image")
     bad.write_text(json.dumps({"image": "broken.png", "question": "what color is the square ?", "answer": "red"}) + "\n")
-    p = run_cli("compress", tiny_llava_dir, "-o", tmp_path / "out", "--calib-jsonl", bad)
+    p = cli("compress", tiny_llava_dir, "-o", tmp_path / "out", "--calib-jsonl", bad)
     assert_one_line_error(p, "broken.png")
     _no_leftovers(tmp_path, "out")
 
@@ -91,27 +92,27 @@ def test_unreadable_image(tmp_path, tiny_llava_dir):
     (["--quantizer", "none", "--sym"], "need a quantizer"),
     (["--transform", "spin"], "transform"),
 ])
-def test_nonsensical_options(tmp_path, tiny_llama_dir, args, fragment):
-    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", *args)
+def test_nonsensical_options(tmp_path, tiny_llama_dir, args, fragment, cli):
+    p = cli("compress", tiny_llama_dir, "-o", tmp_path / "out", *args)
     assert_one_line_error(p, fragment)
     _no_leftovers(tmp_path, "out")
 
 
-def test_existing_output_needs_overwrite(tmp_path, tiny_llama_dir):
+def test_existing_output_needs_overwrite(tmp_path, tiny_llama_dir, cli):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out")
+    p = cli("compress", tiny_llama_dir, "-o", tmp_path / "out")
     assert_one_line_error(p, "--overwrite")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 
 def test_debug_shows_traceback(tmp_path):
-    p = run_cli("compress", tmp_path / "nope", "-o", tmp_path / "out", "--debug")
+    p = run_command("compress", tmp_path / "nope", "-o", tmp_path / "out", "--debug")
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
-def test_rank_above_full_rank(tmp_path, tiny_llama_dir):
-    p = run_cli("compress", tiny_llama_dir, "-o", tmp_path / "out", "--qk-rank-layer", "0=5000")
+def test_rank_above_full_rank(tmp_path, tiny_llama_dir, cli):
+    p = cli("compress", tiny_llama_dir, "-o", tmp_path / "out", "--qk-rank-layer", "0=5000")
     assert_one_line_error(p, "rank")
     _no_leftovers(tmp_path, "out")
 
@@ -130,10 +131,10 @@ def test_model_without_separate_qk(tmp_path):
         choose_ranks(model.model.layers, adapter_for(model), 0.25, {})
 
 
-def test_moe_architecture_is_refused_with_the_reason(tmp_path):
+def test_moe_architecture_is_refused_with_the_reason(tmp_path, cli):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
-    p = run_cli("compress", tmp_path / "m", "-o", tmp_path / "out")
+    p = cli("compress", tmp_path / "m", "-o", tmp_path / "out")
     assert_one_line_error(p, "unsupported architecture", "mixture-of-experts", "Gemma3ForConditionalGeneration",
                           "Phi3ForCausalLM")
     _no_leftovers(tmp_path, "out")
@@ -151,12 +152,12 @@ def tiny_phi3_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("qk_rank", ["0.25", "auto"])
-def test_low_rank_qk_on_fused_qkv_is_refused(tmp_path, tiny_phi3_dir, scene_text, qk_rank):
-    p = run_cli("compress", tiny_phi3_dir, "-o", tmp_path / "out", "--bits", "3", "--qk-rank", qk_rank,
+def test_low_rank_qk_on_fused_qkv_is_refused(tmp_path, tiny_phi3_dir, scene_text, qk_rank, cli):
+    p = cli("compress", tiny_phi3_dir, "-o", tmp_path / "out", "--bits", "3", "--qk-rank", qk_rank,
                 "--calib-text", scene_text, "--calib-samples", "4", "--calib-seq-len", "16", "--quiet")
     assert_one_line_error(p, "phi3", "fused", "--qk-rank 0")
     _no_leftovers(tmp_path, "out")
 
 
-def test_info_families_with_a_model_is_refused(tmp_path, tiny_phi3_dir):
-    assert_one_line_error(run_cli("info", tiny_phi3_dir, "--families"), "--families")
+def test_info_families_with_a_model_is_refused(tmp_path, tiny_phi3_dir, cli):
+    assert_one_line_error(cli("info", tiny_phi3_dir, "--families"), "--families")

@@ -14,7 +14,6 @@ import pytest
 import transformers
 from safetensors.torch import load_file, save_file
 
-from casp.cli import main
 from casp.errors import CaspError
 from casp.io.modelio import load_processor
 
@@ -82,17 +81,6 @@ def broken(request, tmp_path, tiny_llama_dir, tiny_llava_dir):
     return d, fragment
 
 
-@pytest.fixture
-def cli_state():
-    """`main` silences transformers for the process; give the other tests their settings back."""
-    verbosity = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    yield
-    transformers.logging.set_verbosity(verbosity)
-    if bars:
-        transformers.utils.logging.enable_progress_bar()
-
-
 def _error_lines(stderr: str) -> list[str]:
     return [l for l in stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING"))]
 
@@ -103,13 +91,11 @@ def _assert_no_output(tmp_path):
 
 
 @pytest.mark.parametrize("broken", [c[0] for c in CASES], indirect=True)
-def test_broken_directory_is_one_line_in_process(broken, tmp_path, capfd, cli_state):
+def test_broken_directory_is_one_line_in_process(broken, tmp_path, cli):
     d, fragment = broken
-    capfd.readouterr()
-    rc = main(["compress", str(d), "-o", str(tmp_path / "out"), "--quiet"])
-    err = capfd.readouterr().err
+    err = (p := cli("compress", d, "-o", tmp_path / "out", "--quiet")).stderr
     lines = _error_lines(err)
-    assert rc == 2, err
+    assert p.returncode == 2, err
     assert len(lines) == 1 and lines[0].startswith("casp: error: "), err
     assert fragment in lines[0] and str(d) in lines[0], lines[0]
     assert "Traceback" not in err
