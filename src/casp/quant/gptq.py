@@ -90,11 +90,14 @@ def _prepare(weight: torch.Tensor, xtx: torch.Tensor, act_order: bool, damp: flo
     return w, perm, u.to(torch.float32)
 
 
-def _sweep(w: torch.Tensor, u: torch.Tensor, block_size: int, grid) -> tuple[torch.Tensor, torch.Tensor]:
+def _sweep(w: torch.Tensor, u: torch.Tensor, block_size: int, grid=None, block_grid=None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column sweep over w (columns in visiting order, updated in place): (codes int32, dequantized).
 
-    `grid(j, w1, err1, i1, i2)` gives column j's (scale, zero, maxq), each broadcastable over the rows;
-    w1 / err1 are the current block's weights and errors, for grids fitted during the sweep.
+    Column j's grid is (scale, zero, maxq), each broadcastable over the rows. Fixed grids come a block at a
+    time from `block_grid(i1, i2)` (rows × block tensors, maxq a number or a column); grids fitted during the
+    sweep come a column at a time from `grid(j, w1, err1, i1, i2)`, where w1 / err1 are the current block's
+    weights and errors.
     """
     rows, n = w.shape
     codes = torch.zeros(rows, n, dtype=torch.int32, device=w.device)
@@ -103,19 +106,26 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, block_size: int, grid) -> tuple[tor
         i2 = min(i1 + block_size, n)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
+        c1 = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
+        diag = u1.diagonal().tolist()
+        if block_grid is not None:
+            scales, zeros, maxq = block_grid(i1, i2)
         for i in range(i2 - i1):
-            j = i1 + i
-            scale, zero, maxq = grid(j, w1, err1, i1, i2)
+            if block_grid is None:
+                scale, zero, maxq = grid(i1 + i, w1, err1, i1, i2)
+            else:
+                scale, zero = scales[:, i], zeros[:, i]
             col = w1[:, i]
-            c = torch.round(col / scale + zero).clamp(min=0)
-            c = (torch.minimum(c, maxq) if torch.is_tensor(maxq) else c.clamp(max=maxq)).to(torch.int32)
+            c = torch.round(col / scale + zero).clamp_(min=0)
+            c = torch.minimum(c, maxq) if torch.is_tensor(maxq) else c.clamp_(max=maxq)
             qc = dequantize_grid(c, scale, zero)
-            e = (col - qc) / u1[i, i]
+            e = (col - qc) / diag[i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
             err1[:, i] = e
-            codes[:, j] = c
-            q[:, j] = qc
+            c1[:, i] = c
+            q[:, i1 + i] = qc
+        codes[:, i1:i2] = c1.to(torch.int32)
         if i2 < n:
             w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
     return codes, q
@@ -177,7 +187,12 @@ def gptq_quantize(
             scale[:, gi], zero[:, gi] = grid_params(cur, bits, sym)
         return scale[:, gi], zero[:, gi], maxq
 
-    codes, q = _sweep(w, u, block_size, grid)
+    if fixed:
+        cols = torch.tensor(group_of, device=w.device)
+        codes, q = _sweep(w, u, block_size,
+                          block_grid=lambda i1, i2: (scale[:, cols[i1:i2]], zero[:, cols[i1:i2]], maxq))
+    else:
+        codes, q = _sweep(w, u, block_size, grid)
     return _unpermute(codes, perm), scale, zero, _unpermute(q, perm)
 
 
@@ -209,7 +224,7 @@ def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[Qu
             maxq.append(torch.full((out_features,), (1 << s.bits) - 1, dtype=torch.float32, device=w.device))
         scale_cols, zero_cols, maxq = torch.cat(scales), torch.cat(zeros), torch.cat(maxq)
         _, q = _sweep(visiting.repeat(len(chunk), 1), u, block_size,
-                      lambda j, *_: (scale_cols[:, j], zero_cols[:, j], maxq))
+                      block_grid=lambda i1, i2: (scale_cols[:, i1:i2], zero_cols[:, i1:i2], maxq))
         result += list(_unpermute(q, perm).split(out_features))
     return result
 
