@@ -8,14 +8,26 @@ import pytest
 from casp.errors import CaspError
 
 
-def casp_json(*args):
+def command_json(*args):
+    """The real `casp` command in its own process, its JSON answer."""
     proc = subprocess.run([sys.executable, "-m", "casp", *map(str, args), "--json", "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def test_compress_eval_info_on_text_model(tiny_llama_dir, scene_text, tmp_path):
+@pytest.fixture
+def casp_json(cli):
+    """`casp ARGS... --json --quiet` run in this process, its JSON answer."""
+    def run(*args):
+        proc = cli(*args, "--json", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    return run
+
+
+def test_compress_eval_info_on_text_model(tiny_llama_dir, scene_text, tmp_path, casp_json):
     out = tmp_path / "c"
     res = casp_json("compress", tiny_llama_dir, "-o", out, "--bits", "3", "--calib-text", scene_text,
                     "--calib-samples", "8", "--calib-seq-len", "32", "--seed", "1")
@@ -30,7 +42,7 @@ def test_compress_eval_info_on_text_model(tiny_llama_dir, scene_text, tmp_path):
     assert abs(info["average_bits"] - res["average_bits"]) < 1e-9
 
 
-def test_sparsity_json_on_vlm(tiny_llava_dir, scene_jsonl):
+def test_sparsity_json_on_vlm(tiny_llava_dir, scene_jsonl, casp_json):
     res = casp_json("sparsity", tiny_llava_dir, "--calib-jsonl", scene_jsonl, "--calib-samples", "4", "--qk-rank", "0.25")
     assert len(res["layers"]) == 2
     for lr in res["layers"]:
@@ -41,7 +53,7 @@ def test_sparsity_json_on_vlm(tiny_llava_dir, scene_jsonl):
 
 
 def test_info_lists_families():
-    info = casp_json("info")
+    info = command_json("info")
     assert "LlavaForConditionalGeneration" in info["supported_architectures"]
     assert "smollm2-135m" in info["builtin_models"]
     assert {"gptq", "rtn", "none"} <= set(info["quantizers"])

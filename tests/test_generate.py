@@ -15,9 +15,13 @@ from casp.pipeline import compress
 from test_cli_errors import assert_one_line_error
 
 
-def run_generate_cli(*args):
-    return subprocess.run([sys.executable, "-m", "casp", "generate", *map(str, args), "--threads", "1",
-                           "--repeats", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+GENERATE = ("--threads", "1", "--repeats", "1", "--quiet")
+
+
+@pytest.fixture
+def run_generate_cli(cli):
+    """`casp generate ARGS...` in this process."""
+    return lambda *args: cli("generate", *args, *GENERATE)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def compressed_llama(tiny_llama_dir, scene_text, tmp_path_factory):
     return out
 
 
-def test_cli_answers_a_question_about_an_image(scene):
+def test_cli_answers_a_question_about_an_image(scene, run_generate_cli):
     path, qa = scene
     color = next((q, a) for q, a, kind in qa if kind == "color")
     proc = run_generate_cli("--prompt", color[0], "--image", path, "--max-new-tokens", "4")
@@ -51,7 +55,7 @@ def test_cli_answers_a_question_about_an_image(scene):
     assert "tokens/s" in lines[1] and "dense" in lines[1]
 
 
-def test_cli_json_on_a_compressed_model(compressed_llama):
+def test_cli_json_on_a_compressed_model(compressed_llama, run_generate_cli):
     proc = run_generate_cli(compressed_llama, "--prompt", "a red circle", "--max-new-tokens", "6", "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
@@ -117,5 +121,6 @@ def test_image_on_a_text_model_is_one_line(tmp_path, tiny_llama_dir, capsys, one
 
 
 def test_cli_error_has_no_traceback():
-    proc = run_generate_cli("--prompt", "")
+    proc = subprocess.run([sys.executable, "-m", "casp", "generate", "--prompt", "", *GENERATE],
+                          capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc, "prompt is empty")
