@@ -47,6 +47,23 @@ def test_a_bad_allocation_is_caught_and_the_uniform_model_saved(tiny_llama_dir, 
         assert torch.equal(load_compressed(tmp_path / "out")(ids).logits, res.model(ids).logits)
 
 
+def test_the_kept_uniform_model_is_the_uniform_run_on_the_same_samples(tiny_llama_dir, scene_text, monkeypatch):
+    """Each uniform layer is calibrated on the uniform model's own hidden states, not the allocated model's:
+    what the check keeps is the model `--allocation uniform` stores from the same fitting samples."""
+    from casp.data.calibration import hold_out
+
+    _flipped(monkeypatch)
+    checked = compress(tiny_llama_dir, None, _cfg(scene_text), progress=False)
+    assert checked.report["baseline_check"]["kept"] == "uniform"
+    monkeypatch.undo()
+    honest = pipeline.calibrate
+    monkeypatch.setattr(pipeline, "calibrate", lambda run: hold_out(honest(run), 2)[0])
+    uniform = compress(tiny_llama_dir, None, _cfg(scene_text, allocation="uniform", bits=3), progress=False)
+    ids = torch.randint(5, 40, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(checked.model(ids).logits, uniform.model(ids).logits)
+
+
 def test_the_better_allocation_is_kept_with_both_figures(tiny_llama_dir, scene_text):
     """CASP's joint ranks and bits beat uniform 3-bit on this model and data: the allocation stays, low-rank Q/K too."""
     res = compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=None), progress=False)

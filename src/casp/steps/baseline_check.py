@@ -2,23 +2,27 @@
 
 The allocator trusts a per-matrix damage estimate; on a model it was not tuned on, that estimate can rank
 settings badly. So an allocated run also quantizes every matrix of every layer at the quantizer's uniform
-setting (on the same inputs, in the same layer pass), and at the end measures KL(FP ‖ model) on calibration
+setting (in the same layer pass), and at the end measures KL(FP ‖ model) on calibration
 samples held out of everything else, once with the allocated modules and once with the uniform ones. The
 better model is kept; both figures go to `report["baseline_check"]`.
 
-The uniform alternative is quantized on the allocated model's inputs, not on a uniform model's own; it is
-the uniform setting as this run would store it. The check needs the whole model in memory (no --stream),
-and a uniform setting that fits the target bits.
+The uniform alternative is the model a uniform run would store: each of its layers is calibrated on its
+own inputs, the hidden states that the uniform layers below it produce (one more stream of hidden states
+through the layer pass, two more forward passes per layer). The check needs the whole model in memory
+(no --stream), and a uniform setting that fits the target bits.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from casp.models import placement
+from casp.models.engine import run_layer
 from casp.models.offload import offloaded
+from casp.steps.analyse import observe_layer
 from casp.steps.costs import unit_cost
 from casp.steps.quantize import stored_unit
 from casp.steps.search import kl_to_reference, reference_logprobs
@@ -35,6 +39,8 @@ class BaselineCheck:
     uniform_bits: float                              # its average stored bits over the compressed units
     alternatives: dict[int, list] = field(default_factory=dict)   # layer -> [(unit name, module, row)]
     seconds: float = 0.0
+    hidden: list[torch.Tensor] | None = None         # the uniform model's inputs to layer `next_layer`
+    next_layer: int = 0
 
 
 def uniform_fit(run):
@@ -58,18 +64,37 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
     return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
 
 
-def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, xtx: dict) -> None:
-    """Quantize the layer's dense linears at the uniform setting (before they are replaced); keep them aside."""
+def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs) -> None:
+    """Quantize the layer's dense linears at the uniform setting on the uniform model's own inputs (before the
+    allocated modules replace them); keep them aside, and carry the uniform model's hidden states on."""
     t0 = time.time()
-    units = plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,))
-    kept = []
-    for u in units:
+    own = _own_inputs(run, check, index, inputs)
+    _, moments, _ = observe_layer(layer, run.adapter, own, run.adapter.linears, run.device)
+    xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
+    kept, dense = [], []
+    for u in plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,)):
         lin = layer.get_submodule(u.name)
         bias = lin.bias.data.clone() if lin.bias is not None else None
         module, row = stored_unit(run, u, lin.weight.data, xtx[u.input_group], check.setting, bias)
         kept.append((u.name, module, row))
+        dense.append((u.name, lin))
     check.alternatives[index] = kept
+    _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
+    check.hidden, check.next_layer = run_layer(layer, own, run.device), index + 1
+    _put(run.layers, {index: dense})
     check.seconds += time.time() - t0
+
+
+def _own_inputs(run, check: BaselineCheck, index: int, inputs):
+    """The uniform model's inputs to layer `index`: the allocated run's at the first compressed layer; after
+    that its own hidden states, carried through any layers the run leaves dense."""
+    if check.hidden is None:
+        return inputs
+    own = replace(inputs, hidden=check.hidden)
+    for j in range(check.next_layer, index):
+        with placement.on_device(run.layers[j], run.device):
+            own = replace(inputs, hidden=run_layer(run.layers[j], own, run.device))
+    return own
 
 
 def decide(run, check: BaselineCheck) -> dict:
