@@ -12,6 +12,7 @@ from casp.errors import CaspError
 QK_RANK_WORDS = ("auto", "joint")
 ALLOCATIONS = ("rd", "paper", "uniform")
 GRANULARITIES = ("matrix", "layer")
+FISHER_LABELS = ("empirical", "sampled")
 
 
 def parse_qk_rank(text: str) -> float | str:
@@ -82,6 +83,9 @@ class CompressionConfig:
                                 "against the quantizer's uniform setting before saving (0: no check)", type=int)
     allocation: str = option("rd", "--allocation", "bit allocation: rate-distortion, the paper's rule, or uniform "
                              "int(--bits)", choices=ALLOCATIONS)
+    fisher: str = option("empirical", "--fisher", "labels of the sensitivity pass that weights each matrix's damage: "
+                         "'empirical' (the calibration text's next tokens) or 'sampled' (tokens drawn from the "
+                         "model's own prediction: the Fisher of KL to the original model)", choices=FISHER_LABELS)
     granularity: str = option("layer", "--granularity", "rd allocation unit: each decoder layer or each matrix",
                               choices=GRANULARITIES)
     calib_samples: int = option(128, "--calib-samples", "number of calibration samples", type=int)
@@ -107,6 +111,8 @@ class CompressionConfig:
         """Refuse nonsensical options (one line each); never changes the config."""
         if not (0 < self.bits <= 16):
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
+        if self.fisher not in FISHER_LABELS:
+            raise CaspError(f"--fisher must be one of {', '.join(FISHER_LABELS)}, got {self.fisher!r}")
         r = self.qk_rank
         if (r not in QK_RANK_WORDS) if isinstance(r, str) else (r is not None and not 0.0 <= float(r) <= 1.0):
             raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {r!r}")

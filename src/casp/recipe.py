@@ -32,6 +32,7 @@ class Recipe:
     qk_rank_ladder: tuple[float, ...]
     allocation: str
     granularity: str
+    fisher: str                      # labels of the sensitivity pass: "empirical" or "sampled"
     search_steps: int
     search_samples: int
     check_samples: int               # held out for the baseline check (0: none)
@@ -82,13 +83,14 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples"})
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher"})
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
         if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
             raise CaspError(f"recipe version {data['version']} is not {RECIPE_VERSION}; re-run resolve with this casp")
-        values = {"check_samples": 0, **data}   # recipes written before the baseline check ran without it
+        # recipes written before the baseline check and the Fisher choice ran without them
+        values = {"check_samples": 0, "fisher": "empirical", **data}
         values["qk_rank_overrides"] = {int(k): v for k, v in data["qk_rank_overrides"].items()}
         values["qk_rank_ladder"] = tuple(data["qk_rank_ladder"])
         values["excluded_candidates"] = tuple(data["excluded_candidates"])

@@ -77,3 +77,41 @@ def test_output_fisher_stops_after_max_tokens():
         torch.testing.assert_close(first[n], ref[n], rtol=1e-4, atol=1e-12)
     everything = output_fisher(model, adapter, batches, progress=False)
     assert not torch.allclose(everything[names[0]], first[names[0]])
+
+
+def test_sampled_targets_give_the_fisher_information_of_the_prediction():
+    """Drawn from the model's own distribution p, the targets make E[(dCE/dz)²] = p(1 - p) per logit: the
+    Fisher information of the prediction (the empirical targets give (p - onehot(next token))² instead)."""
+    from casp.analysis.sensitivity import _generator, _next_token_loss
+
+    torch.manual_seed(0)
+    z = torch.randn(7)
+    n = 40000
+    logits = z.repeat(1, n + 1, 1).requires_grad_(True)
+    labels = torch.zeros(1, n + 1, dtype=torch.long)
+    labels[0, 1::97] = -100                      # unscored positions stay unscored
+    _next_token_loss(logits, labels, _generator("sampled", 0, "cpu")).backward()
+    scored = labels[0, 1:] != -100
+    g = logits.grad[0, :-1][scored] * scored.sum()
+    p = torch.softmax(z, -1)
+    assert torch.allclose(g.pow(2).mean(0), p * (1 - p), atol=0.01)
+    assert logits.grad[0, :-1][~scored].abs().max() == 0
+    again = z.repeat(1, n + 1, 1).requires_grad_(True)
+    _next_token_loss(again, labels, _generator("sampled", 0, "cpu")).backward()
+    assert torch.equal(again.grad, logits.grad)   # the seed fixes the draws
+
+
+def test_the_fisher_labels_reach_the_plan_and_its_cache_key(tiny_llama_dir, scene_text):
+    from casp.config import CompressionConfig
+    from casp.errors import CaspError
+    from casp.recipe import resolve
+
+    base = dict(bits=3.25, calib_samples=4, calib_seq_len=32, calib_text=str(scene_text))
+    sampled = resolve(CompressionConfig(fisher="sampled", **base), tiny_llama_dir)
+    empirical = resolve(CompressionConfig(**base), tiny_llama_dir)
+    assert (sampled.fisher, empirical.fisher) == ("sampled", "empirical")
+    assert sampled.measurement_key() != empirical.measurement_key()
+    old = {k: v for k, v in empirical.to_dict().items() if k != "fisher"}
+    assert type(empirical).from_dict(old).fisher == "empirical"   # a recipe written before the choice existed
+    with pytest.raises(CaspError, match="--fisher"):
+        resolve(CompressionConfig(fisher="true", **base), tiny_llama_dir)

@@ -146,7 +146,8 @@ def test_memory_cap_spills_without_changing_the_output(tmp_path, tiny_llama_dir,
         assert filecmp.cmp(tmp_path / "free" / f, tmp_path / "capped" / f, shallow=False)
 
 
-def test_layerwise_fisher_equals_the_full_backward(tiny_llava_dir):
+@pytest.mark.parametrize("labels", ["empirical", "sampled"])
+def test_layerwise_fisher_equals_the_full_backward(tiny_llava_dir, labels):
     from casp.analysis.sensitivity import output_fisher, output_fisher_layerwise
     from casp.data.calibration import build_calibration
     from casp.io.modelio import load_model, load_processor
@@ -156,9 +157,9 @@ def test_layerwise_fisher_equals_the_full_backward(tiny_llava_dir):
     model = load_model(tiny_llava_dir)
     adapter = adapter_for(model)
     batches = build_calibration(adapter, load_processor(tiny_llava_dir), tiny_llava_dir, n_samples=4, seq_len=32, seed=0)
-    full = output_fisher(model, adapter, batches, progress=False)
+    full = output_fisher(model, adapter, batches, progress=False, labels=labels, seed=3)
     skeleton, source = load_streamed(tiny_llava_dir)
-    layerwise = output_fisher_layerwise(skeleton, adapter, batches, source, progress=False)
+    layerwise = output_fisher_layerwise(skeleton, adapter, batches, source, progress=False, labels=labels, seed=3)
     assert set(full) == set(layerwise) and len(full) == 2 * len(adapter.linear_names())
     for name in full:
         assert torch.allclose(layerwise[name], full[name], rtol=2e-2, atol=1e-12), name

@@ -32,8 +32,8 @@ def fisher_of(run, batches):
 
     if run.layer_source.streamed or off_cpu(run.device):
         return output_fisher_layerwise(run.model, run.adapter, batches, run.layer_source, run.progress,
-                                       device=run.device)
-    fisher = output_fisher(run.model, run.adapter, batches, run.progress)
+                                       device=run.device, labels=run.recipe.fisher, seed=run.seed)
+    fisher = output_fisher(run.model, run.adapter, batches, run.progress, labels=run.recipe.fisher, seed=run.seed)
     trim_heap()   # the backward's activations are gone; give their heap back before the layer walks
     return fisher
 
