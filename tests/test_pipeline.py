@@ -140,23 +140,25 @@ def test_weights_on_a_source_grid_leave_its_settings_out_and_say_so(tiny_llama_d
     assert "excluded_candidates" not in plain.report
 
 
-def test_gptq_on_the_built_in_text_shrinks_the_hessian_unless_told(tiny_llama_dir, scene_text, tmp_path):
-    """casp's own calibration text stands in for the user's data: the recipe names the stand-in-text preset
-    (GPTQ then trusts XᵀX's cross-terms less, --hessian-shrink 0.5) and why; the user's own text, their own
-    flag, or --preset none keeps their setting."""
+def test_the_stand_in_text_preset_is_asked_for_not_given(tiny_llama_dir, scene_text, tmp_path):
+    """GPTQ is as published on casp's own calibration text too, and the recipe says why; `--preset
+    stand-in-text` shrinks XᵀX's cross-terms (--hessian-shrink 0.5) and says where the shrink came from; the
+    user's own flag wins over the preset."""
     from casp.data.calibration import uses_builtin_text
     from casp.embedded import EMBEDDED_MODEL_DIR
     from casp.quant.gptq import BUILTIN_TEXT_SHRINK
 
     base = dict(bits=3.0, allocation="uniform", qk_rank=0, calib_samples=2, calib_seq_len=32)
-    stand_in = compress(tiny_llama_dir, None, CompressionConfig(**base), progress=False)
-    assert stand_in.recipe.preset == "stand-in-text" and "built-in text" in stand_in.recipe.reasons["preset"]
+    default = compress(tiny_llama_dir, None, CompressionConfig(**base), progress=False)
+    assert default.recipe.preset == "none" and default.recipe.quantizer_options["shrink"] == 0.0
+    why = default.recipe.reasons["preset"]
+    assert "Gemma-3-270M" in why and "--preset stand-in-text" in why
+    stand_in = compress(tiny_llama_dir, None, CompressionConfig(**base, preset="stand-in-text"), progress=False)
     assert stand_in.recipe.quantizer_options["shrink"] == BUILTIN_TEXT_SHRINK
     assert stand_in.recipe.reasons["quantizer_options.shrink"] == "preset stand-in-text"
-    told = compress(tiny_llama_dir, None, CompressionConfig(**base, quantizer_options={"shrink": 0.0}), progress=False)
+    told = compress(tiny_llama_dir, None, CompressionConfig(**base, preset="stand-in-text",
+                                                            quantizer_options={"shrink": 0.0}), progress=False)
     assert told.recipe.quantizer_options["shrink"] == 0.0 and "quantizer_options.shrink" not in told.recipe.reasons
-    off = compress(tiny_llama_dir, None, CompressionConfig(**base, preset="none"), progress=False)
-    assert off.recipe.quantizer_options["shrink"] == 0.0
     own = compress(tiny_llama_dir, None, _cfg(scene_text, **{**base, "calib_samples": 2}), progress=False)
     assert own.recipe.preset == "none" and own.recipe.quantizer_options["shrink"] == 0.0
     ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))

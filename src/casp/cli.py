@@ -310,9 +310,6 @@ def cmd_compress(args) -> None:
         summary["baseline_check"] = check
         note += (f"; the allocation measured worse than uniform {check['uniform_setting']} on held-out samples "
                  f"(KL {check['allocation_kl']:.4g} against {check['uniform_kl']:.4g}), so the uniform model was kept")
-    if recipe.preset != "none" and "preset" in recipe.reasons:
-        note += (f"; calibrated on casp's built-in text, so preset {recipe.preset} (give --calib-text with your own "
-                 "data, or --preset none, to change it)")
     _emit(args, summary, f"wrote {result.out}: average {r['average_bits']:.4f} bits/weight (target {recipe.bits}), "
           f"{r['stored_bytes'] / 2**20:.3f} MiB stored, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB{note}")
 

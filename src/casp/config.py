@@ -94,8 +94,7 @@ class CompressionConfig:
                                      '{"image","question","answer"} records')
     calib_text: str | None = option(None, "--calib-text", "plain text file for text-only calibration")
     preset: str | None = option(None, "--preset", "defaults for a calibration source: 'stand-in-text' (GPTQ shrinks "
-                                "XᵀX's off-diagonal by half), 'none'; unset: stand-in-text when calibrating on casp's "
-                                "built-in text, else none")
+                                "XᵀX's off-diagonal by half), 'none' (the default)")
     density_mass: float = option(0.9, "--density-mass", "attention mass that defines density", type=float)
     seed: int = option(0, "--seed", "random seed (calibration sampling, everything else)", type=int)
     device: str = option("cpu", "--device", "device for the heavy work (XᵀX, quantizers, measurements, sensitivity, "
