@@ -250,7 +250,7 @@ def _preset(config: CompressionConfig, source: str, reasons: dict) -> str:
         return config.preset
     if source == "built-in text":
         reasons["preset"] = ("no preset by default: on casp's built-in text, stand-in-text's XᵀX shrink made 3-bit "
-                             "GPTQ 21-31 % better on SmolLM2-135M and 40-66 % worse on Gemma-3-270M "
+                             "GPTQ 21-31 % better on SmolLM2-135M and 50-66 % worse on Gemma-3-270M "
                              "(docs/allocation.md, 'GPTQ on a stand-in calibration text'); ask for it with "
                              "--preset stand-in-text")
     else:
