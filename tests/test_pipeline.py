@@ -146,7 +146,7 @@ def test_the_stand_in_text_preset_is_asked_for_not_given(tiny_llama_dir, scene_t
     user's own flag wins over the preset."""
     from casp.data.calibration import uses_builtin_text
     from casp.embedded import EMBEDDED_MODEL_DIR
-    from casp.quant.gptq import BUILTIN_TEXT_SHRINK
+    from casp.quant.gptq import STAND_IN_TEXT_SHRINK
 
     base = dict(bits=3.0, allocation="uniform", qk_rank=0, calib_samples=2, calib_seq_len=32)
     default = compress(tiny_llama_dir, None, CompressionConfig(**base), progress=False)
@@ -154,7 +154,7 @@ def test_the_stand_in_text_preset_is_asked_for_not_given(tiny_llama_dir, scene_t
     why = default.recipe.reasons["preset"]
     assert "Gemma-3-270M" in why and "--preset stand-in-text" in why
     stand_in = compress(tiny_llama_dir, None, CompressionConfig(**base, preset="stand-in-text"), progress=False)
-    assert stand_in.recipe.quantizer_options["shrink"] == BUILTIN_TEXT_SHRINK
+    assert stand_in.recipe.quantizer_options["shrink"] == STAND_IN_TEXT_SHRINK
     assert stand_in.recipe.reasons["quantizer_options.shrink"] == "preset stand-in-text"
     told = compress(tiny_llama_dir, None, CompressionConfig(**base, preset="stand-in-text",
                                                             quantizer_options={"shrink": 0.0}), progress=False)

@@ -277,7 +277,7 @@ def _quantizer_options(config: CompressionConfig, path: Path | None, preset: str
         options[k] = v
         reasons[f"quantizer_options.{k}"] = f"{config.quantizer}'s default for a {config.bits}-bit target"
     if preset == STAND_IN_TEXT:
-        for k, v in cls.builtin_text_options().items():
+        for k, v in cls.stand_in_text_options().items():
             options[k] = v
             reasons[f"quantizer_options.{k}"] = f"preset {STAND_IN_TEXT}"
     for k in given:

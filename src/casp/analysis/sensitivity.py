@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from casp.config import FISHER_LABELS
 from casp.models.adapters import Adapter
 
 
@@ -43,8 +44,8 @@ def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, generator: torc
 
 
 def _generator(labels: str, seed: int, device) -> torch.Generator | None:
-    if labels not in ("empirical", "sampled"):
-        raise ValueError(f"Fisher labels must be 'empirical' or 'sampled', got {labels!r}")
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"Fisher labels must be one of {FISHER_LABELS}, got {labels!r}")
     return torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
 
 

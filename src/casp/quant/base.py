@@ -120,9 +120,9 @@ class Quantizer(Configurable, ABC):
         return {}
 
     @classmethod
-    def builtin_text_options(cls) -> dict:
-        """Defaults for runs calibrated on casp's built-in text, a stand-in for the user's own data
-        (the user's options override them)."""
+    def stand_in_text_options(cls) -> dict:
+        """Defaults of the `stand-in-text` preset, asked for by runs calibrated on a text from another domain
+        than the model's use (the user's options override them)."""
         return {}
 
     def reproduces_grid(self, setting, grid: tuple[int, int]) -> bool:

@@ -229,7 +229,7 @@ def gptq_dequantize_many(weight: torch.Tensor, xtx: torch.Tensor, specs: list[Qu
     return result
 
 
-BUILTIN_TEXT_SHRINK = 0.5   # --hessian-shrink when calibrating on casp's built-in text
+STAND_IN_TEXT_SHRINK = 0.5   # --hessian-shrink of the stand-in-text preset
 
 
 @dataclass(frozen=True)
@@ -265,10 +265,10 @@ class GPTQ(Quantizer):
     format = SCALAR_FORMAT
 
     @classmethod
-    def builtin_text_options(cls) -> dict:
-        """On the built-in text (Python documentation) XᵀX's cross-correlations are those of another domain
-        than the user's: shrink them (docs/allocation.md, "GPTQ on a stand-in calibration text")."""
-        return {"shrink": BUILTIN_TEXT_SHRINK}
+    def stand_in_text_options(cls) -> dict:
+        """On a calibration text from another domain than the model's use, XᵀX's cross-correlations are that
+        domain's: shrink them (docs/allocation.md, "GPTQ on a stand-in calibration text")."""
+        return {"shrink": STAND_IN_TEXT_SHRINK}
 
     def candidates(self) -> list[QuantSpec]:
         return self.config.candidates()

@@ -64,13 +64,15 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
     return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
 
 
-def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs) -> None:
+def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict) -> None:
     """Quantize the layer's dense linears at the uniform setting on the uniform model's own inputs (before the
-    allocated modules replace them); keep them aside, and carry the uniform model's hidden states on."""
+    allocated modules replace them); keep them aside, and carry the uniform model's hidden states on. `xtx` is
+    XᵀX of the allocated run's `inputs`, which the uniform model shares up to its first compressed layer."""
     t0 = time.time()
     own = _own_inputs(run, check, index, inputs)
-    _, moments, _ = observe_layer(layer, run.adapter, own, run.adapter.linears, run.device)
-    xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
+    if own is not inputs:
+        _, moments, _ = observe_layer(layer, run.adapter, own, run.adapter.linears, run.device)
+        xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
     kept, dense = [], []
     for u in plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,)):
         lin = layer.get_submodule(u.name)

@@ -29,7 +29,7 @@ def compress_layer(run, step, plan: Plan) -> dict:
     original, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     if run.check is not None:
-        add_layer(run, run.check, layer, i, step.inputs)
+        add_layer(run, run.check, layer, i, step.inputs, xtx)
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
     stats = layer_attention_stats(layer, adapter, run.geometry, attn_inputs, run.recipe.density_mass,
                                   qk_pair(layer, adapter, lowrank))
