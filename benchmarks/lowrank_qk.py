@@ -16,7 +16,7 @@ import time
 import torch
 
 from casp.models.adapters import adapter_for
-from casp.data.calibration import embedded_batches
+from casp.data.calibration import task_batches
 from casp.config import CompressionConfig
 from casp.embedded import EMBEDDED_MODEL_DIR
 from casp.models.engine import capture_layer0_inputs, record_attention_inputs, run_layer
@@ -66,7 +66,7 @@ def embedded_layer_inputs(n_samples: int, seed: int):
     model = load_model(EMBEDDED_MODEL_DIR)
     processor = load_processor(EMBEDDED_MODEL_DIR)
     adapter = adapter_for(model)
-    batches = embedded_batches(processor, n_samples, seed)
+    batches = task_batches(processor, EMBEDDED_MODEL_DIR, n_samples, seed)
     inputs = capture_layer0_inputs(model, adapter, batches)
     per_layer = []
     for layer in adapter.decoder_layers(model):

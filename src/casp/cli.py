@@ -350,6 +350,13 @@ def cmd_sparsity(args) -> None:
             tail = f"   {lr['rank_q']:4d}  {lr['attn_map_mse']:.2e}  {lr['attn_row_l1']:.4f}  {lr['attn_bound_l1']:.4f}"
         lines.append(f"{lr['index']:5d}  {lr['density']:.3f}   {heads}{tail}")
     lines.append(f"\nmodel mean density: {res['mean_density']:.3f}")
+    if "mean_visual_density" in res:
+        lines += ["", f"text queries over image against text keys ({res['visual_definition']})", "",
+                  "layer  image keys  text keys  mass on image"]
+        lines += [f"{lr['index']:5d}  {lr['visual_density']:10.3f}  {lr['text_density']:9.3f}  "
+                  f"{lr['visual_mass_share']:13.3f}" for lr in res["layers"]]
+        lines.append(f"\nmodel mean density over image keys {res['mean_visual_density']:.3f}, "
+                     f"over text keys {res['mean_text_density']:.3f}")
     _emit(args, res, "\n".join(lines))
 
 

@@ -335,3 +335,62 @@ def test_error_stats_split_over_batch_rows_give_the_same_figures(monkeypatch):
     for name in ("mse", "mse_bound", "mean_row_l1", "mean_row_l1_bound"):
         assert getattr(split, name) == pytest.approx(getattr(whole, name), rel=1e-12)
     assert torch.allclose(split.head_density(), whole.head_density(), rtol=1e-12)
+
+
+def _split_reference(probs, kind, mass):
+    """Row by row: density among image keys and among text keys, and the image mass share, for text queries."""
+    b, h, t, _ = probs.shape
+    sums = torch.zeros(3, h, dtype=torch.float64)
+    rows = torch.zeros(h)
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(t):
+                if kind[bi, qi]:
+                    continue
+                seen = torch.arange(t) <= qi
+                groups = [seen & kind[bi], seen & ~kind[bi]]
+                if not all(g.any() for g in groups):
+                    continue
+                rows[hi] += 1
+                for gi, g in enumerate(groups):
+                    p = probs[bi, hi, qi][g].double()
+                    cum = p.sort(descending=True).values.cumsum(0)
+                    needed = min(int((cum < mass * p.sum() * (1 - 1e-6)).sum()) + 1, int(g.sum()))
+                    sums[gi, hi] += needed / int(g.sum())
+                sums[2, hi] += probs[bi, hi, qi][groups[0]].double().sum()
+    return sums / rows, rows
+
+
+def test_split_density_matches_a_row_by_row_reference():
+    from casp.algorithms.attention import SplitDensity
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t = 2, 3, 9
+    q, k = torch.randn(b, t, h, 8, generator=g), torch.randn(b, t, h, 8, generator=g)
+    probs = attention_probs(q, k)
+    kind = torch.zeros(b, t, dtype=torch.bool)
+    kind[0, 1:5] = True   # an image after one text token
+    kind[1, 2:4] = True
+    acc = SplitDensity(mass=0.8)
+    acc.add(probs[:1], kind[:1])
+    acc.add(probs[1:], kind[1:])
+    want, rows = _split_reference(probs, kind, 0.8)
+    assert acc.rows == int(rows[0]) == (9 - 5) + (9 - 4)
+    for i, name in enumerate(("kind", "rest", "share")):
+        torch.testing.assert_close(acc.per_head(name), want[i])
+
+
+def test_split_density_sees_sparse_image_attention():
+    from casp.algorithms.attention import SplitDensity
+
+    t = 12
+    kind = torch.zeros(1, t, dtype=torch.bool)
+    kind[0, 1:9] = True
+    logits = torch.zeros(1, 1, t, t)
+    logits[..., 4] = 8.0          # every text query looks at one image token, and evenly at the text tokens
+    probs = torch.softmax(logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")), -1)
+    acc = SplitDensity(mass=0.9)
+    acc.add(probs, kind)
+    assert float(acc.per_head("kind")) == pytest.approx(1 / 8)
+    assert float(acc.per_head("rest")) > 0.8
+    assert float(acc.per_head("share")) > 0.9

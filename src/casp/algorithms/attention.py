@@ -220,6 +220,53 @@ class DensityAccumulator:
         return torch.stack([self.head_density(i) for i in self.layers()])
 
 
+class SplitDensity:
+    """Per-head density among one kind of keys (e.g. image tokens) against the rest, for the queries of the rest.
+
+    A row counts when its query is not of the kind and it sees keys of both kinds. For each kind, the
+    row's density is (fewest keys of that kind holding `mass` of the attention it gives that kind) /
+    (keys of that kind it may see); `share` is the attention mass the row gives the kind.
+    """
+
+    def __init__(self, mass: float = 0.9):
+        _check_mass(mass)
+        self.mass = mass
+        self._sums: dict[str, torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None
+
+    def add(self, probs: torch.Tensor, kind: torch.Tensor, valid: torch.Tensor | None = None,
+            causal: bool = True) -> None:
+        """Fold maps [b, h, t, t] of self-attention in; `kind` is bool [b, t], True for keys of the kind."""
+        valid = _default_valid(probs, valid, causal)
+        b, h, t, _ = probs.shape
+        keys = kind.to(probs.device, torch.bool)[:, None, None, :]
+        sums = {name: torch.zeros(h, dtype=torch.float64) for name in ("kind", "rest", "share")}
+        rows_total = torch.zeros(h, dtype=torch.float64)
+        for h0 in range(0, h, _HEAD_CHUNK):
+            sl = slice(h0, h0 + _HEAD_CHUNK)
+            p, v = probs[:, sl], valid[:, sl]
+            inside, outside = v & keys, v & ~keys
+            rows = inside.any(-1) & outside.any(-1) & ~kind.to(probs.device, torch.bool)[:, None, :]
+            for name, group in (("kind", inside), ("rest", outside)):
+                needed, available = _mass_counts(p, self.mass, group)
+                d = (needed / available).masked_fill(~rows, 0.0).nan_to_num(0.0)
+                sums[name][sl] = d.sum(dim=(0, 2)).cpu()
+            share = p.to(torch.float64).masked_fill(~inside, 0.0).sum(-1).masked_fill(~rows, 0.0)
+            sums["share"][sl] = share.sum(dim=(0, 2)).cpu()
+            rows_total[sl] = rows.sum(dim=(0, 2)).to(torch.float64).cpu()
+        for name, value in sums.items():
+            self._sums[name] = self._sums.get(name, 0) + value
+        self._rows = rows_total if self._rows is None else self._rows + rows_total
+
+    @property
+    def rows(self) -> int:
+        return 0 if self._rows is None else int(self._rows[0])
+
+    def per_head(self, name: str) -> torch.Tensor:
+        """Mean over counted rows, per head, of "kind" / "rest" density or the "share" of mass on the kind."""
+        return self._sums[name] / self._rows.clamp(min=1)
+
+
 # --------------------------------------------------------------------------------------------
 # measured errors
 

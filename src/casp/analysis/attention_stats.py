@@ -78,3 +78,25 @@ def layer_attention_stats(
     return LayerAttentionStats(density=total.head_density().tolist(), map_mse=total.mse,
                                map_mse_bound=total.mse_bound, row_l1=total.mean_row_l1,
                                bound_l1=total.mean_row_l1_bound)
+
+
+@torch.no_grad()
+def layer_visual_density(layer: nn.Module, adapter: Adapter, attn_inputs: list[tuple[torch.Tensor, object]],
+                         visual: list[torch.Tensor], mass: float = 0.9) -> dict:
+    """Density of the text queries' attention over visual against text keys, per head and averaged.
+
+    `visual[i]` is bool [b, t]: which tokens of the i-th caught input are image tokens.
+    """
+    attention = layer.get_submodule(adapter.attention)
+    device = next(attention.parameters()).device
+    acc = attn_math.SplitDensity(mass=mass)
+    for (x, pos), kind in zip(attn_inputs, visual):
+        x, pos = to_device((x, pos), device)
+        qk = adapter.attention_qk(attention, x.float(), pos)
+        probs = attn_math.attention_probs(qk.q, qk.k, scale=qk.scale, window=qk.window)
+        valid = attn_math.key_validity(qk.q.shape[1], qk.k.shape[1], device=probs.device, window=qk.window)
+        acc.add(probs, kind, valid)
+    visual_d, text_d, share = (acc.per_head(n) for n in ("kind", "rest", "share"))
+    return {"visual_density": float(visual_d.mean()), "text_density": float(text_d.mean()),
+            "visual_mass_share": float(share.mean()), "visual_density_per_head": visual_d.tolist(),
+            "text_density_per_head": text_d.tolist(), "text_query_rows": acc.rows}

@@ -1,4 +1,4 @@
-"""Calibration batches: image+text JSONL, plain text, or the embedded model's own dataset.
+"""Calibration batches: image+text JSONL, plain text, or the training records of a casp VLM's own task.
 
 A batch is a dict of model inputs. Image records are processed one per batch through the
 model's own processor (no padding, so every token is real); text is cut into windows of
@@ -55,20 +55,19 @@ def text_batches(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) 
     return [{"input_ids": chunk} for chunk in torch.split(ids, TEXT_BATCH)]
 
 
-def embedded_batches(processor, n_samples: int, seed: int) -> list[dict]:
-    """Calibration scenes from the embedded model's training distribution (a dedicated seed)."""
-    from casp.embedded.scenes import generate_records
+def task_batches(processor, model_path: Path, n_samples: int, seed: int) -> list[dict] | None:
+    """Calibration from the training records of the model's own image task (None: it has none)."""
+    from casp.data.image_tasks import task_of
 
-    records = generate_records("train", max(1, n_samples))
-    random.Random(seed).shuffle(records)
-    return image_text_batches(processor, records[:n_samples])
+    task = task_of(model_path)
+    return None if task is None else image_text_batches(processor, task.calibration(n_samples, seed))
 
 
 def uses_builtin_text(model_path: Path, jsonl: str | None = None, text_file: str | None = None) -> bool:
     """Whether a run calibrates on casp's built-in text: a stand-in, not the user's own data."""
-    from casp.embedded import EMBEDDED_MODEL_DIR
+    from casp.data.image_tasks import task_of
 
-    return not jsonl and not text_file and Path(model_path).resolve() != Path(EMBEDDED_MODEL_DIR).resolve()
+    return not jsonl and not text_file and task_of(model_path) is None
 
 
 def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, seq_len: int, seed: int,
@@ -92,8 +91,8 @@ def build_calibration(adapter, processor, model_path: Path, *, n_samples: int, s
         except ValueError as e:
             raise CaspError(str(e)) from None
         batches = text_batches(tokenizer_of(processor), text, n_samples, seq_len, seed)
-    elif not uses_builtin_text(model_path):
-        batches = embedded_batches(processor, n_samples, seed)
+    elif (own := task_batches(processor, model_path, n_samples, seed)) is not None:
+        batches = own
     else:
         from casp.data.textdata import calibration_text
 

@@ -6,6 +6,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
+from casp.data.image_tasks import task_of
 from casp.models.adapters import adapter_for
 from casp.models.offload import offloaded
 from casp.errors import CaspError
@@ -13,8 +14,6 @@ from casp.io.modelio import is_compressed, load_model, load_processor, resolve_m
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_TEST_SCENES = 250       # about 1,200 test questions
-EMBEDDED_CAPTION_SCENES = 200
 EMBEDDED_KL_RECORDS = 300
 
 
@@ -30,23 +29,10 @@ def default_reference(path: Path) -> Path | None:
     return src if (src / "config.json").is_file() else None
 
 
-def _is_embedded(path: Path) -> bool:
-    from casp.embedded import EMBEDDED_MODEL_DIR
-
-    if Path(path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve():
-        return True
-    ref = default_reference(path)
-    return ref is not None and ref.resolve() == Path(EMBEDDED_MODEL_DIR).resolve()
-
-
 def embedded_eval_records(limit: int | None = None):
-    from casp.embedded.scenes import generate_caption_records, generate_records
+    from casp.data.image_tasks import EMBEDDED
 
-    vqa = generate_records("test", EMBEDDED_TEST_SCENES)
-    captions = generate_caption_records("test", EMBEDDED_CAPTION_SCENES)
-    if limit:
-        vqa, captions = vqa[:limit], captions[: max(1, limit // 5)]
-    return vqa, captions
+    return EMBEDDED.evaluation(limit)
 
 
 def evaluate_vlm(model, processor, *, reference=None, vqa_records, caption_records=None, kl_records=None,
@@ -106,8 +92,8 @@ def _evaluate(model, reference, vqa_jsonl, text, context_length, limit, progress
                 raise CaspError(f"{vqa_jsonl} holds no questions")
             captions = None
             vqa = vqa[:limit] if limit else vqa
-        elif _is_embedded(path):
-            vqa, captions = embedded_eval_records(limit)
+        elif (task := task_of(path)) is not None:
+            vqa, captions = task.evaluation(limit)
         else:
             raise CaspError("this model is multimodal: give --vqa-jsonl FILE (and/or --text FILE)")
         res.update(evaluate_vlm(m, processor, reference=reference_model, vqa_records=vqa, caption_records=captions,

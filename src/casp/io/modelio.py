@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def builtin_names() -> list[str]:
-    from casp.models.real_models import BUILTIN_MODELS
+    from casp.models.real_models import builtin_names as names
 
-    return sorted(BUILTIN_MODELS)
+    return names()
 
 
 def model_source(model) -> Path:

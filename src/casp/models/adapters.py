@@ -284,6 +284,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     _vlm("llava_next_video", ("LlavaNextVideoForConditionalGeneration",), notes="image and video tokens"),
     _vlm("llava_onevision", ("LlavaOnevisionForConditionalGeneration",),
          notes="SigLIP tower + MLP projector, anyres tiles; Qwen2 language model"),
+    _vlm("fast_vlm", ("FastVlmForConditionalGeneration",),
+         notes="CNN tower (FastViT, or MobileNetV2 in casp's fashion-vlm) whose flattened feature map feeds an MLP "
+               "projector; any language model transformers knows"),
     _vlm("qwen2_vl", ("Qwen2VLForConditionalGeneration",), vision="model.visual", projector=None, mrope=True,
          notes="M-RoPE (3-axis positions); the patch merger is part of the vision tower"),
     _vlm("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), vision="model.visual", projector=None, mrope=True,

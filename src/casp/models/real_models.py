@@ -10,6 +10,7 @@ are the exact dequantized GGUF values, which bf16 would round off their quantiza
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -75,6 +76,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+# Built-ins assembled from several packages' parts rather than converted from one GGUF: name → the
+# module whose `resolve(target)` writes (once) and returns the model's directory.
+ASSEMBLED_MODELS: dict[str, str] = {
+    "fashion-vlm": "casp.models.fashion_vlm",
+}
+
+
+def builtin_names() -> list[str]:
+    return sorted([*BUILTIN_MODELS, *ASSEMBLED_MODELS])
+
+
 class BuiltinModelError(RuntimeError):
     """A built-in model cannot be provided (package missing, conversion failed)."""
 
@@ -87,11 +99,13 @@ def cache_dir() -> Path:
 
 def builtin_dir(name: str) -> Path:
     """Where the converted directory of `name` lives (it may not exist yet)."""
-    return cache_dir() / "models" / _spec(name).name
+    return cache_dir() / "models" / (name if name in ASSEMBLED_MODELS else _spec(name).name)
 
 
 def resolve_builtin(name: str, *, force: bool = False) -> Path:
-    """Return a dense HF directory for built-in `name`, converting it on first use."""
+    """Return a dense HF directory for built-in `name`, converting (or assembling) it on first use."""
+    if name in ASSEMBLED_MODELS:
+        return importlib.import_module(ASSEMBLED_MODELS[name]).resolve(builtin_dir(name), force=force)
     spec = _spec(name)
     gguf_path = source_gguf(spec)
     target = builtin_dir(name)

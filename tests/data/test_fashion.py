@@ -1,0 +1,107 @@
+"""Fashion-MNIST from its Debian package, and the pictures and questions of the built-in fashion-vlm."""
+import gzip
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from casp.data import fashion_mnist, fashion_scenes
+from casp.errors import CaspError
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def _deb(path, files: dict[str, bytes]):
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w:xz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo("./usr/share/datasets/fashion-mnist/" + name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+
+    def member(name: str, body: bytes) -> bytes:
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode()
+        return header + body + (b"\n" if len(body) % 2 else b"")
+
+    path.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("control.tar.xz", b"x")
+                     + member("data.tar.xz", tar_bytes.getvalue()))
+
+
+def test_the_idx_files_come_out_of_a_debian_package(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (7, 28, 28)),
+              "train-labels-idx1-ubyte.gz": rng.integers(0, 10, 7),
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (3, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, 3)}
+    deb = tmp_path / "dataset-fashion-mnist_1_all.deb"
+    _deb(deb, {name: _idx(a) for name, a in arrays.items()})
+    out = tmp_path / "out"
+    out.mkdir()
+    fashion_mnist.unpack_deb(deb, out)
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(fashion_mnist._idx(out / name), a)
+
+
+def test_a_file_that_is_not_a_debian_package_is_one_line(tmp_path):
+    bad = tmp_path / "x.deb"
+    bad.write_bytes(b"not an archive")
+    with pytest.raises(CaspError, match="is not a Debian package"):
+        fashion_mnist.unpack_deb(bad, tmp_path)
+
+
+def test_the_three_splits_never_share_a_photo():
+    sizes = {s: len(fashion_mnist.images(s)[0]) for s in fashion_mnist.SPLITS}
+    assert sizes == {"train": 55_000, "validation": 5_000, "test": 10_000}
+    train, validation = fashion_mnist.images("train")[0], fashion_mnist.images("validation")[0]
+    assert not np.shares_memory(train, validation)
+    labels = fashion_mnist.images("test")[1]
+    assert Counter(labels.tolist()) == {k: 1000 for k in range(10)}   # the test file's own balance
+
+
+def _labels_of(split, cells):
+    classes = fashion_mnist.images(split)[1]
+    return [None if c is None else int(classes[c]) for c in cells]
+
+
+def test_pictures_and_answers_follow_from_the_split_photos():
+    recs = fashion_scenes.records("test", 60, seed=3)
+    again = fashion_scenes.records("test", 60, seed=3)
+    photos = fashion_mnist.images("test")[0]
+    for r, s in zip(recs, again):
+        assert (r["question"], r["answer"]) == (s["question"], s["answer"])
+        np.testing.assert_array_equal(np.asarray(r["image"]), np.asarray(s["image"]))
+    assert [r["type"] for r in recs[:3]] == list(fashion_scenes.TYPES)
+    for r in recs:
+        assert r["image"].size == (fashion_scenes.SIZE, fashion_scenes.SIZE) and r["image"].mode == "RGB"
+        labels = _labels_of("test", r["cells"])
+        names = [None if k is None else fashion_mnist.CLASSES[k] for k in labels]
+        if r["type"] == "position":
+            where = next(i for i, p in enumerate(fashion_scenes.POSITIONS) if r["question"].endswith(f"the {p}?"))
+            assert r["answer"] == (names[where] or "nothing")
+        else:
+            name = next(n for n in fashion_mnist.CLASSES if f" {n}" in r["question"])
+            assert r["answer"] == ({"presence": "yes" if name in names else "no"}.get(r["type"])
+                                   or str(names.count(name)))
+        first = next(c for c in r["cells"] if c is not None)
+        where = r["cells"].index(first)
+        row, col = divmod(where, fashion_scenes.GRID)
+        patch = fashion_scenes.picture(photos, [first if i == where else None for i in range(4)])
+        box = (col * fashion_scenes.CELL, row * fashion_scenes.CELL)
+        np.testing.assert_array_equal(
+            np.asarray(r["image"])[box[1]:box[1] + 96, box[0]:box[0] + 96],
+            np.asarray(patch)[box[1]:box[1] + 96, box[0]:box[0] + 96])
+    assert fashion_scenes.records("test", 5, seed=4)[0]["question"] != recs[0]["question"] or \
+        fashion_scenes.records("test", 5, seed=4)[0]["cells"] != recs[0]["cells"]
+
+
+def test_answers_are_spread_over_their_kinds():
+    recs = fashion_scenes.records("validation", 300)
+    by_type = {t: Counter(r["answer"] for r in recs if r["type"] == t) for t in fashion_scenes.TYPES}
+    assert 0.3 < by_type["presence"]["yes"] / 100 < 0.7
+    assert len(by_type["position"]) >= 8 and by_type["position"]["nothing"] < 40
+    assert {"0", "1", "2"} <= set(by_type["count"]) and max(by_type["count"].values()) < 60
