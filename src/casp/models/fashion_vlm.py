@@ -71,27 +71,25 @@ def processor(tokenizer):
                           image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
 
 
-def build(projector_state: dict[str, torch.Tensor] | None = None):
-    """(model, processor) in memory: pretrained tower and language model, the given (else shipped) projector."""
+def build(projector_state: dict[str, torch.Tensor] | None = None, lm_dir: Path | None = None):
+    """(model, processor) in memory: the pretrained tower, the language model of `lm_dir` (else the built-in
+    Gemma-3-270M) and the given (else the shipped) projector."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, FastVlmForConditionalGeneration
 
     from casp.models.mobilenet_v2 import to_transformers, torchvision_state_dict
     from casp.models.real_models import resolve_builtin
 
-    lm_dir = resolve_builtin(LANGUAGE_MODEL)
+    lm_dir = Path(lm_dir) if lm_dir is not None else resolve_builtin(LANGUAGE_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     cfg = config(AutoConfig.from_pretrained(lm_dir), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    with torch.device("meta"):
-        model = FastVlmForConditionalGeneration(cfg)
-    model.to_empty(device="cpu")
+    model = FastVlmForConditionalGeneration(cfg)
     tower = model.model.vision_tower
     tower.load_state_dict(to_transformers(torchvision_state_dict(),
                                           {k: v.shape for k, v in tower.state_dict().items()}))
     language = load_file(lm_dir / "model.safetensors")
-    missing = model.model.language_model.load_state_dict(
+    model.model.language_model.load_state_dict(
         {k.removeprefix("model."): v for k, v in language.items() if k.startswith("model.")}, strict=True)
-    del missing
     model.tie_weights()
     state = projector_state if projector_state is not None else load_file(PROJECTOR_FILE)
     model.model.multi_modal_projector.load_state_dict(state)

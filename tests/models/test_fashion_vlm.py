@@ -1,0 +1,84 @@
+"""The fashion-vlm assembly on a small scale: the real MobileNetV2 wheel, a tiny Gemma 3 language model."""
+import torch
+from safetensors.torch import load_file
+
+from casp.data import fashion_scenes
+from casp.eval.vqa import build_prompt, generate_answers
+from casp.models import fashion_vlm, mobilenet_v2
+from tests.tiny_models import GEMMA3_TEXT, word_tokenizer
+
+
+def _tiny_lm(path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**GEMMA3_TEXT))
+    model.save_pretrained(path)
+    word_tokenizer({fashion_vlm.IMAGE_TOKEN: 120}).save_pretrained(path)
+    return model
+
+
+def _projector(hidden: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"linear_1.weight": torch.randn(hidden, 1280, generator=g) * 0.02, "linear_1.bias": torch.zeros(hidden),
+            "linear_2.weight": torch.randn(hidden, hidden, generator=g) * 0.1, "linear_2.bias": torch.zeros(hidden)}
+
+
+def test_every_part_is_its_source_and_the_saved_model_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoProcessor, FastVlmForConditionalGeneration
+
+    lm = _tiny_lm(tmp_path / "lm")
+    projector = _projector(GEMMA3_TEXT["hidden_size"])
+    model, processor = fashion_vlm.build(projector, lm_dir=tmp_path / "lm")
+
+    tower = mobilenet_v2.to_transformers(mobilenet_v2.torchvision_state_dict(),
+                                         {k: v.shape for k, v in model.model.vision_tower.state_dict().items()})
+    for name, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, tower[name]), name
+    for name, value in lm.model.state_dict().items():
+        assert torch.equal(model.model.language_model.state_dict()[name], value), name
+    for name, value in model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(value, projector[name]), name
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+    record = fashion_scenes.records("test", 1)[0]
+    prompt = build_prompt(processor, record["question"])
+    assert prompt == f"{fashion_vlm.IMAGE_TOKEN}\nQuestion: {record['question']}\nAnswer:"
+    enc = processor(images=record["image"], text=prompt, return_tensors="pt")
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 36 == model.config.image_seq_length
+    assert enc["pixel_values"].shape == (1, 3, 192, 192)
+
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    again = FastVlmForConditionalGeneration.from_pretrained(tmp_path / "vlm")
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "vlm")
+    enc2 = reloaded(images=record["image"], text=build_prompt(reloaded, record["question"]), return_tensors="pt")
+    assert torch.equal(enc["input_ids"], enc2["input_ids"]) and torch.equal(enc["pixel_values"], enc2["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, again(**enc2).logits)
+    answers = generate_answers(again, reloaded, [record], max_new_tokens=3, progress=False)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_the_training_loss_is_the_models_own_answer_loss():
+    """The projector trainer's shortcut (tower features once, logits only at answer tokens) equals the full forward."""
+    import tempfile
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from casp.models.fashion_vlm_training import answer_loss, encode, tower_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_lm(Path(tmp))
+        model, processor = fashion_vlm.build(_projector(GEMMA3_TEXT["hidden_size"]), lm_dir=Path(tmp))
+    records = fashion_scenes.records("train", 3)
+    encoded = encode(processor, records)
+    with torch.no_grad():
+        got = answer_loss(model, encoded, tower_features(model, encoded))
+        losses = []
+        for e in encoded:
+            logits = model(input_ids=e["input_ids"][None], pixel_values=e["pixel_values"][None]).logits[0]
+            losses.append(F.cross_entropy(logits[e["start"] - 1:-1], e["input_ids"][e["start"]:], reduction="sum"))
+        want = sum(losses) / sum(len(e["input_ids"]) - e["start"] for e in encoded)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
