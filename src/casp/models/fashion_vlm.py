@@ -111,7 +111,7 @@ def _sources() -> dict:
     lm = json.loads((builtin_dir(LANGUAGE_MODEL) / MARKER).read_text())
     return {"assembly_version": ASSEMBLY_VERSION, "projector_sha256": _sha256(PROJECTOR_FILE),
             "vision_checkpoint_size": checkpoint_path().stat().st_size,
-            "language_model_source": lm.get("source_sha256")}
+            "lm_source_sha256": lm.get("source_sha256")}
 
 
 def resolve(target: Path, *, force: bool = False) -> Path:
