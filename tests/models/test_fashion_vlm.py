@@ -43,10 +43,11 @@ def test_every_part_is_its_source_and_the_saved_model_loads_with_from_pretrained
 
     record = fashion_scenes.records("test", 1)[0]
     prompt = build_prompt(processor, record["question"])
-    assert prompt == f"{fashion_vlm.IMAGE_TOKEN}\nQuestion: {record['question']}\nAnswer:"
+    cells = "".join(f"\n{c}:{fashion_vlm.IMAGE_TOKEN}" for c in fashion_vlm.PANEL)
+    assert prompt == f"{cells}\nQuestion: {record['question']}\nAnswer:"
     enc = processor(images=record["image"], text=prompt, return_tensors="pt")
-    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 36 == model.config.image_seq_length
-    assert enc["pixel_values"].shape == (1, 3, 192, 192)
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 36 == 4 * model.config.image_seq_length
+    assert enc["pixel_values"].shape == (4, 3, 96, 96)
 
     model.save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
@@ -78,7 +79,7 @@ def test_the_training_loss_is_the_models_own_answer_loss():
         got = answer_loss(model, encoded, tower_features(model, encoded))
         losses = []
         for e in encoded:
-            logits = model(input_ids=e["input_ids"][None], pixel_values=e["pixel_values"][None]).logits[0]
+            logits = model(input_ids=e["input_ids"][None], pixel_values=e["pixel_values"]).logits[0]
             losses.append(F.cross_entropy(logits[e["start"] - 1:-1], e["input_ids"][e["start"]:], reduction="sum"))
         want = sum(losses) / sum(len(e["input_ids"]) - e["start"] for e in encoded)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

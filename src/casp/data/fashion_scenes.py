@@ -1,13 +1,15 @@
-"""Pictures of real Fashion-MNIST photos on a 2 × 2 grid, and questions whose answers need a few visual tokens.
+"""Panels of four real Fashion-MNIST photos, and questions whose answers need a few of their visual tokens.
 
-Each picture holds up to four items drawn from three classes (so counts above one are common) and
-empty cells. Three question types, one question per picture:
+A panel is a 2 × 2 grid: four 96 × 96 images, top left to bottom right, each a photo or an empty (black)
+cell. Its items are drawn from three classes, so counts above one are common. Three question types,
+one question per panel:
 - position: "What is in the top left?" → a class name, or "nothing";
 - presence: "Is there a bag?" → yes / no (half the time about a class that is there);
 - count: "How many coat items are there?" → 0-4.
-An item is 96 × 96 pixels, 3 × 3 of the vision encoder's 6 × 6 feature map, so an answer rests on a
-few of the 36 visual tokens. Records are the dicts casp's VQA evaluation reads:
-{"image", "question", "answer", "type"}; each split draws only its own photos, under its own seed.
+Each image is 3 × 3 of the vision encoder's feature map, so an answer rests on a few of the panel's 36
+visual tokens. Records are the dicts casp's VQA evaluation reads — {"image": [four images], "question",
+"answer", "type"} — plus the cells' photo indices and classes; each split draws only its own photos,
+under its own seed.
 """
 from __future__ import annotations
 
@@ -16,26 +18,20 @@ from PIL import Image
 
 from casp.data import fashion_mnist
 
-GRID = 2
+CELLS = 4
 CELL = 96
-SIZE = GRID * CELL
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 TYPES = ("position", "presence", "count")
 EMPTY_CELL = 0.25
-CLASSES_PER_PICTURE = 3
+CLASSES_PER_PANEL = 3
 _SPLIT_SEED = {"train": 11, "validation": 12, "test": 13}
 
 
-def picture(photos: np.ndarray, cells: list[int | None]) -> Image.Image:
-    """The RGB picture of `cells` (row-major photo indices into `photos`, None for empty)."""
-    canvas = Image.new("L", (SIZE, SIZE), 0)
-    for c, index in enumerate(cells):
-        if index is None:
-            continue
-        item = Image.fromarray(photos[index]).resize((CELL, CELL), Image.BILINEAR)
-        row, col = divmod(c, GRID)
-        canvas.paste(item, (col * CELL, row * CELL))
-    return canvas.convert("RGB")
+def cell_image(photos: np.ndarray, index: int | None) -> Image.Image:
+    """One cell: the photo upscaled to 96 × 96 (bilinear), or black when empty; RGB."""
+    if index is None:
+        return Image.new("RGB", (CELL, CELL), 0)
+    return Image.fromarray(photos[index]).resize((CELL, CELL), Image.BILINEAR).convert("RGB")
 
 
 def _layout(rng: np.random.Generator, by_class: list[np.ndarray]) -> tuple[list[int | None], list[int | None]]:
@@ -47,9 +43,9 @@ def _layout(rng: np.random.Generator, by_class: list[np.ndarray]) -> tuple[list[
 
 
 def _cells(rng: np.random.Generator, by_class: list[np.ndarray]) -> tuple[list[int | None], list[int | None]]:
-    classes = rng.choice(len(by_class), CLASSES_PER_PICTURE, replace=False)
+    classes = rng.choice(len(by_class), CLASSES_PER_PANEL, replace=False)
     cells, labels = [], []
-    for _ in range(GRID * GRID):
+    for _ in range(CELLS):
         if rng.random() < EMPTY_CELL:
             cells.append(None)
             labels.append(None)
@@ -66,14 +62,14 @@ def _question(rng: np.random.Generator, kind: str, labels: list[int | None]) -> 
         p = int(rng.integers(len(POSITIONS)))
         return f"What is in the {POSITIONS[p]}?", names[labels[p]] if labels[p] is not None else "nothing"
     present = [k for k in labels if k is not None]
-    k = int(rng.choice(present)) if present and rng.random() < 0.5 else int(rng.integers(len(names)))
+    k = int(rng.choice(present)) if rng.random() < 0.5 else int(rng.integers(len(names)))
     if kind == "presence":
         return f"Is there a {names[k]}?", "yes" if k in labels else "no"
     return f"How many {names[k]} items are there?", str(labels.count(k))
 
 
 def records(split: str, n: int, seed: int = 0) -> list[dict]:
-    """`n` picture-question records of `split`, the same for the same (split, n, seed)."""
+    """`n` panel-question records of `split`, the same for the same (split, n, seed)."""
     photos, classes = fashion_mnist.images(split)
     by_class = [np.flatnonzero(classes == k) for k in range(len(fashion_mnist.CLASSES))]
     rng = np.random.default_rng([_SPLIT_SEED[split], seed])
@@ -82,6 +78,6 @@ def records(split: str, n: int, seed: int = 0) -> list[dict]:
         cells, labels = _layout(rng, by_class)
         kind = TYPES[i % len(TYPES)]
         question, answer = _question(rng, kind, labels)
-        out.append({"image": picture(photos, cells), "question": question, "answer": answer, "type": kind,
-                    "cells": cells})
+        out.append({"image": [cell_image(photos, c) for c in cells], "question": question, "answer": answer,
+                    "type": kind, "cells": cells, "labels": labels})
     return out

@@ -1,8 +1,8 @@
 """VQA accuracy, caption perplexity and KL-to-reference for LLaVA-family models.
 
 All functions take a Hugging Face model and its processor, and records of the
-form ``{"image": PIL.Image, "question": str, "answer": str, "type": str}``
-(``load_vqa_jsonl`` reads such records from a user's JSONL file). They work
+form ``{"image": PIL.Image, "question": str, "answer": str, "type": str}``; "image" may be a list
+for a model whose prompt holds several images (fashion-vlm's panels) (``load_vqa_jsonl`` reads such records from a user's JSONL file). They work
 for the embedded tiny LLaVA and for real LLaVA checkpoints alike, on CPU in
 float32 or on an accelerator.
 
@@ -124,6 +124,9 @@ def _encode(processor, texts: list[str], images: list, model) -> dict:
 
 
 def _rgb(image):
+    """An RGB PIL image from a path or image; a list (a record of several images) image by image."""
+    if isinstance(image, (list, tuple)):
+        return [_rgb(im) for im in image]
     if isinstance(image, (str, Path)):
         with Image.open(image) as im:
             return im.convert("RGB")

