@@ -23,10 +23,11 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(PROJECTOR_FILE), help="projector weights (.safetensors) to write")
-    ap.add_argument("--train-pictures", type=int, default=6000)
-    ap.add_argument("--steps", type=int, default=375)
+    ap.add_argument("--steps", type=int, default=200, help="answer-loss steps (each on new training panels)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--align-steps", type=int, default=600)
+    ap.add_argument("--align-lr", type=float, default=1e-3)
     ap.add_argument("--validation", type=int, default=300, help="validation questions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -45,8 +46,9 @@ def main() -> int:
     fresh = torch.nn.Sequential(torch.nn.Linear(1280, 640), torch.nn.GELU(), torch.nn.Linear(640, 640))
     model, processor = build({"linear_1.weight": fresh[0].weight.data, "linear_1.bias": fresh[0].bias.data,
                               "linear_2.weight": fresh[2].weight.data, "linear_2.bias": fresh[2].bias.data})
-    stats = train_projector(model, processor, records("train", args.train_pictures, args.seed), steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    stats = train_projector(model, processor, records("train", args.steps * args.batch_size, args.seed),
+                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            align_steps=args.align_steps, align_lr=args.align_lr)
     val = vqa_accuracy(model, processor, records("validation", args.validation, args.seed))
     out = Path(args.out)
     state = projector_state(model)
