@@ -54,6 +54,15 @@ def _gemma3_vlm():
     return tf.Gemma3ForConditionalGeneration(cfg)
 
 
+def _fast_vlm():
+    """FastVLM with a small MobileNetV2 tower (32×32 image → 1×1 map: one image token) and a Gemma 3 LM."""
+    vision = tf.MobileNetV2Config(depth_multiplier=0.35, finegrained_output=False, image_size=32, tf_padding=False)
+    vision.hidden_size = 448   # the tower's last width (1280 × 0.35, rounded to 8)
+    cfg = tf.FastVlmConfig(vision_config=vision, text_config=dict(GEMMA3_TEXT, model_type="gemma3_text"),
+                           image_token_index=IMAGE_ID, image_seq_length=1)
+    return tf.FastVlmForConditionalGeneration(cfg)
+
+
 def _idefics(config_cls, model_cls):
     """Idefics3 (SmolVLM) and SmolVLM2: pixel shuffle by 2 turns 4×4 patches into 4 image tokens."""
     cfg = config_cls(text_config=dict(TEXT, model_type="llama", pad_token_id=0), vision_config=SIGLIP,
@@ -99,6 +108,7 @@ BUILDERS = {
     "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**TEXT, head_dim=16)),
     "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**GEMMA3_TEXT)),
     "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**TEXT, pad_token_id=0)),
+    "fast_vlm": _fast_vlm,
 }
 
 
@@ -129,6 +139,8 @@ _IMAGE_INPUTS = {
     "Idefics3ForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 1, 3, 32, 32, generator=g)}),
     "SmolVLMForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 1, 3, 32, 32, generator=g)}),
     "InternVLForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}),
+    # a 64×64 image is a 2×2 feature map: four image tokens
+    "FastVlmForConditionalGeneration": (4, lambda g: {"pixel_values": torch.randn(1, 3, 64, 64, generator=g)}),
     # base image + one 32×32 grid tile: 16 + 4×(4+1 newline) features
     "LlavaOnevisionForConditionalGeneration": (36, lambda g: {"pixel_values": torch.randn(1, 2, 3, 32, 32, generator=g),
                                                               "image_sizes": torch.tensor([[32, 32]])}),
