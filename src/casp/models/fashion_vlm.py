@@ -25,7 +25,7 @@ import torch
 
 NAME = "fashion-vlm"
 LANGUAGE_MODEL = "gemma3-270m"
-PROJECTOR_FILE = Path(__file__).resolve().parent.parent / "data" / "fashion_vlm_projector.safetensors"
+PROJECTOR_FILE = Path(__file__).resolve().parent / "weights" / "fashion_vlm_projector.safetensors"
 IMAGE_TOKEN = "<start_of_image>"   # Gemma 3's own image token, one id in the 270M's vocabulary
 PATCH = 32                          # MobileNetV2's output stride
 IMAGE_SIZE = 96                     # one cell of a panel
