@@ -104,3 +104,11 @@ def test_the_command_line_says_when_the_uniform_model_was_kept(tiny_llama_dir, s
     assert main([*args, "-o", str(tmp_path / "j"), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["baseline_check"]["kept"] == "uniform"
     assert "Baseline check on 2 held-out samples" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_vector_quantizer_at_a_fractional_target_is_checked_against_its_floor(tiny_llama_dir, scene_text):
+    """E8 has whole-bit settings only: at 2.5 bits the uniform alternative is E8 at 2 bits, not an error."""
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, bits=2.5, quantizer="e8", layers=(0,)), progress=False)
+    check = res.report["baseline_check"]
+    assert check["uniform_setting"] == "e8p-2b" and check["uniform_bits"] <= 2.5
+    assert check["kept"] in ("allocation", "uniform")

@@ -13,6 +13,8 @@ through the layer pass, two more forward passes per layer). The check needs the 
 """
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field, replace
 
@@ -44,9 +46,13 @@ class BaselineCheck:
 
 
 def uniform_fit(run):
-    """(uniform setting, its average stored bits), or None when it needs more bits than the target."""
+    """(uniform setting at ⌊target⌋ bits, its average stored bits), or None when the quantizer has no such
+    setting or it needs more bits than the target."""
     codec = run.codec
-    setting = codec.quantizer.uniform_setting(run.recipe.bits)
+    try:
+        setting = codec.quantizer.uniform_setting(math.floor(run.recipe.bits + 1e-9))
+    except ValueError:   # e.g. E8 below 2 bits
+        return None
     units = plan_units(run.layers, run.adapter, [{}] * len(run.layers), run.recipe.layers)
     total = sum(u.num_weights for u in units)
     bits = sum(unit_cost(u, setting, codec) for u in units) / max(total, 1)
