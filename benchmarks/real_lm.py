@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
-from vector_quant import _drop_values, arguments, run_row
+from vector_quant import _drop_values, arguments, row_in_own_process, run_row
 
 TRANSFORM = {"gptq": None, "e8": "incoherence"}
 
@@ -85,13 +84,10 @@ def table(model: str, rows: list[dict], args) -> list[dict]:
             out_rows.append(r := run_row(spec, args, cache))
             _print_row(r, texts)
             continue
-        out = subprocess.run([sys.executable, __file__, *argv, "--model", model, "--one-row", json.dumps(spec)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
-            print(f"| {spec['label']} | failed: {last} |", flush=True)
+        r, error = row_in_own_process(__file__, [*argv, "--model", model], spec)
+        if r is None:
+            print(f"| {spec['label']} | failed: {error} |", flush=True)
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         out_rows.append(r)
         _print_row(r, texts)
     return out_rows

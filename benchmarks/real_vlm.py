@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
+
+from vector_quant import _drop_values, row_in_own_process
 
 
 def specs(gptq_target: float, e8_targets: list[float]) -> list[dict]:
@@ -91,16 +92,13 @@ def main() -> None:
           f"{args.threads} torch thread(s)\n")
     print(f"| method | average bits | accuracy | {' | '.join(types)} | KL vs FP | compress s | peak RSS MB |")
     print("|---|---|---|" + "---|" * len(types) + "---|---|---|", flush=True)
-    argv = [a for a in sys.argv[1:]]
+    argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
     done = []
     for spec in rows:
-        out = subprocess.run([sys.executable, __file__, *argv, "--one-row", json.dumps(spec)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
-            print(f"| {spec['label']} | failed: {last} |", flush=True)
+        r, error = row_in_own_process(__file__, argv, spec)
+        if r is None:
+            print(f"| {spec['label']} | failed: {error} |", flush=True)
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         done.append(r)
         per = " | ".join(f"{r['per_type'].get(t, float('nan')):.3f}" for t in types)
         print(f"| {r['method']} | {r['average_bits']:.3f} | {r['accuracy']:.3f} | {per} | {r['kl']:.4f} | "

@@ -195,14 +195,10 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
                 print(f"| {spec['label']} | refused: {e} |", flush=True)
                 continue
         else:
-            forwarded = _drop_values(sys.argv[1:], ("--rows", "--json"))
-            out = subprocess.run([sys.executable, args.script, *forwarded, "--one-row", json.dumps(spec)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"| {spec['label']} | failed: "
-                      f"{out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode} |", flush=True)
+            r, error = row_in_own_process(args.script, _drop_values(sys.argv[1:], ("--rows", "--json")), spec)
+            if r is None:
+                print(f"| {spec['label']} | failed: {error} |", flush=True)
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         value = f"{r['kl']:.5f} | {r['vqa_accuracy']:.4f}" if args.model == "embedded" else \
             f"{r['text_ppl']:.2f} | {r['kl']:.4f}"
@@ -212,6 +208,14 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return rows
+
+
+def row_in_own_process(script: str, argv: list[str], spec: dict) -> tuple[dict | None, str]:
+    """Run one row as `script ARGV --one-row SPEC` in a new process: (its row, "") or (None, its last error line)."""
+    out = subprocess.run([sys.executable, script, *argv, "--one-row", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else str(out.returncode)
+    return json.loads(out.stdout.strip().splitlines()[-1]), ""
 
 
 def _drop_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
