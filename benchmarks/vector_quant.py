@@ -34,16 +34,15 @@ def row_specs(model: str) -> list[dict]:
                      "qk_rank": "joint", "transform": "incoherence"})
     small = {"codebook_bits": 4, "group_size": 4} if model == "embedded" else {}   # 2x8g8 codebooks outweigh tiny matrices
     steps = AQLM_FINETUNE_STEPS.get(model, 25)
-    tuned = {**small, "layer_finetune_steps": steps}
     rows.append({"label": "AQLM 2-bit", "quantizer": "aqlm", "bits": 2, "allocation": "uniform", "qk_rank": 0,
                  "options": small})
     rows.append({"label": f"AQLM 2-bit + {steps} fine-tune steps", "quantizer": "aqlm", "bits": 2,
-                 "allocation": "uniform", "qk_rank": 0, "options": tuned})
+                 "allocation": "uniform", "qk_rank": 0, "options": small, "finetune_steps": steps})
     # rd measures every matrix at every candidate: on SmolLM2 only 2 and 3 bits, 2 rounds (time on 1 thread)
-    rd_options = tuned if model == "embedded" else {**tuned, "candidate_bits": [2, 3], "rounds": 2}
+    rd_options = small if model == "embedded" else {**small, "candidate_bits": [2, 3], "rounds": 2}
     for target in (2.0, 2.5):
         rows.append({"label": f"CASP+AQLM @ {target}", "quantizer": "aqlm", "bits": target, "allocation": "rd",
-                     "qk_rank": "joint", "options": rd_options})
+                     "qk_rank": "joint", "options": rd_options, "finetune_steps": steps})
     return rows
 
 
@@ -99,6 +98,7 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
+                                finetune_steps=spec.get("finetune_steps", 0), e2e_steps=spec.get("e2e_steps", 0),
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))

@@ -95,6 +95,16 @@ class CompressionConfig:
     calib_text: str | None = option(None, "--calib-text", "plain text file for text-only calibration")
     preset: str | None = option(None, "--preset", "defaults for a calibration source: 'stand-in-text' (GPTQ shrinks "
                                 "XᵀX's off-diagonal by half), 'none' (the default)")
+    finetune_steps: int = option(0, "--finetune-steps", "after each decoder layer is compressed, Adam steps on its "
+                                 "continuous stored parameters (scales, codebooks, E8 scales, norms, biases; codes fixed) "
+                                 "against the original layer's output; kept only if held-out calibration error falls "
+                                 "(0: off)", type=int)
+    finetune_lr: float = option(1e-2, "--finetune-lr", "Adam step of --finetune-steps, relative to each tensor's RMS",
+                                type=float)
+    e2e_steps: int = option(0, "--e2e-steps", "after every layer, Adam steps on all continuous stored parameters of "
+                            "the compressed model against the original model's next-token distribution (KL on "
+                            "calibration samples); kept only if held-out KL falls (0: off)", type=int)
+    e2e_lr: float = option(1e-3, "--e2e-lr", "Adam step of --e2e-steps, relative to each tensor's RMS", type=float)
     density_mass: float = option(0.9, "--density-mass", "attention mass that defines density", type=float)
     seed: int = option(0, "--seed", "random seed (calibration sampling, everything else)", type=int)
     device: str = option("cpu", "--device", "device for the heavy work (XᵀX, quantizers, measurements, sensitivity, "
@@ -129,6 +139,10 @@ class CompressionConfig:
             raise CaspError("--search-steps must be >= 0 and --search-samples >= 1")
         if self.check_samples < 0:
             raise CaspError(f"--check-samples must be >= 0, got {self.check_samples}")
+        if self.finetune_steps < 0 or self.e2e_steps < 0:
+            raise CaspError(f"--finetune-steps and --e2e-steps must be >= 0, got {self.finetune_steps} and {self.e2e_steps}")
+        if not (self.finetune_lr > 0 and self.e2e_lr > 0):
+            raise CaspError(f"--finetune-lr and --e2e-lr must be positive, got {self.finetune_lr} and {self.e2e_lr}")
         if self.max_memory is not None and self.max_memory <= 0:
             raise CaspError(f"--max-memory must be a positive number of GB, got {self.max_memory}")
         if self.allocation not in ALLOCATIONS:

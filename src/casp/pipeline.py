@@ -3,8 +3,9 @@
 resolve the recipe -> load (whole, or only the non-layer parts when streaming) -> check the budget from
 the shapes -> calibrate -> plan (Q/K ranks, units, each unit's damage at each candidate, joint Q/K
 options) -> allocate bits (optionally searched by held-out KL) -> compress layer by layer (low-rank Q/K,
-transform, quantizer; a streamed run writes each layer as it finishes and can resume) -> baseline check (the
-allocated model against the uniform setting on held-out samples; the better is kept) -> report -> save.
+transform, quantizer; optionally each layer tuned to its original output; a streamed run writes each layer as
+it finishes and can resume) -> baseline check (the allocated model against the uniform setting on held-out
+samples; the better is kept) -> optionally the whole model distilled into the original's outputs -> report -> save.
 Each step is a function in `casp.steps` that takes the run and its data.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from casp.data.calibration import hold_out
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
 from casp.recipe import Recipe, resolve
 from casp.run import Run, RunOptions, open_writer
-from casp.steps import baseline_check
+from casp.steps import baseline_check, distill
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.load import calibrate, load_parts
@@ -94,12 +95,18 @@ def carry_out(run: Run, batches: list[dict]) -> CompressionResult:
         run.writer.save_plan(plan_state(plan))
     else:
         plan = restore_plan_state(saved, run.codec and run.codec.setting_type())
+    run.times["teacher"] = time.time()
+    teacher = distill.prepare(run, batches) if recipe.e2e_steps else None
     run.times["layers"] = time.time()
     run.check = baseline_check.prepare(run, held) if recipe.check_samples else None
     compress_layers(run, batches, plan)
     checked = baseline_check.decide(run, run.check) if run.check is not None else None
+    run.times["e2e"] = time.time()
+    e2e = distill.distill(run, teacher) if teacher is not None else None
     report = build_report(run, batches, plan)
     baseline_check.add_to_report(report, checked, recipe.check_samples)
+    if e2e is not None:
+        report["e2e"] = e2e
     result = CompressionResult(run.model, run.processor, run.source, report, run.recipe)
     result.out = run.writer.finish(result, run.layer_source)
     if run.recipe.stream:
@@ -159,6 +166,7 @@ def build_report(run: Run, batches: list[dict], plan: Plan) -> dict:
     )
     report.update(plan.summary)
     report["phase_seconds"] = {"load_and_calibrate": times["plan"] - times["start"],
-                               "plan_and_allocate": times["layers"] - times["plan"],
-                               "compress_layers": now - times["layers"]}
+                               "plan_and_allocate": times["teacher"] - times["plan"],
+                               "compress_layers": times["e2e"] - times["layers"],
+                               "e2e": now - times["e2e"] + times["layers"] - times["teacher"]}
     return report

@@ -49,6 +49,10 @@ class Recipe:
     layers: tuple[int, ...] | None
     stream: bool
     max_memory: float | None
+    finetune_steps: int = 0          # Adam steps per decoder layer on its output (0: off)
+    finetune_lr: float = 1e-2
+    e2e_steps: int = 0               # Adam steps on the whole model against the original's distribution (0: off)
+    e2e_lr: float = 1e-3
     reasons: dict = field(default_factory=dict)    # field -> why it has this value (absent: the user gave it)
     version: int = RECIPE_VERSION
 
@@ -83,7 +87,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher"})
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher",
+                                                   "finetune_steps", "finetune_lr", "e2e_steps", "e2e_lr"})
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
@@ -91,6 +96,10 @@ class Recipe:
             raise CaspError(f"recipe version {data['version']} is not {RECIPE_VERSION}; re-run resolve with this casp")
         # recipes written before the baseline check and the Fisher choice ran without them
         values = {"check_samples": 0, "fisher": "empirical", **data}
+        aqlm = dict(values["quantizer_options"])   # --finetune-steps was an AQLM option before it applied to all
+        if "layer_finetune_steps" in aqlm:
+            values["finetune_steps"] = aqlm.pop("layer_finetune_steps")
+            values["quantizer_options"] = aqlm
         values["qk_rank_overrides"] = {int(k): v for k, v in data["qk_rank_overrides"].items()}
         values["qk_rank_ladder"] = tuple(data["qk_rank_ladder"])
         values["excluded_candidates"] = tuple(data["excluded_candidates"])
@@ -129,7 +138,8 @@ class Recipe:
         """What the measured plan (ranks, units, damages) depends on: every field but the target and the rule
         that spends it. Runs with the same key share a plan cache entry."""
         d = self.to_dict()
-        for k in ("bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device"):
+        for k in ("bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
+                  "finetune_steps", "finetune_lr", "e2e_steps", "e2e_lr"):
             d.pop(k)
         d["measures"] = self.allocation == "rd" and self.quantizer != "none"
         d["search"] = self.search_steps > 0
@@ -190,6 +200,8 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
                                 or qk_rank not in (0, 0.0, "joint") or config.qk_rank_overrides):
         raise CaspError("--search-steps searches the rd allocation of whole matrices: it needs --allocation rd, "
                         "a quantizer, and --qk-rank 0 or joint")
+    if stream and config.e2e_steps:
+        raise CaspError("--e2e-steps trains the whole compressed model in memory; it cannot run with --stream")
     if stream and config.search_steps:
         raise CaspError("--search-steps measures KL on the whole model in memory; it cannot run with --stream")
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CompressionConfig)}

@@ -1,4 +1,4 @@
-"""--finetune-steps: a compressed layer's codebooks and scales tuned to the original layer's output."""
+"""--finetune-steps: a compressed layer's continuous stored parameters tuned to the original layer's output."""
 import pytest
 import torch
 from torch import nn
@@ -9,7 +9,7 @@ from casp.recipe import resolve
 from casp.errors import CaspError
 from casp.nn.packed_linear import PackedLinear
 from casp.quant.aqlm import AQLMQuantizer, AQLMSetting
-from casp.steps.finetune import Tuning, finetune_layer, layer_finetune_steps, output_mse
+from casp.steps.finetune import Trainable, Tuning, finetune_layer, output_mse, split_held
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,7 +47,7 @@ def test_finetuning_lowers_the_layer_output_error(tiny_llama_dir, scene_text):
 
     layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
     before = _stored(layer)
-    r = finetune_layer(layer, inputs, targets, Tuning(q, 12, lr=1e-2))
+    r = finetune_layer(layer, inputs, targets, Tuning(12, lr=1e-2))
     after = _stored(layer)
     assert r.kept and r.mse_after < r.mse_before
     assert output_mse(run_layer(layer, inputs), targets) == pytest.approx(r.mse_after, rel=1e-5)
@@ -61,7 +61,7 @@ def test_finetuning_lowers_the_layer_output_error(tiny_llama_dir, scene_text):
 def test_steps_that_would_raise_the_error_are_not_kept(tiny_llama_dir, scene_text):
     layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
     before = _stored(layer)
-    r = finetune_layer(layer, inputs, targets, Tuning(q, 3, lr=50.0))
+    r = finetune_layer(layer, inputs, targets, Tuning(3, lr=50.0))
     assert not r.kept and r.mse_after == r.mse_before
     assert all(torch.equal(t, before[k]) for k, t in _stored(layer).items())
 
@@ -69,25 +69,26 @@ def test_steps_that_would_raise_the_error_are_not_kept(tiny_llama_dir, scene_tex
 def test_zero_steps_change_nothing_and_tuning_is_deterministic(tiny_llama_dir, scene_text):
     layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
     before = _stored(layer)
-    r = finetune_layer(layer, inputs, targets, Tuning(q, 0))
+    r = finetune_layer(layer, inputs, targets, Tuning(0))
     assert r.steps == 0 and all(torch.equal(t, before[k]) for k, t in _stored(layer).items())
     tuned = []
     for _ in range(2):
         layer, inputs, targets, q = _compressed_layer0(tiny_llama_dir, scene_text)
-        finetune_layer(layer, inputs, targets, Tuning(q, 6, lr=1e-2))
+        finetune_layer(layer, inputs, targets, Tuning(6, lr=1e-2))
         tuned.append(_stored(layer))
     assert all(torch.equal(t, tuned[1][k]) for k, t in tuned[0].items())
 
 
-def _cfg(scene_text, **options):
-    return CompressionConfig(bits=2.0, quantizer="aqlm", allocation="uniform", qk_rank=0, calib_samples=4,
-                             calib_seq_len=32, calib_text=str(scene_text), quantizer_options={**OPTIONS, **options})
+def _cfg(scene_text, quantizer="aqlm", **options):
+    return CompressionConfig(bits=2.0, quantizer=quantizer, allocation="uniform", qk_rank=0, calib_samples=4,
+                             calib_seq_len=32, calib_text=str(scene_text),
+                             quantizer_options=OPTIONS if quantizer == "aqlm" else {}, **options)
 
 
 def test_pipeline_with_zero_steps_is_byte_identical_and_with_steps_reports_the_gain(tiny_llama_dir, scene_text):
     plain = casp.compress(tiny_llama_dir, None, _cfg(scene_text), progress=False)
-    zero = casp.compress(tiny_llama_dir, None, _cfg(scene_text, layer_finetune_steps=0), progress=False)
-    tuned = casp.compress(tiny_llama_dir, None, _cfg(scene_text, layer_finetune_steps=8), progress=False)
+    zero = casp.compress(tiny_llama_dir, None, _cfg(scene_text, finetune_steps=0), progress=False)
+    tuned = casp.compress(tiny_llama_dir, None, _cfg(scene_text, finetune_steps=8), progress=False)
     a, b = plain.model.state_dict(), zero.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all("finetune" not in lr for lr in plain.report["decoder_layers"])
@@ -100,14 +101,104 @@ def test_pipeline_with_zero_steps_is_byte_identical_and_with_steps_reports_the_g
     assert tuned.report["average_bits"] == plain.report["average_bits"]
 
 
-def test_cli_flag_reaches_the_quantizer_and_only_aqlm_takes_it():
-    from casp.cli import _quantizer_options, build_parser
 
-    args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "aqlm", "--finetune-steps", "50"])
-    q = resolve(CompressionConfig(quantizer="aqlm", quantizer_options=_quantizer_options(args)), None).build_quantizer()
-    assert layer_finetune_steps(q) == 50 and layer_finetune_steps(AQLMQuantizer()) == 0
-    args = build_parser().parse_args(["compress", "-o", "x", "--quantizer", "gptq", "--finetune-steps", "5"])
-    with pytest.raises(CaspError, match="does not apply"):
-        _quantizer_options(args)
-    with pytest.raises(ValueError, match="non-negative"):
-        AQLMQuantizer(layer_finetune_steps=-1)
+def _every_kind_layer():
+    """Layer 0 of a tiny Qwen2 (q/k/v biases) holding every kind of stored parameter: q a low-rank pair (a
+    packed scalar `down`, a 16-bit `up`), k E8 under incoherence with a bias, v AQLM with a bias, the MLP
+    scalar; its norms as they are."""
+    from tiny_models import tiny_batches, tiny_model
+
+    from casp.nn.lowrank_linear import LowRankLinear
+    from casp.quant.base import get_quantizer_class
+    from casp.steps.quantize import quantize_unit, stored_module
+    from casp.transforms.base import get_transform_class
+
+    model = tiny_model("qwen2")
+    layer = model.model.layers[0]
+    x = torch.randn(2, 12, model.config.hidden_size)
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, torch.arange(12)[None]), "attention_mask": None}
+    target = layer(x, **kwargs).detach()
+
+    def stored(m, quantizer, bits, transform=None, bias=True):
+        w = m.weight.data.float()
+        qw, _, params = quantize_unit(w, torch.eye(w.shape[1]), quantizer.uniform_setting(bits), quantizer, transform, seed=1)
+        return stored_module(qw, params, m.bias.data.clone() if bias and m.bias is not None else None)
+
+    scalar = get_quantizer_class("rtn")()
+    q = layer.self_attn.q_proj
+    low = LowRankLinear.from_factors(q.weight.data[:, :8].clone(), torch.eye(8, q.in_features), q.bias.data)
+    low.down = stored(low.down, scalar, 3, bias=False)
+    layer.self_attn.q_proj = low
+    layer.self_attn.k_proj = stored(layer.self_attn.k_proj, get_quantizer_class("e8")(), 2,
+                                    get_transform_class("incoherence")())
+    layer.self_attn.v_proj = stored(layer.self_attn.v_proj, AQLMQuantizer(**OPTIONS), 2)
+    for name in ("o_proj",):
+        setattr(layer.self_attn, name, stored(getattr(layer.self_attn, name), scalar, 3))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(layer.mlp, name, stored(getattr(layer.mlp, name), scalar, 3))
+    return layer, x, kwargs, target
+
+
+def test_every_kind_of_stored_parameter_receives_gradients():
+    layer, x, kwargs, target = _every_kind_layer()
+    with Trainable(layer) as t, torch.enable_grad():
+        F_out = layer(x, **kwargs)
+        ((F_out - target) ** 2).mean().backward()
+        grads = {}
+        for n, m in t.tuned.items():
+            for name, p in m.tuned.items():
+                grads[f"{n}.{name}"] = p.grad
+        for n, p in t.plain.items():
+            grads[n] = p.grad
+    kinds = {
+        "scalar scales": "mlp.gate_proj.scales",
+        "E8 stage scales (inside a transform)": "self_attn.k_proj.inner.scales",
+        "AQLM codebooks": "self_attn.v_proj.codebooks",
+        "AQLM scales": "self_attn.v_proj.scales",
+        "low-rank factor, packed": "self_attn.q_proj.down.scales",
+        "low-rank factor, 16-bit": "self_attn.q_proj.up.weight",
+        "bias of a low-rank pair": "self_attn.q_proj.up.bias",
+        "bias of a transformed linear": "self_attn.k_proj.bias",
+        "bias of a packed linear": "self_attn.v_proj.bias",
+        "input norm": "input_layernorm.weight",
+        "post-attention norm": "post_attention_layernorm.weight",
+    }
+    for kind, name in kinds.items():
+        assert name in grads, kind
+        g = grads[name]
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, kind
+
+
+def test_leaving_without_keep_restores_every_tensor_and_dtype_to_the_bit():
+    layer, x, kwargs, target = _every_kind_layer()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with Trainable(layer) as t, torch.enable_grad():
+        opt = torch.optim.SGD(t.parameters, lr=0.5)
+        ((layer(x, **kwargs) - target) ** 2).mean().backward()
+        opt.step()
+    after = layer.state_dict()
+    assert set(after) == set(before)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert not any(p.requires_grad for p in layer.parameters() if not p.is_floating_point())
+
+
+def test_the_held_out_batches_are_one_in_eight_and_never_trained_on():
+    assert [split_held(n) for n in (1, 2, 8, 16, 124)] == [0, 1, 1, 2, 15]
+
+
+def test_a_layer_of_every_kind_tunes_and_never_raises_the_held_out_error():
+    from casp.models.engine import LayerInputs, run_layer
+
+    _, x, kwargs, target = _every_kind_layer()
+    inputs = LayerInputs([x[i % 2:i % 2 + 1] for i in range(8)], [kwargs] * 8)
+    targets = [target[i % 2:i % 2 + 1] for i in range(8)]
+    kept = {}
+    for lr, steps in ((1e-2, 20), (100.0, 5)):
+        layer, *_ = _every_kind_layer()
+        before = output_mse(run_layer(layer, inputs)[-1:], targets[-1:])   # one batch in eight is held out
+        r = finetune_layer(layer, inputs, targets, Tuning(steps, lr=lr))
+        after = output_mse(run_layer(layer, inputs)[-1:], targets[-1:])
+        assert r.mse_before == pytest.approx(before)
+        assert after <= before and after == pytest.approx(r.mse_after, rel=1e-6)
+        kept[lr] = r.kept
+    assert kept == {1e-2: True, 100.0: False}

@@ -114,14 +114,20 @@ def first_batches(batches: list[dict], max_tokens: int) -> list[dict]:
     return kept
 
 
-def hold_out(batches: list[dict], n_samples: int) -> tuple[list[dict], list[dict]]:
-    """Split off the last `n_samples` calibration samples, to measure on data not used for quantization."""
+def samples_of(batches: list[dict]) -> list[dict]:
+    """The calibration samples one by one: text batches split into rows, image batches as they are."""
     samples = []
     for b in batches:
         if set(b) == {"input_ids"}:
             samples += [{"input_ids": row[None]} for row in b["input_ids"]]
         else:
             samples.append(b)
+    return samples
+
+
+def hold_out(batches: list[dict], n_samples: int) -> tuple[list[dict], list[dict]]:
+    """Split off the last `n_samples` calibration samples, to measure on data not used for quantization."""
+    samples = samples_of(batches)
     if len(samples) <= n_samples:
         raise CaspError(f"{len(samples)} calibration samples cannot spare {n_samples} for the search hold-out")
 

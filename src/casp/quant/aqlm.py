@@ -99,10 +99,6 @@ class AQLMOptions:
     finetune_steps: int = field(default=0, metadata={
         "flag": "--aqlm-finetune-steps", "type": int,
         "help": "Adam steps on codebooks and scales after the rounds, on the proxy loss (default 0)"})
-    layer_finetune_steps: int = field(default=0, metadata={
-        "flag": "--finetune-steps", "type": int,
-        "help": "after each decoder layer is quantized, Adam steps on its codebooks and scales against the "
-                "original layer's output on the calibration data (default 0: off)"})
     finetune_lr: float = field(default=1e-3, metadata={
         "flag": "--aqlm-finetune-lr", "type": float, "help": "learning rate of those steps (default 1e-3)"})
     seed: int = field(default=0, metadata={
@@ -120,7 +116,7 @@ class AQLMOptions:
         for name in ("beam", "cg_iters", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"aqlm option {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("rounds", "finetune_steps", "layer_finetune_steps"):
+        for name in ("rounds", "finetune_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"aqlm option {name} must be non-negative, got {getattr(self, name)}")
         if not 0.0 <= self.damp < 10:
@@ -245,7 +241,8 @@ def aqlm_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], out_f)
 
 
-AQLM_FORMAT = StorageFormat(FORMAT, dequantize_aqlm, empty_aqlm_tensors, aqlm_stored_bits, aqlm_row_reader)
+AQLM_FORMAT = StorageFormat(FORMAT, dequantize_aqlm, empty_aqlm_tensors, aqlm_stored_bits, aqlm_row_reader,
+                            tunable=("codebooks", "scales"))
 declare_kernels(FORMAT, cpu="casp.nn.aqlm_kernels:aqlm_fast_cpu_matmul")   # lookup tables, else aqlm_cpu_matmul
 
 
@@ -256,12 +253,6 @@ class AQLMQuantizer(Quantizer):
     name = "aqlm"
     Config = AQLMOptions
     format = AQLM_FORMAT
-    tunable_tensors = ("codebooks", "scales")   # `dequantize_aqlm` is differentiable in both
-
-    @property
-    def layer_finetune_steps(self) -> int:
-        """Adam steps per decoder layer on the layer output (`casp.steps.finetune`)."""
-        return self.config.layer_finetune_steps
 
     def candidates(self) -> list[AQLMSetting]:
         """One setting per candidate bit-width that is a whole number of codebooks (the others are skipped:

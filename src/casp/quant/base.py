@@ -48,7 +48,8 @@ class StorageFormat:
     `stored_bits(setting, out_features, in_features)` must equal `QuantizedWeight.stored_bits()` of
     what the quantizer writes for that setting and shape: it is the allocator's cost.
     `row_reader(qw)` (optional) gives read(start, end) -> float32 rows, so inference can rebuild a
-    large weight a slice at a time. Fused matmul kernels are not part of it: the module defining
+    large weight a slice at a time. `tunable` names the stored tensors that fine-tuning may change with
+    the codes fixed (`casp.steps.finetune`). Fused matmul kernels are not part of it: the module defining
     the format declares them in `casp.quant.kernel_registry`.
     """
 
@@ -57,6 +58,7 @@ class StorageFormat:
     empty_tensors: Callable[[dict], dict[str, torch.Tensor]]
     stored_bits: Callable[[object, int, int], int]
     row_reader: Callable[[QuantizedWeight], Callable[[int, int], torch.Tensor]] | None = None
+    tunable: tuple[str, ...] = ()   # continuous stored tensors `dequantize` is differentiable in (fine-tuning)
 
     def rows(self, qw: QuantizedWeight) -> Callable[[int, int], torch.Tensor]:
         """A function (start, end) -> float32 weight rows [start, end)."""

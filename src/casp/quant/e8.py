@@ -231,7 +231,8 @@ def e8p_cpu_matmul(module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], out_f)
 
 
-E8P_FORMAT = StorageFormat(FORMAT, dequantize_e8p, empty_e8p_tensors, e8p_stored_bits, e8p_row_reader)
+E8P_FORMAT = StorageFormat(FORMAT, dequantize_e8p, empty_e8p_tensors, e8p_stored_bits, e8p_row_reader,
+                           tunable=("scales",))
 declare_kernels(FORMAT, cpu="casp.nn.e8p_kernels:e8p_fast_cpu_matmul")   # int4 kernel, else e8p_cpu_matmul
 
 

@@ -246,5 +246,6 @@ def scalar_stored_bits(spec: QuantSpec, out_features: int, in_features: int) -> 
     return total
 
 
-SCALAR_FORMAT = StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors, scalar_stored_bits, scalar_row_reader)
+SCALAR_FORMAT = StorageFormat(FORMAT, dequantize_scalar, empty_scalar_tensors, scalar_stored_bits, scalar_row_reader,
+                              tunable=("scales",))
 declare_kernels(FORMAT, cpu="casp.nn.cpu_kernels:scalar_cpu_matmul")

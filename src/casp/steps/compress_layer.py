@@ -8,7 +8,7 @@ from casp.analysis.attention_stats import layer_attention_stats
 from casp.models.adapters import Adapter
 from casp.steps.analyse import observe_layer
 from casp.steps.baseline_check import add_layer
-from casp.steps.finetune import Tuning, finetune_layer, layer_finetune_steps
+from casp.steps.finetune import Tuning, finetune_layer
 from casp.steps.quantize import FP16_BITS, factorise, stored_unit, unit_row, unit_weight_and_xtx
 from casp.steps.units import Plan, Unit
 
@@ -21,8 +21,8 @@ def qk_pair(layer, adapter: Adapter, lowrank: dict):
 
 
 def compress_layer(run, step, plan: Plan) -> dict:
-    """Replace the layer's linears by their stored modules; return the layer's report entry. When the
-    quantizer asks for fine-tuning, tune them to the original outputs and leave the result's outputs in `step.outputs`."""
+    """Replace the layer's linears by their stored modules; return the layer's report entry. With
+    `--finetune-steps`, tune them to the original outputs and leave the result's outputs in `step.outputs`."""
     t0 = time.time()
     layer, i, adapter, device = step.layer, step.index, run.adapter, run.device
     ranks = plan.ranks[i]
@@ -37,9 +37,8 @@ def compress_layer(run, step, plan: Plan) -> dict:
         layer.set_submodule(name, module)
     rows = [_store_unit(run, layer, u, plan, (lowrank, xtx)) for u in plan.units_of(i)]
     entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
-    quantizer = run.codec.quantizer if run.codec is not None else None
-    if layer_finetune_steps(quantizer):
-        tuned = finetune_layer(layer, step.inputs, original, Tuning(quantizer, layer_finetune_steps(quantizer),
+    if run.recipe.finetune_steps:
+        tuned = finetune_layer(layer, step.inputs, original, Tuning(run.recipe.finetune_steps, run.recipe.finetune_lr,
                                                                      device=device))
         step.outputs = tuned.outputs
         entry["finetune"] = tuned.as_report()

@@ -1,17 +1,21 @@
-"""Step (optional, `--finetune-steps`): tune a compressed layer to the original layer's output.
+"""Step (optional, `--finetune-steps N`): tune a compressed layer to the original layer's output.
 
-A quantizer opts in with two attributes: `tunable_tensors` (names of stored tensors its format's
-`dequantize` is differentiable in) and `layer_finetune_steps` (from its options; 0 turns it off).
-After a decoder layer's units are replaced, those tensors (AQLM: codebooks and scales; codes stay fixed) become
-float32 parameters. Adam minimises ‖layer_q(X) − layer_fp(X)‖² on the calibration inputs X, one
-calibration batch per step in order; the format's own `dequantize` rebuilds each weight (it must be
-differentiable in those tensors). The tuned values are rounded to the stored dtype and written back;
-they are kept only if the layer-output MSE on all calibration batches goes down. Stored sizes do not
-change. Deterministic: no randomness, batches in a fixed order.
+After a decoder layer's units are replaced, its continuous stored parameters become float32 parameters,
+with every code fixed:
+- the tensors each packed format declares `tunable` (scalar: group scales; E8P: the per-matrix stage
+  scales; AQLM: codebooks and scales), inside transforms and low-rank factors alike;
+- every floating parameter of the layer itself: norms, biases, and any linear kept in 16 bits (an
+  unquantized low-rank factor among them).
+Adam minimises ‖layer_q(X) − layer_fp(X)‖² on the calibration inputs X (inputs from the already
+compressed layers below), one batch per step in order; the formats' own `dequantize` rebuilds each
+weight. The last eighth of the batches (at least one) is held out: the tuned values, rounded to their
+stored dtypes, are kept only if the layer-output error on those batches goes down. Stored sizes and
+bits never change. Deterministic: no randomness, batches in a fixed order.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,16 +28,12 @@ from casp.nn.packed_linear import PackedLinear
 from casp.quant.base import QuantizedWeight, get_format
 
 LEARNING_RATE = 1e-2   # Adam step, relative to each tensor's RMS (SmolLM2 layer 10, 40 steps: 1e-3 worse, 3e-2 no better)
+HELD_SHARE = 8         # one calibration batch in this many decides whether the tuned values are kept
 
 
-def tunable_names(quantizer) -> tuple[str, ...]:
-    """The stored tensors of `quantizer`'s format that fine-tuning may change (none by default)."""
-    return tuple(getattr(quantizer, "tunable_tensors", ()))
-
-
-def layer_finetune_steps(quantizer) -> int:
-    """Adam steps per decoder layer that the quantizer's options ask for (0: no fine-tuning)."""
-    return int(getattr(quantizer, "layer_finetune_steps", 0)) if tunable_names(quantizer) else 0
+def tunable_names(module: PackedLinear) -> tuple[str, ...]:
+    """The stored tensors of a packed module that fine-tuning may change (its format's `tunable`)."""
+    return tuple(get_format(module.meta["format"]).tunable)
 
 
 class _TunedLinear(nn.Module):
@@ -51,16 +51,83 @@ class _TunedLinear(nn.Module):
         return F.linear(x, get_format(qw.meta["format"]).dequantize(qw).to(x.dtype), b)
 
 
+class Trainable:
+    """The continuous stored parameters of a module (a decoder layer or a whole model) made trainable.
+
+    A context manager: on entry the packed modules are swapped for `_TunedLinear`s, and every floating
+    parameter (norms, biases, 16-bit linears) is made float32 and trainable; `parameters` lists them all.
+    `keep()` leaves the trained values in the stored tensors, rounded to their dtypes; on exit without
+    `keep()` everything is as it was, to the bit, and `revert()` undoes a kept result later.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.packed = {n: m for n, m in module.named_modules() if isinstance(m, PackedLinear) and tunable_names(m)}
+        self.plain = {n: p for n, p in module.named_parameters() if p.is_floating_point()}
+        self.tuned: dict[str, _TunedLinear] = {}
+        self.kept = False
+        self._saved: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.packed or self.plain)
+
+    def __enter__(self) -> "Trainable":
+        self._saved = {n: (p.data, p.requires_grad) for n, p in self.plain.items()}
+        self._stored = {n: {t: getattr(m, t).clone() for t in tunable_names(m)} for n, m in self.packed.items()}
+        self.tuned = {n: _TunedLinear(m, tunable_names(m)) for n, m in self.packed.items()}
+        for n, t in self.tuned.items():
+            self.module.set_submodule(n, t)
+        for p in self.plain.values():
+            p.data = p.data.float().clone()
+            p.requires_grad_(True)
+        return self
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable tensor: the packed formats' tunable tensors, then the floating parameters."""
+        return [p for t in self.tuned.values() for p in t.tuned.values()] + list(self.plain.values())
+
+    def keep(self) -> None:
+        """Leave the trained values in place when the context exits."""
+        self.kept = True
+
+    def __exit__(self, *exc) -> None:
+        for n, m in self.packed.items():
+            self.module.set_submodule(n, m)
+        with torch.no_grad():
+            if self.kept:
+                for n, m in self.packed.items():
+                    for t, v in self.tuned[n].tuned.items():
+                        getattr(m, t).copy_(v.detach().to(getattr(m, t).dtype))
+            for m in self.packed.values():
+                m.clear_cache()
+            for n, p in self.plain.items():
+                old, grad = self._saved[n]
+                p.data = p.data.detach().to(old.dtype) if self.kept else old
+                p.requires_grad_(grad)
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        """After a kept exit: every stored tensor back to its value before training."""
+        for n, m in self.packed.items():
+            for t, v in self._stored[n].items():
+                getattr(m, t).copy_(v)
+            m.clear_cache()
+        for n, p in self.plain.items():
+            p.data = self._saved[n][0]
+        self.kept = False
+
+
 @dataclass
 class FinetuneResult:
-    """Layer-output MSE on the calibration data before and after; `kept`: the tuned values were written."""
+    """Layer-output MSE on the held-out batches before and after; `kept`: the tuned values were written."""
 
     steps: int
     mse_before: float
     mse_after: float
     kept: bool
     seconds: float
-    outputs: list[torch.Tensor]   # the layer's outputs as it is left (the next layer's inputs)
+    outputs: list[torch.Tensor]   # the layer's outputs on every batch as it is left (the next layer's inputs)
 
     def as_report(self) -> dict:
         return {"steps": self.steps, "mse_before": self.mse_before, "mse_after": self.mse_after,
@@ -73,6 +140,12 @@ def output_mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> floa
     return total / max(1, sum(t.numel() for t in targets))
 
 
+def split_held(n: int) -> int:
+    """How many of `n` batches (the last ones) decide whether tuning is kept: one in `HELD_SHARE`, at
+    least one; none when there is a single batch (it then both trains and decides)."""
+    return 0 if n < 2 else max(1, n // HELD_SHARE)
+
+
 def _layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
     out = layer(hidden.to(device), **to_device(kwargs, device), use_cache=False)
     return out[0] if isinstance(out, tuple) else out
@@ -80,74 +153,52 @@ def _layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) 
 
 @dataclass(frozen=True)
 class Tuning:
-    """How to tune a layer: the quantizer whose stored tensors are tuned, Adam steps, learning rate (relative to
-    each tensor's RMS; None: `LEARNING_RATE`) and the device the layer runs on."""
+    """How to tune a layer: Adam steps, learning rate (relative to each tensor's RMS; None: `LEARNING_RATE`)
+    and the device the layer runs on."""
 
-    quantizer: object
     steps: int
     lr: float | None = None
     device: object = "cpu"
 
 
 def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], tuning: Tuning) -> FinetuneResult:
-    """Tune the layer's stored tensors of the quantizer's format for `tuning.steps` Adam steps (see the module doc)."""
-    quantizer, steps, device = tuning.quantizer, tuning.steps, tuning.device
+    """Tune the layer's continuous stored parameters for `tuning.steps` Adam steps (see the module doc)."""
     t0 = time.time()
+    device = tuning.device
+    n = len(inputs)
+    held = list(range(n - split_held(n), n)) or list(range(n))
     before_out = run_layer(layer, inputs, device)
-    before = output_mse(before_out, targets)
-    names = tunable_names(quantizer)
-    packed = {n: m for n, m in layer.named_modules()
-              if isinstance(m, PackedLinear) and m.meta["format"] == quantizer.format.name}
-    if steps <= 0 or not names or not packed:
+    before = output_mse([before_out[i] for i in held], [targets[i] for i in held])
+    trainable = Trainable(layer)
+    if tuning.steps <= 0 or not trainable:
         return FinetuneResult(0, before, before, False, time.time() - t0, before_out)
-    saved = {n: {t: getattr(m, t).clone() for t in names} for n, m in packed.items()}
-    tuned = {n: _TunedLinear(m, names) for n, m in packed.items()}
-    frozen = [p for p in layer.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        for n, t in tuned.items():
-            layer.set_submodule(n, t)
-        _adam(layer, tuned.values(), (inputs, targets), tuning)
-    finally:
-        for n, m in packed.items():
-            layer.set_submodule(n, m)
-        for p in frozen:
-            p.requires_grad_(True)
-    _write_back(packed, {n: dict(t.tuned.items()) for n, t in tuned.items()})
-    after_out = run_layer(layer, inputs, device)
-    after = output_mse(after_out, targets)
-    if after >= before:
-        _write_back(packed, saved)
-        return FinetuneResult(steps, before, before, False, time.time() - t0, before_out)
-    return FinetuneResult(steps, before, after, True, time.time() - t0, after_out)
+    train = [i for i in range(n) if i not in held] or held
+    with trainable:
+        _adam(layer, trainable.parameters, (inputs, targets, train), tuning)
+        trainable.keep()
+    after_out = run_layer(layer, inputs, device)   # as stored: the tuned values rounded to their dtypes
+    after = output_mse([after_out[i] for i in held], [targets[i] for i in held])
+    if not after < before:   # NaN included
+        trainable.revert()
+        return FinetuneResult(tuning.steps, before, before, False, time.time() - t0, before_out)
+    return FinetuneResult(tuning.steps, before, after, True, time.time() - t0, after_out)
 
 
-def _adam(layer, tuned, data: tuple[LayerInputs, list[torch.Tensor]], tuning: Tuning) -> None:
-    """`tuning.steps` Adam steps on the tuned tensors, batch `step mod batches` each; learning rate × each
-    tensor's RMS."""
-    inputs, targets = data
-    steps, device = tuning.steps, tuning.device
-    lr = LEARNING_RATE if tuning.lr is None else tuning.lr
-    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
-              for t in tuned for p in t.tuned.values()]
-    opt = torch.optim.Adam(groups)
+def relative_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with one group per tensor, its step `lr` × the tensor's RMS (scales and norms differ by orders)."""
+    return torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
+                             for p in params])
+
+
+def _adam(layer, params, data: tuple[LayerInputs, list[torch.Tensor], list[int]], tuning: Tuning) -> None:
+    """`tuning.steps` Adam steps, on the training batches in turn."""
+    inputs, targets, train = data
+    opt = relative_adam(params, LEARNING_RATE if tuning.lr is None else tuning.lr)
     kwargs = inputs.kwargs_for(layer)
-    hidden = list(inputs.hidden)
     with torch.enable_grad():
-        for step in range(steps):
-            i = step % len(hidden)
+        for step in range(tuning.steps):
+            i = train[step % len(train)]
             opt.zero_grad(set_to_none=True)
-            out = _layer_output(layer, hidden[i], kwargs[i], device)
-            F.mse_loss(out.float(), targets[i].to(device).float()).backward()
+            out = _layer_output(layer, inputs.hidden[i], kwargs[i], tuning.device)
+            F.mse_loss(out.float(), targets[i].to(tuning.device).float()).backward()
             opt.step()
-
-
-@torch.no_grad()
-def _write_back(packed: dict, values: dict) -> None:
-    """Copy `values` (per module, per tensor name) into the stored buffers, in their dtype."""
-    for n, m in packed.items():
-        for t, v in values[n].items():
-            buf = getattr(m, t)
-            buf.copy_(v.detach().to(buf.dtype))
-        m.clear_cache()
