@@ -54,7 +54,9 @@ def run_row(spec: dict, args) -> dict:
     if spec["label"] != "FP":
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
-                                calib_samples=args.calib_samples)
+                                calib_samples=args.calib_samples, finetune_steps=spec.get("finetune_steps", 0),
+                                e2e_steps=spec.get("e2e_steps", 0),
+                                layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False)
         model, report = res.model, res.report
     seconds = time.time() - t0
@@ -64,7 +66,9 @@ def run_row(spec: dict, args) -> dict:
     return {"method": spec["label"], "average_bits": report["average_bits"] if report else 16.0,
             "accuracy": r["vqa_accuracy"], "per_type": r["per_type"], "kl": r["kl_vs_reference"] or 0.0,
             "seconds": seconds if report else 0.0, "peak_rss_mb": peak_rss_mb(),
-            "baseline_check": (report or {}).get("baseline_check")}
+            "baseline_check": (report or {}).get("baseline_check"),
+            "phase_seconds": (report or {}).get("phase_seconds"), "finetune": (report or {}).get("finetune"),
+            "e2e": (report or {}).get("e2e")}
 
 
 def main() -> None:

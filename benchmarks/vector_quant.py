@@ -106,7 +106,9 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
     seconds = time.time() - t0
     row = {"method": spec["label"], "average_bits": report["average_bits"] if report else 16.0,
            "seconds": seconds if report else 0.0,
-           "baseline_check": (report or {}).get("baseline_check")}
+           "baseline_check": (report or {}).get("baseline_check"),
+           "phase_seconds": (report or {}).get("phase_seconds"), "finetune": (report or {}).get("finetune"),
+           "e2e": (report or {}).get("e2e")}
     if args.model == "embedded":
         from casp.eval.evaluate import embedded_eval_records, evaluate_vlm
 

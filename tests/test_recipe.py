@@ -12,7 +12,7 @@ from casp.recipe import Recipe, resolve
 
 CALIB = ("--calib-samples", "4", "--calib-seq-len", "32")
 MEASUREMENT_FREE = {"bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
-                    "finetune_steps", "finetune_lr", "e2e_steps", "e2e_lr"}
+                    "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr"}
 
 
 def _outputs_equal(a, b):
@@ -61,6 +61,7 @@ def test_every_field_that_can_change_measurement_is_in_the_plan_cache_key():
                "calib_text": "t.txt", "calibration_source": "text", "preset": "stand-in-text",
                "excluded_candidates": ("4b-g32",), "density_mass": 0.5, "seed": 1, "device": "cuda",
                "layers": (0,), "stream": True, "max_memory": 1.0, "finetune_steps": 5, "finetune_lr": 0.1,
+               "finetune_within": True,
                "e2e_steps": 5, "e2e_lr": 0.1, "reasons": {"a": "b"}, "version": 2}
     assert set(changed) == {f.name for f in dataclasses.fields(Recipe)}
     for name, value in changed.items():

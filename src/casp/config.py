@@ -101,6 +101,9 @@ class CompressionConfig:
                                  "(0: off)", type=int)
     finetune_lr: float = option(1e-2, "--finetune-lr", "Adam step of --finetune-steps, relative to each tensor's RMS",
                                 type=float)
+    finetune_within: bool = option(False, "--finetune-within-layer", "with --finetune-steps, also tune after each "
+                                   "group of a layer's matrices is quantized, the not yet quantized ones included "
+                                   "(QuIP#'s order; costs a tuning per input group)", action="store_true")
     e2e_steps: int = option(0, "--e2e-steps", "after every layer, Adam steps on all continuous stored parameters of "
                             "the compressed model against the original model's next-token distribution (KL on "
                             "calibration samples); kept only if held-out KL falls (0: off)", type=int)

@@ -51,6 +51,7 @@ class Recipe:
     max_memory: float | None
     finetune_steps: int = 0          # Adam steps per decoder layer on its output (0: off)
     finetune_lr: float = 1e-2
+    finetune_within: bool = False    # also tune after each input group of a layer is quantized
     e2e_steps: int = 0               # Adam steps on the whole model against the original's distribution (0: off)
     e2e_lr: float = 1e-3
     reasons: dict = field(default_factory=dict)    # field -> why it has this value (absent: the user gave it)
@@ -88,7 +89,8 @@ class Recipe:
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher",
-                                                   "finetune_steps", "finetune_lr", "e2e_steps", "e2e_lr"})
+                                                   "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps",
+                                                   "e2e_lr"})
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
@@ -139,7 +141,7 @@ class Recipe:
         that spends it. Runs with the same key share a plan cache entry."""
         d = self.to_dict()
         for k in ("bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
-                  "finetune_steps", "finetune_lr", "e2e_steps", "e2e_lr"):
+                  "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr"):
             d.pop(k)
         d["measures"] = self.allocation == "rd" and self.quantizer != "none"
         d["search"] = self.search_steps > 0

@@ -114,3 +114,16 @@ def test_an_old_aqlm_recipe_with_its_finetune_option_still_loads():
         d.pop(k)
     r = Recipe.from_dict(d)
     assert r.finetune_steps == 9 and "layer_finetune_steps" not in r.quantizer_options
+
+
+def test_tuning_within_the_layer_reaches_the_matrices_before_they_are_quantized(tiny_llama_dir, scene_text):
+    cfg = dict(quantizer="gptq", transform=None, quantizer_options={}, qk_rank=0, finetune_steps=8, layers=(0,))
+    after = casp.compress(tiny_llama_dir, None, _cfg(scene_text, **cfg), progress=False)
+    within = casp.compress(tiny_llama_dir, None, _cfg(scene_text, finetune_within=True, **cfg), progress=False)
+    a, b = after.model.state_dict(), within.model.state_dict()
+    first = [k for k in a if k.endswith("codes") and any(p in k for p in ("q_proj", "k_proj", "v_proj"))]
+    later = [k for k in a if k.endswith("codes") and any(p in k for p in ("gate_proj", "up_proj", "down_proj"))]
+    assert first and all(torch.equal(a[k], b[k]) for k in first)            # quantized before any tuning
+    assert later and any(not torch.equal(a[k], b[k]) for k in later)       # quantized from tuned weights
+    assert within.report["finetune"]["seconds"] > 0
+    assert within.report["average_bits"] == after.report["average_bits"]

@@ -3,6 +3,7 @@ optionally the stored tensors tuned to the original layer's output (`casp.steps.
 from __future__ import annotations
 
 import time
+from itertools import groupby
 
 from casp.analysis.attention_stats import layer_attention_stats
 from casp.models.adapters import Adapter
@@ -22,7 +23,8 @@ def qk_pair(layer, adapter: Adapter, lowrank: dict):
 
 def compress_layer(run, step, plan: Plan) -> dict:
     """Replace the layer's linears by their stored modules; return the layer's report entry. With
-    `--finetune-steps`, tune them to the original outputs and leave the result's outputs in `step.outputs`."""
+    `--finetune-steps`, tune them (with `--finetune-within-layer` also after each input group, the
+    matrices not yet quantized included) to the original outputs and leave the result's outputs in `step.outputs`."""
     t0 = time.time()
     layer, i, adapter, device = step.layer, step.index, run.adapter, run.device
     ranks = plan.ranks[i]
@@ -35,13 +37,19 @@ def compress_layer(run, step, plan: Plan) -> dict:
                                   qk_pair(layer, adapter, lowrank))
     for name, module in lowrank.items():
         layer.set_submodule(name, module)
-    rows = [_store_unit(run, layer, u, plan, (lowrank, xtx)) for u in plan.units_of(i)]
+    recipe = run.recipe
+    tuning = Tuning(recipe.finetune_steps, recipe.finetune_lr, device=device)
+    groups = [list(g) for _, g in groupby(plan.units_of(i), key=lambda u: u.input_group)]
+    rows, within = [], 0.0
+    for k, group in enumerate(groups):
+        rows += [_store_unit(run, layer, u, plan, (lowrank, xtx)) for u in group]
+        if recipe.finetune_steps and recipe.finetune_within and k < len(groups) - 1:
+            within += finetune_layer(layer, step.inputs, original, tuning).seconds
     entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
-    if run.recipe.finetune_steps:
-        tuned = finetune_layer(layer, step.inputs, original, Tuning(run.recipe.finetune_steps, run.recipe.finetune_lr,
-                                                                     device=device))
+    if recipe.finetune_steps:
+        tuned = finetune_layer(layer, step.inputs, original, tuning)
         step.outputs = tuned.outputs
-        entry["finetune"] = tuned.as_report()
+        entry["finetune"] = {**tuned.as_report(), "seconds": tuned.seconds + within}
     return {**entry, "seconds": time.time() - t0}
 
 

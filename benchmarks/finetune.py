@@ -1,0 +1,105 @@
+"""Fine-tuning after quantization, measured: no tuning, block-wise only, block-wise plus end to end.
+
+For each quantizer under CASP (E8 with incoherence, GPTQ, AQLM; `--quantizers`) at each target
+(`--targets`, default 2.0, 2.5, 3.25 bits), three rows side by side: without fine-tuning,
+`--finetune-steps` (each layer's continuous stored parameters tuned to its original output), and
+`--finetune-steps` plus `--e2e-steps` (the whole model distilled into the original's next-token
+distribution). Each row runs in its own process with `--threads` torch threads and shows measured
+average bits, the model's metric (token perplexity on two evaluation texts and KL for a text LM; KL and
+VQA accuracy for `embedded`; accuracy per question type and KL for `fashion-vlm`), compression seconds
+(the tuning's share in brackets) and peak RSS.
+
+Usage: python benchmarks/finetune.py [--model smollm2-135m|embedded|fashion-vlm] [--targets 2.0,2.5,3.25]
+       [--quantizers e8,gptq,aqlm] [--block-steps 50] [--e2e-steps 128] [--calib-samples 128]
+       [--layers 0,1,2] [--rows LABEL,...] [--json FILE]
+`--layers` compresses only those decoder layers (a quick comparison; the others stay dense).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from vector_quant import _drop_values, arguments, row_in_own_process
+
+QUANTIZERS = {"e8": {"quantizer": "e8", "transform": "incoherence"}, "gptq": {"quantizer": "gptq"},
+              "aqlm": {"quantizer": "aqlm"}}
+
+
+def row_specs(args) -> list[dict]:
+    rows = [{"label": "FP"}]
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+    for q in args.quantizers.split(","):
+        for target in (float(t) for t in args.targets.split(",")):
+            base = {**QUANTIZERS[q], "bits": target, "allocation": "rd", "qk_rank": "joint", "layers": layers}
+            name = f"CASP+{q.upper()} @ {target}"
+            rows.append({**base, "label": name})
+            rows.append({**base, "label": f"{name} + block {args.block_steps}", "finetune_steps": args.block_steps})
+            rows.append({**base, "label": f"{name} + block {args.block_steps} + e2e {args.e2e_steps}",
+                         "finetune_steps": args.block_steps, "e2e_steps": args.e2e_steps})
+    return rows
+
+
+def run_row(spec: dict, args) -> dict:
+    if args.model == "fashion-vlm":
+        import real_vlm
+
+        return real_vlm.run_row(spec, args)
+    import vector_quant
+
+    return vector_quant.run_row(spec, args)
+
+
+def _tuning_seconds(r: dict) -> float:
+    ft, e2e = r.get("finetune") or {}, r.get("e2e") or {}
+    return ft.get("seconds", 0.0) + e2e.get("seconds", 0.0)
+
+
+def _metric(r: dict, model: str) -> str:
+    if model == "fashion-vlm":
+        per = r["per_type"]
+        return f"{r['accuracy']:.3f} ({' / '.join(f'{per.get(t, 0):.2f}' for t in ('position', 'presence', 'count'))})"
+    if model == "embedded":
+        return f"{r['vqa_accuracy']:.4f}"
+    second = [v for k, v in r.items() if k.startswith("text_ppl_")]
+    return f"{r['text_ppl']:.2f} | " + (f"{second[0]:.2f}" if second else "-")
+
+
+def main() -> None:
+    ap = arguments(__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="2.0,2.5,3.25")
+    ap.add_argument("--quantizers", default="e8,gptq,aqlm")
+    ap.add_argument("--block-steps", type=int, default=50)
+    ap.add_argument("--e2e-steps", type=int, default=128)
+    ap.add_argument("--layers", help="compress only these decoder layers (comma-separated)")
+    ap.set_defaults(calib_samples=128, eval_texts="alice,licences", kl_records=300)
+    args = ap.parse_args()
+    args.script = __file__
+    if args.one_row:
+        print(json.dumps(run_row(json.loads(args.one_row), args)))
+        return
+    specs = row_specs(args)
+    if args.rows != "all":
+        specs = [s for s in specs if s["label"] in args.rows.split(",")]
+    metric = {"fashion-vlm": "accuracy (position / presence / count)", "embedded": "VQA accuracy"}.get(
+        args.model, f"token ppl {args.eval_texts.split(',')[0]} | token ppl {args.eval_texts.split(',')[-1]}")
+    print(f"model {args.model}; calibration {args.calib_samples} samples; {args.threads} torch thread(s)"
+          f"{'; layers ' + args.layers if args.layers else ''}\n")
+    print(f"| method | average bits | {metric} | KL vs FP | compress s (tuning s) | peak RSS MB |")
+    print("|---|---|---|---|---|---|" + ("---|" if "|" in metric else ""), flush=True)
+    argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
+    done = []
+    for spec in specs:
+        r, error = row_in_own_process(__file__, argv, spec)
+        if r is None:
+            print(f"| {spec['label']} | failed: {error} |", flush=True)
+            continue
+        done.append(r)
+        print(f"| {r['method']} | {r['average_bits']:.3f} | {_metric(r, args.model)} | {r['kl']:.4f} | "
+              f"{r['seconds']:.0f} ({_tuning_seconds(r):.0f}) | {r['peak_rss_mb']:.0f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(done, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
