@@ -202,3 +202,18 @@ def test_a_layer_of_every_kind_tunes_and_never_raises_the_held_out_error():
         assert after <= before and after == pytest.approx(r.mse_after, rel=1e-6)
         kept[lr] = r.kept
     assert kept == {1e-2: True, 100.0: False}
+
+
+def test_a_step_takes_its_rows_of_every_batched_argument_and_shares_the_rest():
+    from casp.models.engine import LayerInputs
+    from casp.steps.finetune import _rows, minibatches
+
+    mask, cos = torch.zeros(1, 1, 5, 5), torch.randn(1, 5, 4)
+    kwargs = {"attention_mask": torch.randn(3, 1, 5, 5), "position_embeddings": (cos, torch.randn(3, 5, 4)),
+              "shared": mask, "flag": None}
+    cut = _rows(kwargs, slice(2, 4), 3)
+    assert torch.equal(cut["attention_mask"], kwargs["attention_mask"][2:3])
+    assert cut["position_embeddings"][0] is cos and cut["position_embeddings"][1].shape[0] == 1
+    assert cut["shared"] is mask and cut["flag"] is None
+    inputs = LayerInputs([torch.zeros(3, 5, 2), torch.zeros(1, 5, 2), torch.zeros(3, 5, 2)], [{}] * 3)
+    assert minibatches(inputs, [0, 2], 2) == [(0, slice(0, 2)), (0, slice(2, 4)), (2, slice(0, 2)), (2, slice(2, 4))]

@@ -7,8 +7,8 @@ with every code fixed:
 - every floating parameter of the layer itself: norms, biases, and any linear kept in 16 bits (an
   unquantized low-rank factor among them).
 Adam minimises ‖layer_q(X) − layer_fp(X)‖² on the calibration inputs X (inputs from the already
-compressed layers below), one batch per step in order; the formats' own `dequantize` rebuilds each
-weight. The last eighth of the batches (at least one) is held out: the tuned values, rounded to their
+compressed layers below), `SAMPLES_PER_STEP` samples per step in order; the formats' own `dequantize`
+rebuilds each weight. The last eighth of the batches (at least one) is held out: the tuned values, rounded to their
 stored dtypes, are kept only if the layer-output error on those batches goes down. Stored sizes and
 bits never change. Deterministic: no randomness, batches in a fixed order.
 """
@@ -28,6 +28,7 @@ from casp.nn.packed_linear import PackedLinear
 from casp.quant.base import QuantizedWeight, get_format
 
 LEARNING_RATE = 1e-2   # Adam step, relative to each tensor's RMS (SmolLM2 layer 10, 40 steps: 1e-3 worse, 3e-2 no better)
+SAMPLES_PER_STEP = 2   # calibration samples per Adam step: a step costs a layer's forward and backward on them
 HELD_SHARE = 8         # one calibration batch in this many decides whether the tuned values are kept
 
 
@@ -153,12 +154,13 @@ def _layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) 
 
 @dataclass(frozen=True)
 class Tuning:
-    """How to tune a layer: Adam steps, learning rate (relative to each tensor's RMS; None: `LEARNING_RATE`)
-    and the device the layer runs on."""
+    """How to tune a layer: Adam steps, learning rate (relative to each tensor's RMS; None: `LEARNING_RATE`),
+    the device the layer runs on, and calibration samples per step."""
 
     steps: int
     lr: float | None = None
     device: object = "cpu"
+    rows: int = SAMPLES_PER_STEP
 
 
 def finetune_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], tuning: Tuning) -> FinetuneResult:
@@ -190,15 +192,34 @@ def relative_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
                              for p in params])
 
 
+def _rows(value, rows: slice, n: int):
+    """`value` (a tensor, or tuples / lists / dicts of them) cut to the batch rows `rows` wherever its first
+    dimension is the batch of `n` rows; everything else (shared masks, positions) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if n > 1 and value.dim() and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, n) for k, v in value.items()}
+    return value
+
+
+def minibatches(inputs: LayerInputs, train: list[int], rows: int) -> list[tuple[int, slice]]:
+    """(batch, rows) of every training step in turn: each training batch cut into pieces of `rows` samples."""
+    return [(i, slice(j, j + rows)) for i in train for j in range(0, inputs.hidden[i].shape[0], rows)]
+
+
 def _adam(layer, params, data: tuple[LayerInputs, list[torch.Tensor], list[int]], tuning: Tuning) -> None:
-    """`tuning.steps` Adam steps, on the training batches in turn."""
+    """`tuning.steps` Adam steps, each on `tuning.rows` samples of the training batches, in turn."""
     inputs, targets, train = data
     opt = relative_adam(params, LEARNING_RATE if tuning.lr is None else tuning.lr)
     kwargs = inputs.kwargs_for(layer)
+    pieces = minibatches(inputs, train, tuning.rows)
     with torch.enable_grad():
         for step in range(tuning.steps):
-            i = train[step % len(train)]
+            i, rows = pieces[step % len(pieces)]
+            n = inputs.hidden[i].shape[0]
             opt.zero_grad(set_to_none=True)
-            out = _layer_output(layer, inputs.hidden[i], kwargs[i], tuning.device)
-            F.mse_loss(out.float(), targets[i].to(tuning.device).float()).backward()
+            out = _layer_output(layer, inputs.hidden[i][rows], _rows(kwargs[i], rows, n), tuning.device)
+            F.mse_loss(out.float(), targets[i][rows].to(tuning.device).float()).backward()
             opt.step()
