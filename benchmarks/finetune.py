@@ -1,10 +1,9 @@
 """Fine-tuning after quantization, measured: no tuning, block-wise only, block-wise plus end to end.
 
 For each quantizer under CASP (E8 with incoherence, GPTQ, AQLM; `--quantizers`) at each target
-(`--targets`, default 2.0, 2.5, 3.25 bits), three rows side by side: without fine-tuning,
-`--finetune-steps` (each layer's continuous stored parameters tuned to its original output), and
-`--finetune-steps` plus `--e2e-steps` (the whole model distilled into the original's next-token
-distribution). Each row runs in its own process with `--threads` torch threads and shows measured
+(`--targets`, default 2.0, 2.5, 3.25 bits), four rows side by side: without fine-tuning,
+`--finetune-steps` (each layer's continuous stored parameters tuned to its original output),
+`--e2e-steps` alone (the whole model distilled into the original's next-token distribution), and both. Each row runs in its own process with `--threads` torch threads and shows measured
 average bits, the model's metric (token perplexity on two evaluation texts and KL for a text LM; KL and
 VQA accuracy for `embedded`; accuracy per question type and KL for `fashion-vlm`), compression seconds
 (the tuning's share in brackets) and peak RSS.
@@ -34,6 +33,7 @@ def row_specs(args) -> list[dict]:
             name = f"CASP+{q.upper()} @ {target}"
             rows.append({**base, "label": name})
             rows.append({**base, "label": f"{name} + block {args.block_steps}", "finetune_steps": args.block_steps})
+            rows.append({**base, "label": f"{name} + e2e {args.e2e_steps}", "e2e_steps": args.e2e_steps})
             rows.append({**base, "label": f"{name} + block {args.block_steps} + e2e {args.e2e_steps}",
                          "finetune_steps": args.block_steps, "e2e_steps": args.e2e_steps})
     return rows

@@ -107,7 +107,7 @@ class CompressionConfig:
     e2e_steps: int = option(0, "--e2e-steps", "after every layer, Adam steps on all continuous stored parameters of "
                             "the compressed model against the original model's next-token distribution (KL on "
                             "calibration samples); kept only if held-out KL falls (0: off)", type=int)
-    e2e_lr: float = option(1e-3, "--e2e-lr", "Adam step of --e2e-steps, relative to each tensor's RMS", type=float)
+    e2e_lr: float = option(1e-2, "--e2e-lr", "Adam step of --e2e-steps, relative to each tensor's RMS", type=float)
     density_mass: float = option(0.9, "--density-mass", "attention mass that defines density", type=float)
     seed: int = option(0, "--seed", "random seed (calibration sampling, everything else)", type=int)
     device: str = option("cpu", "--device", "device for the heavy work (XᵀX, quantizers, measurements, sensitivity, "

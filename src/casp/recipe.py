@@ -53,7 +53,7 @@ class Recipe:
     finetune_lr: float = 1e-2
     finetune_within: bool = False    # also tune after each input group of a layer is quantized
     e2e_steps: int = 0               # Adam steps on the whole model against the original's distribution (0: off)
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 1e-2
     reasons: dict = field(default_factory=dict)    # field -> why it has this value (absent: the user gave it)
     version: int = RECIPE_VERSION
 

@@ -127,3 +127,13 @@ def test_tuning_within_the_layer_reaches_the_matrices_before_they_are_quantized(
     assert later and any(not torch.equal(a[k], b[k]) for k in later)       # quantized from tuned weights
     assert within.report["finetune"]["seconds"] > 0
     assert within.report["average_bits"] == after.report["average_bits"]
+
+
+def test_image_tokens_and_padding_carry_no_distillation_loss(tiny_llava_dir):
+    from casp.io.modelio import load_model
+    from casp.steps.distill import text_positions
+
+    model = load_model(tiny_llava_dir)
+    image = model.config.image_token_id
+    batch = {"input_ids": torch.tensor([[image, image, 5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    assert text_positions(model, batch).tolist() == [[0.0, 0.0, 1.0, 1.0, 0.0]]

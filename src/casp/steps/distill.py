@@ -5,11 +5,11 @@ normalised hidden states are kept (tokens × hidden, fp16). The teacher's logits
 head on them, so no second copy of the model is held. After every layer is compressed (and the baseline
 check has decided), the continuous stored parameters of the compressed decoder layers
 (`casp.steps.finetune.Trainable`: scales, codebooks, E8 scales, norms, biases; codes fixed) are trained with
-Adam on KL(original ‖ compressed) over the attended positions of one calibration sample per step (the
-first `--e2e-steps` samples in turn). Each
-decoder layer is recomputed in the backward pass (activation checkpointing), so memory grows with one
-layer's activations, not with depth. The last eighth of the samples (at least one) is held out: the trained
-values are kept only if the KL on them falls. Deterministic: no randomness, samples in a fixed order.
+Adam on KL(original ‖ compressed) over the attended text positions (image tokens left out) of one
+calibration sample per step (the first `--e2e-steps` samples in turn). Each decoder layer is recomputed in
+the backward pass (activation checkpointing), so memory grows with one layer's activations, not with
+depth. The last eighth of the samples (at least one) is held out: the trained values are kept only if the
+KL on them falls. Deterministic: no randomness, samples in a fixed order.
 """
 from __future__ import annotations
 
@@ -82,16 +82,26 @@ def _head(model: nn.Module):
     return logits
 
 
+def _image_token(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+
+
+def text_positions(model: nn.Module, batch: dict) -> torch.Tensor:
+    """1 where a position is attended and is not an image token (logits at image tokens are never used)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).float()
+    image = _image_token(model)
+    return mask * (ids != image).float() if image is not None else mask
+
+
 def sample_kl(model: nn.Module, batch: dict, state: torch.Tensor, head) -> torch.Tensor:
-    """Mean over attended positions of KL(original ‖ model), the original's logits from its kept state."""
+    """Mean over attended text positions of KL(original ‖ model), the original's logits from its kept state."""
     logits = model(**batch, use_cache=False).logits.float()
     with torch.no_grad():
         target = F.log_softmax(head(state.float()).float(), dim=-1)
     per_token = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="none").sum(-1)
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return per_token.mean()
-    mask = mask.to(per_token.dtype)
+    mask = text_positions(model, batch)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
