@@ -10,8 +10,9 @@ VQA accuracy for `embedded`; accuracy per question type and KL for `fashion-vlm`
 
 Usage: python benchmarks/finetune.py [--model smollm2-135m|embedded|fashion-vlm] [--targets 2.0,2.5,3.25]
        [--quantizers e8,gptq,aqlm] [--block-steps 50] [--e2e-steps 128] [--calib-samples 128]
-       [--layers 0,1,2] [--rows LABEL,...] [--json FILE]
-`--layers` compresses only those decoder layers (a quick comparison; the others stay dense).
+       [--layers 0,1,2] [--uniform] [--within] [--rows LABEL,...] [--json FILE]
+`--layers` compresses only those decoder layers (a quick comparison; the others stay dense); `--uniform`
+runs uniform settings instead of CASP; `--within` adds `--finetune-within-layer` to the block-wise rows.
 """
 from __future__ import annotations
 
@@ -29,13 +30,18 @@ def row_specs(args) -> list[dict]:
     layers = [int(i) for i in args.layers.split(",")] if args.layers else None
     for q in args.quantizers.split(","):
         for target in (float(t) for t in args.targets.split(",")):
-            base = {**QUANTIZERS[q], "bits": target, "allocation": "rd", "qk_rank": "joint", "layers": layers}
-            name = f"CASP+{q.upper()} @ {target}"
+            if args.uniform:
+                base = {**QUANTIZERS[q], "bits": target, "allocation": "uniform", "qk_rank": 0, "layers": layers}
+                name = f"{q.upper()} {target:g}-bit"
+            else:
+                base = {**QUANTIZERS[q], "bits": target, "allocation": "rd", "qk_rank": "joint", "layers": layers}
+                name = f"CASP+{q.upper()} @ {target}"
             rows.append({**base, "label": name})
-            rows.append({**base, "label": f"{name} + block {args.block_steps}", "finetune_steps": args.block_steps})
+            block = {"finetune_steps": args.block_steps, "finetune_within": args.within}
+            rows.append({**base, "label": f"{name} + block {args.block_steps}", **block})
             rows.append({**base, "label": f"{name} + e2e {args.e2e_steps}", "e2e_steps": args.e2e_steps})
             rows.append({**base, "label": f"{name} + block {args.block_steps} + e2e {args.e2e_steps}",
-                         "finetune_steps": args.block_steps, "e2e_steps": args.e2e_steps})
+                         **block, "e2e_steps": args.e2e_steps})
     return rows
 
 
@@ -71,6 +77,10 @@ def main() -> None:
     ap.add_argument("--block-steps", type=int, default=50)
     ap.add_argument("--e2e-steps", type=int, default=128)
     ap.add_argument("--layers", help="compress only these decoder layers (comma-separated)")
+    ap.add_argument("--uniform", action="store_true", help="uniform settings at whole-bit targets, no low-rank Q/K "
+                    "(rows named 'E8 2-bit' ...) instead of CASP")
+    ap.add_argument("--within", action="store_true", help="the block-wise rows also tune within each layer "
+                    "(--finetune-within-layer)")
     ap.set_defaults(calib_samples=128, eval_texts="alice,licences", kl_records=300)
     args = ap.parse_args()
     args.script = __file__
