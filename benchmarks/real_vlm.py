@@ -55,7 +55,7 @@ def run_row(spec: dict, args) -> dict:
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 calib_samples=args.calib_samples, finetune_steps=spec.get("finetune_steps", 0),
-                                e2e_steps=spec.get("e2e_steps", 0),
+                                e2e_steps=spec.get("e2e_steps", 0), finetune_within=spec.get("finetune_within", False),
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False)
         model, report = res.model, res.report
