@@ -9,7 +9,7 @@ VQA accuracy for `embedded`; accuracy per question type and KL for `fashion-vlm`
 (the tuning's share in brackets) and peak RSS.
 
 Usage: python benchmarks/finetune.py [--model smollm2-135m|embedded|fashion-vlm] [--targets 2.0,2.5,3.25]
-       [--quantizers e8,gptq,aqlm] [--block-steps 50] [--e2e-steps 128] [--calib-samples 128]
+       [--quantizers e8,gptq,aqlm] [--block-steps 50] [--e2e-steps 128] [--block-lr 1e-2] [--e2e-lr 1e-2] [--calib-samples 128]
        [--layers 0,1,2] [--uniform] [--within] [--rows LABEL,...] [--json FILE]
 `--layers` compresses only those decoder layers (a quick comparison; the others stay dense); `--uniform`
 runs uniform settings instead of CASP; `--within` adds `--finetune-within-layer` to the block-wise rows.
@@ -37,11 +37,12 @@ def row_specs(args) -> list[dict]:
                 base = {**QUANTIZERS[q], "bits": target, "allocation": "rd", "qk_rank": "joint", "layers": layers}
                 name = f"CASP+{q.upper()} @ {target}"
             rows.append({**base, "label": name})
-            block = {"finetune_steps": args.block_steps, "finetune_within": args.within}
+            block = {"finetune_steps": args.block_steps, "finetune_within": args.within, "finetune_lr": args.block_lr}
+            e2e = {"e2e_steps": args.e2e_steps, "e2e_lr": args.e2e_lr}
             rows.append({**base, "label": f"{name} + block {args.block_steps}", **block})
-            rows.append({**base, "label": f"{name} + e2e {args.e2e_steps}", "e2e_steps": args.e2e_steps})
+            rows.append({**base, "label": f"{name} + e2e {args.e2e_steps}", **e2e})
             rows.append({**base, "label": f"{name} + block {args.block_steps} + e2e {args.e2e_steps}",
-                         **block, "e2e_steps": args.e2e_steps})
+                         **block, **e2e})
     return rows
 
 
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--quantizers", default="e8,gptq,aqlm")
     ap.add_argument("--block-steps", type=int, default=50)
     ap.add_argument("--e2e-steps", type=int, default=128)
+    ap.add_argument("--block-lr", type=float, default=1e-2, help="--finetune-lr of the block-wise rows")
+    ap.add_argument("--e2e-lr", type=float, default=1e-2, help="--e2e-lr of the end-to-end rows")
     ap.add_argument("--layers", help="compress only these decoder layers (comma-separated)")
     ap.add_argument("--uniform", action="store_true", help="uniform settings at whole-bit targets, no low-rank Q/K "
                     "(rows named 'E8 2-bit' ...) instead of CASP")

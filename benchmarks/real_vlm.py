@@ -56,6 +56,7 @@ def run_row(spec: dict, args) -> dict:
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 calib_samples=args.calib_samples, finetune_steps=spec.get("finetune_steps", 0),
                                 e2e_steps=spec.get("e2e_steps", 0), finetune_within=spec.get("finetune_within", False),
+                                finetune_lr=spec.get("finetune_lr", 1e-2), e2e_lr=spec.get("e2e_lr", 1e-2),
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False)
         model, report = res.model, res.report

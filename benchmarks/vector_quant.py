@@ -100,6 +100,7 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
                                 quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
                                 finetune_steps=spec.get("finetune_steps", 0), e2e_steps=spec.get("e2e_steps", 0),
                                 finetune_within=spec.get("finetune_within", False),
+                                finetune_lr=spec.get("finetune_lr", 1e-2), e2e_lr=spec.get("e2e_lr", 1e-2),
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))
