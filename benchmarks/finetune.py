@@ -93,8 +93,9 @@ def main() -> None:
     specs = row_specs(args)
     if args.rows != "all":
         specs = [s for s in specs if s["label"] in args.rows.split(",")]
+    texts = args.eval_texts.split(",")
     metric = {"fashion-vlm": "accuracy (position / presence / count)", "embedded": "VQA accuracy"}.get(
-        args.model, f"token ppl {args.eval_texts.split(',')[0]} | token ppl {args.eval_texts.split(',')[-1]}")
+        args.model, " | ".join(f"token ppl {t}" for t in (texts[0], texts[-1] if len(texts) > 1 else "-")))
     print(f"model {args.model}; calibration {args.calib_samples} samples; {args.threads} torch thread(s)"
           f"{'; layers ' + args.layers if args.layers else ''}\n")
     print(f"| method | average bits | {metric} | KL vs FP | compress s (tuning s) | peak RSS MB |")
