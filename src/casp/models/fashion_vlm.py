@@ -117,15 +117,20 @@ def _sources() -> dict:
             "lm_source_sha256": lm.get("source_sha256")}
 
 
-def resolve(target: Path, *, force: bool = False) -> Path:
-    """The assembled directory at `target`, written on first use (or when a part changed)."""
-    sources = _sources()
+def _is_current(target: Path, sources: dict) -> bool:
+    """`target` holds a complete assembly of these sources (its marker matches, every file at its size)."""
     try:
         old = json.loads((target / MARKER).read_text())
     except (OSError, ValueError):
-        old = None
-    if not force and old and all(old.get(k) == v for k, v in sources.items()) and all(
-            (target / f).is_file() and (target / f).stat().st_size == s for f, s in old.get("files", {}).items()):
+        return False
+    return all(old.get(k) == v for k, v in sources.items()) and all(
+        (target / f).is_file() and (target / f).stat().st_size == s for f, s in old.get("files", {}).items())
+
+
+def resolve(target: Path, *, force: bool = False) -> Path:
+    """The assembled directory at `target`, written on first use (or when a part changed)."""
+    sources = _sources()
+    if not force and _is_current(target, sources):
         return target
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,9 +143,9 @@ def resolve(target: Path, *, force: bool = False) -> Path:
                 "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}}
         (tmp / MARKER).write_text(json.dumps(data, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        from casp.models.real_models import install_dir
+
+        install_dir(tmp, target, lambda: _is_current(target, sources))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

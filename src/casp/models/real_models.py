@@ -292,7 +292,13 @@ def _is_current(target: Path, spec: BuiltinModel, gguf_path: Path) -> bool:
 
 
 def _install(tmp: Path, target: Path, spec: BuiltinModel, gguf_path: Path) -> None:
-    """Move a finished conversion into place with renames, so readers never see half a directory."""
+    """Move a finished conversion into place (`install_dir`)."""
+    install_dir(tmp, target, lambda: _is_current(target, spec, gguf_path))
+
+
+def install_dir(tmp: Path, target: Path, current) -> None:
+    """Move a finished directory into place with renames, so readers never see half a directory; if another
+    process installed its own copy meanwhile and `current()` says it is up to date, keep theirs."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -301,7 +307,7 @@ def _install(tmp: Path, target: Path, spec: BuiltinModel, gguf_path: Path) -> No
         os.rename(tmp, target)
     except OSError:
         # Another process installed its own copy between our two renames: keep theirs.
-        if not _is_current(target, spec, gguf_path):
+        if not current():
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
