@@ -17,9 +17,8 @@ runs uniform settings instead of CASP; `--within` adds `--finetune-within-layer`
 from __future__ import annotations
 
 import json
-import sys
 
-from vector_quant import _drop_values, arguments, row_in_own_process
+from vector_quant import arguments, rows_in_own_processes, write_rows
 
 QUANTIZERS = {"e8": {"quantizer": "e8", "transform": "incoherence"}, "gptq": {"quantizer": "gptq"},
               "aqlm": {"quantizer": "aqlm"}}
@@ -100,19 +99,12 @@ def main() -> None:
           f"{'; layers ' + args.layers if args.layers else ''}\n")
     print(f"| method | average bits | {metric} | KL vs FP | compress s (tuning s) | peak RSS MB |")
     print("|---|---|---|---|---|---|" + ("---|" if "|" in metric else ""), flush=True)
-    argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
-    done = []
-    for spec in specs:
-        r, error = row_in_own_process(__file__, argv, spec)
-        if r is None:
-            print(f"| {spec['label']} | failed: {error} |", flush=True)
-            continue
-        done.append(r)
+
+    def show(r):
         print(f"| {r['method']} | {r['average_bits']:.3f} | {_metric(r, args.model)} | {r['kl']:.4f} | "
               f"{r['seconds']:.0f} ({_tuning_seconds(r):.0f}) | {r['peak_rss_mb']:.0f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(done, f, indent=2)
+
+    write_rows(args.json, rows_in_own_processes(__file__, specs, show))
 
 
 if __name__ == "__main__":

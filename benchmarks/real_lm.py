@@ -22,7 +22,7 @@ import json
 import math
 import sys
 
-from vector_quant import _drop_values, arguments, row_in_own_process, run_row
+from vector_quant import _drop_values, arguments, row_in_own_process, run_row, write_rows
 
 TRANSFORM = {"gptq": None, "e8": "incoherence"}
 
@@ -63,9 +63,7 @@ def main() -> None:
     done = {}
     for model in args.models.split(","):
         done[model] = table(model, rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(done, f, indent=2)
+    write_rows(args.json, done)
 
 
 def table(model: str, rows: list[dict], args) -> list[dict]:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from vector_quant import _drop_values, row_in_own_process
+from vector_quant import rows_in_own_processes, tuning_of, write_rows
 
 
 def specs(gptq_target: float, e8_targets: list[float]) -> list[dict]:
@@ -54,9 +53,7 @@ def run_row(spec: dict, args) -> dict:
     if spec["label"] != "FP":
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
-                                calib_samples=args.calib_samples, finetune_steps=spec.get("finetune_steps", 0),
-                                e2e_steps=spec.get("e2e_steps", 0), finetune_within=spec.get("finetune_within", False),
-                                finetune_lr=spec.get("finetune_lr", 1e-2), e2e_lr=spec.get("e2e_lr", 1e-2),
+                                calib_samples=args.calib_samples, **tuning_of(spec),
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False)
         model, report = res.model, res.report
@@ -97,20 +94,13 @@ def main() -> None:
           f"{args.threads} torch thread(s)\n")
     print(f"| method | average bits | accuracy | {' | '.join(types)} | KL vs FP | compress s | peak RSS MB |")
     print("|---|---|---|" + "---|" * len(types) + "---|---|---|", flush=True)
-    argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
-    done = []
-    for spec in rows:
-        r, error = row_in_own_process(__file__, argv, spec)
-        if r is None:
-            print(f"| {spec['label']} | failed: {error} |", flush=True)
-            continue
-        done.append(r)
+
+    def show(r):
         per = " | ".join(f"{r['per_type'].get(t, float('nan')):.3f}" for t in types)
         print(f"| {r['method']} | {r['average_bits']:.3f} | {r['accuracy']:.3f} | {per} | {r['kl']:.4f} | "
               f"{r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(done, f, indent=2)
+
+    write_rows(args.json, rows_in_own_processes(__file__, rows, show))
 
 
 if __name__ == "__main__":

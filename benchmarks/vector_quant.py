@@ -98,9 +98,7 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
         cfg = CompressionConfig(bits=spec["bits"], quantizer=spec["quantizer"], allocation=spec["allocation"],
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 quantizer_options=spec.get("options", {}), search_steps=spec.get("search_steps", 0),
-                                finetune_steps=spec.get("finetune_steps", 0), e2e_steps=spec.get("e2e_steps", 0),
-                                finetune_within=spec.get("finetune_within", False),
-                                finetune_lr=spec.get("finetune_lr", 1e-2), e2e_lr=spec.get("e2e_lr", 1e-2),
+                                **tuning_of(spec),
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
         res = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))
@@ -208,10 +206,38 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
             f"{r['text_ppl']:.2f} | {r['kl']:.4f}"
         print(f"| {r['method']} | {r['average_bits']:.3f} | {value} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
               f"{1000 * r['forward_s']:.1f} ({1000 * r['dense_forward_s']:.1f}) |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_rows(args.json, rows)
     return rows
+
+
+TUNING = ("finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr")
+
+
+def tuning_of(spec: dict) -> dict:
+    """The fine-tuning options a row spec gives (`CompressionConfig` keywords); the others keep their defaults."""
+    return {k: spec[k] for k in TUNING if k in spec}
+
+
+def rows_in_own_processes(script: str, specs: list[dict], show) -> list[dict]:
+    """Each spec's row in its own process (this command's flags less --rows and --json), in order; `show(row)`
+    prints a finished row, a failed one is printed as such. The finished rows."""
+    argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
+    done = []
+    for spec in specs:
+        r, error = row_in_own_process(script, argv, spec)
+        if r is None:
+            print(f"| {spec['label']} | failed: {error} |", flush=True)
+            continue
+        done.append(r)
+        show(r)
+    return done
+
+
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """The rows as JSON to `path` (--json), when given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 def row_in_own_process(script: str, argv: list[str], spec: dict) -> tuple[dict | None, str]:

@@ -16,6 +16,7 @@ from casp.errors import CaspError
 
 RECIPE_VERSION = 1
 STAND_IN_TEXT = "stand-in-text"
+TUNING = ("finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr")   # fine-tuning, after the plan
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ class Recipe:
     layers: tuple[int, ...] | None
     stream: bool
     max_memory: float | None
-    finetune_steps: int = 0          # Adam steps per decoder layer on its output (0: off)
-    finetune_lr: float = 1e-2
-    finetune_within: bool = False    # also tune after each input group of a layer is quantized
-    e2e_steps: int = 0               # Adam steps on the whole model against the original's distribution (0: off)
-    e2e_lr: float = 1e-2
+    finetune_steps: int              # Adam steps per decoder layer on its output (0: off)
+    finetune_lr: float
+    finetune_within: bool            # also tune after each input group of a layer is quantized
+    e2e_steps: int                   # Adam steps on the whole model against the original's distribution (0: off)
+    e2e_lr: float
     reasons: dict = field(default_factory=dict)    # field -> why it has this value (absent: the user gave it)
     version: int = RECIPE_VERSION
 
@@ -88,16 +89,15 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher",
-                                                   "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps",
-                                                   "e2e_lr"})
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher", *TUNING})
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
         if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
             raise CaspError(f"recipe version {data['version']} is not {RECIPE_VERSION}; re-run resolve with this casp")
-        # recipes written before the baseline check and the Fisher choice ran without them
-        values = {"check_samples": 0, "fisher": "empirical", **data}
+        # recipes written before the baseline check, the Fisher choice and fine-tuning ran without them
+        untuned = CompressionConfig()
+        values = {"check_samples": 0, "fisher": "empirical", **{k: getattr(untuned, k) for k in TUNING}, **data}
         aqlm = dict(values["quantizer_options"])   # --finetune-steps was an AQLM option before it applied to all
         if "layer_finetune_steps" in aqlm:
             values["finetune_steps"] = aqlm.pop("layer_finetune_steps")
@@ -141,7 +141,7 @@ class Recipe:
         that spends it. Runs with the same key share a plan cache entry."""
         d = self.to_dict()
         for k in ("bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
-                  "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr"):
+                  *TUNING):
             d.pop(k)
         d["measures"] = self.allocation == "rd" and self.quantizer != "none"
         d["search"] = self.search_steps > 0

@@ -14,7 +14,6 @@ through the layer pass, two more forward passes per layer). The check needs the 
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass, field, replace
 
