@@ -45,14 +45,14 @@ def row_specs(args) -> list[dict]:
     return rows
 
 
-def run_row(spec: dict, args) -> dict:
+def run_row(spec: dict, args, cache: dict | None = None) -> dict:
     if args.model == "fashion-vlm":
         import real_vlm
 
         return real_vlm.run_row(spec, args)
     import vector_quant
 
-    return vector_quant.run_row(spec, args)
+    return vector_quant.run_row(spec, args, cache)
 
 
 def _tuning_seconds(r: dict) -> float:
@@ -104,7 +104,8 @@ def main() -> None:
         print(f"| {r['method']} | {r['average_bits']:.3f} | {_metric(r, args.model)} | {r['kl']:.4f} | "
               f"{r['seconds']:.0f} ({_tuning_seconds(r):.0f}) | {r['peak_rss_mb']:.0f} |", flush=True)
 
-    write_rows(args.json, rows_in_own_processes(__file__, specs, show))
+    in_process = (lambda spec, cache: run_row(spec, args, cache)) if args.shared_plan else None
+    write_rows(args.json, rows_in_own_processes(__file__, specs, show, in_process))
 
 
 if __name__ == "__main__":

@@ -218,13 +218,16 @@ def tuning_of(spec: dict) -> dict:
     return {k: spec[k] for k in TUNING if k in spec}
 
 
-def rows_in_own_processes(script: str, specs: list[dict], show) -> list[dict]:
+def rows_in_own_processes(script: str, specs: list[dict], show, in_process=None) -> list[dict]:
     """Each spec's row in its own process (this command's flags less --rows and --json), in order; `show(row)`
-    prints a finished row, a failed one is printed as such. The finished rows."""
+    prints a finished row, a failed one is printed as such. The finished rows.
+
+    `in_process(spec, cache)` (given with --shared-plan) runs the rows in this process instead, rows that
+    differ only in target bits or tuning sharing one measured plan."""
     argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
-    done = []
+    done, cache = [], {}
     for spec in specs:
-        r, error = row_in_own_process(script, argv, spec)
+        r, error = _in_process(in_process, spec, cache) if in_process else row_in_own_process(script, argv, spec)
         if r is None:
             print(f"| {spec['label']} | failed: {error} |", flush=True)
             continue
@@ -246,6 +249,15 @@ def row_in_own_process(script: str, argv: list[str], spec: dict) -> tuple[dict |
     if out.returncode != 0:
         return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else str(out.returncode)
     return json.loads(out.stdout.strip().splitlines()[-1]), ""
+
+
+def _in_process(run, spec: dict, cache: dict) -> tuple[dict | None, str]:
+    from casp.errors import CaspError
+
+    try:
+        return run(spec, cache), ""
+    except CaspError as e:   # e.g. a target below what dense Q/K can reach
+        return None, str(e)
 
 
 def _drop_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
