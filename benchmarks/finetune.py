@@ -1,6 +1,7 @@
 """Fine-tuning after quantization, measured: no tuning, block-wise only, block-wise plus end to end.
 
-For each quantizer under CASP (E8 with incoherence, GPTQ, AQLM; `--quantizers`) at each target
+For each quantizer under CASP (E8 with incoherence, GPTQ, AQLM; `--quantizers`; `e8s` is E8 under
+`--transform incoherence-scaled`, whose sides are tuned too) at each target
 (`--targets`, default 2.0, 2.5, 3.25 bits), four rows side by side: without fine-tuning,
 `--finetune-steps` (each layer's continuous stored parameters tuned to its original output),
 `--e2e-steps` alone (the whole model distilled into the original's next-token distribution), and both. Each row runs in its own process with `--threads` torch threads and shows measured
@@ -20,8 +21,9 @@ import json
 
 from vector_quant import arguments, rows_in_own_processes, write_rows
 
-QUANTIZERS = {"e8": {"quantizer": "e8", "transform": "incoherence"}, "gptq": {"quantizer": "gptq"},
-              "aqlm": {"quantizer": "aqlm"}}
+QUANTIZERS = {"e8": {"quantizer": "e8", "transform": "incoherence"},
+              "e8s": {"quantizer": "e8", "transform": "incoherence-scaled"},
+              "gptq": {"quantizer": "gptq"}, "aqlm": {"quantizer": "aqlm"}}
 
 
 def row_specs(args) -> list[dict]:

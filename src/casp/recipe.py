@@ -143,6 +143,10 @@ class Recipe:
         for k in ("bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
                   *TUNING):
             d.pop(k)
+        if self.transform:
+            from casp.transforms.base import get_transform_class
+
+            d["transform"] = _built(lambda: get_transform_class(self.transform)).measures_as or self.transform
         d["measures"] = self.allocation == "rd" and self.quantizer != "none"
         d["search"] = self.search_steps > 0
         return json.dumps(d, sort_keys=True)

@@ -67,3 +67,18 @@ def test_a_kept_plan_reads_back_equal_without_unpickling(tmp_path):
     assert torch.equal(back.fisher["model.layers.0.self_attn.q_proj"], torch.arange(8.0))
     with pytest.raises(KeyError):
         cache["other"]
+
+
+def test_a_transform_that_measures_as_another_shares_its_plan(tiny_llama_dir, scene_text, tmp_path, measured_calls):
+    """incoherence-scaled builds incoherence's rotation: its run reuses that plan and allocates exactly as
+    if it had measured its own, paying for its fp16 sides within the same target."""
+    calib = ["--calib-text", str(scene_text), "--bits", "3.5"]
+    assert _compress(tiny_llama_dir, tmp_path / "a", "--transform", "incoherence", *calib) == 0
+    assert _compress(tiny_llama_dir, tmp_path / "b", "--transform", "incoherence-scaled", *calib) == 0
+    assert measured_calls == [1]
+    assert _compress(tiny_llama_dir, tmp_path / "c", "--transform", "incoherence-scaled", "--no-plan-cache", *calib) == 0
+    assert measured_calls == [1, 1]
+    a, b, c = (json.loads((tmp_path / d / "report.json").read_text()) for d in "abc")
+    assert [u["setting"] for u in b["layers"]] == [u["setting"] for u in c["layers"]]
+    assert b["average_bits"] == c["average_bits"] <= 3.5
+    assert sum(u["stored_bits"] for u in a["layers"]) != sum(u["stored_bits"] for u in b["layers"])

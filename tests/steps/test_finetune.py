@@ -104,8 +104,8 @@ def test_pipeline_with_zero_steps_is_byte_identical_and_with_steps_reports_the_g
 
 def _every_kind_layer():
     """Layer 0 of a tiny Qwen2 (q/k/v biases) holding every kind of stored parameter: q a low-rank pair (a
-    packed scalar `down`, a 16-bit `up`), k E8 under incoherence with a bias, v AQLM with a bias, the MLP
-    scalar; its norms as they are."""
+    packed scalar `down`, a 16-bit `up`), k E8 under incoherence with a bias, v AQLM with a bias, o E8 under
+    incoherence-scaled, the MLP scalar; its norms as they are."""
     from tiny_models import tiny_batches, tiny_model
 
     from casp.nn.lowrank_linear import LowRankLinear
@@ -132,8 +132,8 @@ def _every_kind_layer():
     layer.self_attn.k_proj = stored(layer.self_attn.k_proj, get_quantizer_class("e8")(), 2,
                                     get_transform_class("incoherence")())
     layer.self_attn.v_proj = stored(layer.self_attn.v_proj, AQLMQuantizer(**OPTIONS), 2)
-    for name in ("o_proj",):
-        setattr(layer.self_attn, name, stored(getattr(layer.self_attn, name), scalar, 3))
+    layer.self_attn.o_proj = stored(layer.self_attn.o_proj, get_quantizer_class("e8")(), 2,
+                                    get_transform_class("incoherence-scaled")())
     for name in ("gate_proj", "up_proj", "down_proj"):
         setattr(layer.mlp, name, stored(getattr(layer.mlp, name), scalar, 3))
     return layer, x, kwargs, target
@@ -150,6 +150,9 @@ def test_every_kind_of_stored_parameter_receives_gradients():
                 grads[f"{n}.{name}"] = p.grad
         for n, p in t.plain.items():
             grads[n] = p.grad
+        for n, p in layer.named_parameters():
+            grads.setdefault(n, p.grad)
+        assert len(t.parameters) == len({id(p) for p in t.parameters})
     kinds = {
         "scalar scales": "mlp.gate_proj.scales",
         "E8 stage scales (inside a transform)": "self_attn.k_proj.inner.scales",
@@ -160,6 +163,8 @@ def test_every_kind_of_stored_parameter_receives_gradients():
         "bias of a low-rank pair": "self_attn.q_proj.up.bias",
         "bias of a transformed linear": "self_attn.k_proj.bias",
         "bias of a packed linear": "self_attn.v_proj.bias",
+        "incoherence-scaled row vector": "self_attn.o_proj.transform_scales_out",
+        "incoherence-scaled column vector": "self_attn.o_proj.transform_scales_in",
         "input norm": "input_layernorm.weight",
         "post-attention norm": "post_attention_layernorm.weight",
     }

@@ -26,6 +26,8 @@ FOLD_RATIO = 2   # fold the maps into a dense weight when rows·(in + out) excee
 class TransformedLinear(CaspLinear, kind="transformed"):
     """Drop-in for `nn.Linear` whose weight is stored in a transformed basis."""
 
+    prefix = _PREFIX   # attribute name of a stored transform tensor = prefix + its name
+
     def __init__(self, inner: nn.Module, params: TransformParams, bias: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner

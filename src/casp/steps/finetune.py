@@ -4,6 +4,8 @@ After a decoder layer's units are replaced, its continuous stored parameters bec
 with every code fixed:
 - the tensors each packed format declares `tunable` (scalar: group scales; E8P: the per-matrix stage
   scales; AQLM: codebooks and scales), inside transforms and low-rank factors alike;
+- the stored tensors each weight transform declares `tunable` (`incoherence-scaled`: its fp16 row and
+  column vectors, QuIP#'s SU / SV);
 - every floating parameter of the layer itself: norms, biases, and any linear kept in 16 bits (an
   unquantized low-rank factor among them).
 Adam minimises ‖layer_q(X) − layer_fp(X)‖² on the calibration inputs X (inputs from the already
@@ -25,6 +27,7 @@ from torch import nn
 from casp.models.engine import LayerInputs, run_layer
 from casp.models.placement import to_device
 from casp.nn.packed_linear import PackedLinear
+from casp.nn.transformed_linear import TransformedLinear
 from casp.quant.base import QuantizedWeight, get_format
 
 LEARNING_RATE = 1e-2   # Adam step, relative to each tensor's RMS (SmolLM2 layer 10, 40 steps: 1e-3 worse, 3e-2 no better)
@@ -52,6 +55,44 @@ class _TunedLinear(nn.Module):
         return F.linear(x, get_format(qw.meta["format"]).dequantize(qw).to(x.dtype), b)
 
 
+def transform_tunables(module: nn.Module) -> tuple[str, ...]:
+    """A transformed linear's stored tensors that fine-tuning may change (its transform's `tunable`), by
+    their attribute names."""
+    if not isinstance(module, TransformedLinear):
+        return ()
+    return tuple(TransformedLinear.prefix + t for t in module.transform.tunable)
+
+
+class _Sides:
+    """The tunable buffers of transformed linears turned into float32 parameters in place, and back."""
+
+    def __init__(self, module: nn.Module):
+        self.owners = {n: (m, transform_tunables(m)) for n, m in module.named_modules() if transform_tunables(m)}
+        self.stored = {n: {t: getattr(m, t).clone() for t in names} for n, (m, names) in self.owners.items()}
+
+    def enter(self) -> list[nn.Parameter]:
+        params = []
+        for m, names in self.owners.values():
+            for t in names:
+                p = nn.Parameter(m._buffers.pop(t).detach().float().clone())
+                m.register_parameter(t, p)
+                params.append(p)
+        return params
+
+    def exit(self, kept: bool) -> None:
+        for n, (m, names) in self.owners.items():
+            for t in names:
+                p = m._parameters.pop(t)
+                old = self.stored[n][t]
+                m.register_buffer(t, p.detach().to(old.dtype) if kept else old.clone())
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        for n, (m, names) in self.owners.items():
+            for t in names:
+                getattr(m, t).copy_(self.stored[n][t])
+
+
 class Trainable:
     """The continuous stored parameters of a module (a decoder layer or a whole model) made trainable.
 
@@ -65,14 +106,17 @@ class Trainable:
         self.module = module
         self.packed = {n: m for n, m in module.named_modules() if isinstance(m, PackedLinear) and tunable_names(m)}
         self.plain = {n: p for n, p in module.named_parameters() if p.is_floating_point()}
+        self.sides = _Sides(module)
         self.tuned: dict[str, _TunedLinear] = {}
         self.kept = False
         self._saved: dict = {}
+        self._side_params: list[nn.Parameter] = []
 
     def __bool__(self) -> bool:
-        return bool(self.packed or self.plain)
+        return bool(self.packed or self.plain or self.sides.owners)
 
     def __enter__(self) -> "Trainable":
+        self._side_params = self.sides.enter()
         self._saved = {n: (p.data, p.requires_grad) for n, p in self.plain.items()}
         self._stored = {n: {t: getattr(m, t).clone() for t in tunable_names(m)} for n, m in self.packed.items()}
         self.tuned = {n: _TunedLinear(m, tunable_names(m)) for n, m in self.packed.items()}
@@ -85,14 +129,17 @@ class Trainable:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """Every trainable tensor: the packed formats' tunable tensors, then the floating parameters."""
-        return [p for t in self.tuned.values() for p in t.tuned.values()] + list(self.plain.values())
+        """Every trainable tensor: the packed formats' tunable tensors, the transforms', then the floating
+        parameters."""
+        return [p for t in self.tuned.values() for p in t.tuned.values()] + self._side_params + \
+            list(self.plain.values())
 
     def keep(self) -> None:
         """Leave the trained values in place when the context exits."""
         self.kept = True
 
     def __exit__(self, *exc) -> None:
+        self.sides.exit(self.kept)
         for n, m in self.packed.items():
             self.module.set_submodule(n, m)
         with torch.no_grad():
@@ -116,6 +163,7 @@ class Trainable:
             m.clear_cache()
         for n, p in self.plain.items():
             p.data = self._saved[n][0]
+        self.sides.revert()
         self.kept = False
 
 

@@ -10,9 +10,11 @@ from casp.transforms.base import (
     transform_xtx,
 )
 from casp.transforms.incoherence import Incoherence
+from casp.transforms.scaled_incoherence import ScaledIncoherence
 
 __all__ = [
     "Incoherence",
+    "ScaledIncoherence",
     "TransformParams",
     "WeightTransform",
     "available_transforms",

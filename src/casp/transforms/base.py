@@ -7,12 +7,14 @@ in_forward(x) = x Vᵀ and out_inverse(z) = z U: the module `casp.nn.Transformed
 
 A transform is one module: a `WeightTransform` subclass with `build` (the stored parameters of one
 matrix), `stored_bits` (their exact cost for a shape, seeds included), `empty_tensors` (to load
-into) and the four side maps, registered with `@register_transform`.
+into) and the four side maps, registered with `@register_transform`; `tunable` opts stored tensors
+into fine-tuning.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -28,7 +30,16 @@ class TransformParams:
 
 
 class WeightTransform(Configurable, ABC):
-    """Base class; the side maps act on the last dimension and are their own adjoints' inverses."""
+    """Base class; the side maps act on the last dimension and are their own adjoints' inverses.
+
+    `tunable` names the stored tensors that fine-tuning may change (the side maps are differentiable in
+    them); the inverse maps are then the adjoints, which is what the forward pass computes.
+    """
+
+    tunable: ClassVar[tuple[str, ...]] = ()
+    # a transform that builds the same rotation as another (only its storage differs) measures the same
+    # damages, so runs with either share one measured plan (`Recipe.measurement_key`)
+    measures_as: ClassVar[str | None] = None
 
     @abstractmethod
     def build(self, out_features: int, in_features: int, seed: int) -> TransformParams:

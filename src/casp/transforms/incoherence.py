@@ -54,12 +54,12 @@ def _signs(packed: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
     return 1 - 2 * bits.to(dtype)
 
 
-def _side(t: dict, meta: dict, side: str, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+def _side(s: torch.Tensor, meta: dict, side: str, x: torch.Tensor, inverse: bool) -> torch.Tensor:
     """x·(M·diag(s))ᵀ, or x·M·diag(s) when inverse, over the last dim of one side."""
     size = int(meta[f"{side}_features"])
     if x.shape[-1] != size:
         raise ValueError(f"incoherence {side} side expects last dim {size}, got {x.shape[-1]}")
-    s = _signs(t[f"signs_{side}"], size, x.dtype).to(x.device)
+    s = s.to(device=x.device, dtype=x.dtype)
     factor = int(meta[f"factor_{side}"])
     if meta[f"kind_{side}"] == HADAMARD:
         apply = partial(hadamard_transform, order=factor)
@@ -102,17 +102,22 @@ class Incoherence(WeightTransform):
                 "signs_in": torch.zeros(1, packed_words(int(meta["in_features"]), 1), dtype=torch.int32)}
 
     @staticmethod
-    def in_forward(tensors: dict, meta: dict, x: torch.Tensor) -> torch.Tensor:
-        return _side(tensors, meta, "in", x, inverse=False)
+    def diagonal(tensors: dict, meta: dict, side: str, dtype: torch.dtype) -> torch.Tensor:
+        """The vector s of diag(s) on one side: here the stored ±1 signs."""
+        return _signs(tensors[f"signs_{side}"], int(meta[f"{side}_features"]), dtype)
 
-    @staticmethod
-    def in_inverse(tensors: dict, meta: dict, x: torch.Tensor) -> torch.Tensor:
-        return _side(tensors, meta, "in", x, inverse=True)
+    @classmethod
+    def in_forward(cls, tensors: dict, meta: dict, x: torch.Tensor) -> torch.Tensor:
+        return _side(cls.diagonal(tensors, meta, "in", x.dtype), meta, "in", x, inverse=False)
 
-    @staticmethod
-    def out_forward(tensors: dict, meta: dict, z: torch.Tensor) -> torch.Tensor:
-        return _side(tensors, meta, "out", z, inverse=False)
+    @classmethod
+    def in_inverse(cls, tensors: dict, meta: dict, x: torch.Tensor) -> torch.Tensor:
+        return _side(cls.diagonal(tensors, meta, "in", x.dtype), meta, "in", x, inverse=True)
 
-    @staticmethod
-    def out_inverse(tensors: dict, meta: dict, z: torch.Tensor) -> torch.Tensor:
-        return _side(tensors, meta, "out", z, inverse=True)
+    @classmethod
+    def out_forward(cls, tensors: dict, meta: dict, z: torch.Tensor) -> torch.Tensor:
+        return _side(cls.diagonal(tensors, meta, "out", z.dtype), meta, "out", z, inverse=False)
+
+    @classmethod
+    def out_inverse(cls, tensors: dict, meta: dict, z: torch.Tensor) -> torch.Tensor:
+        return _side(cls.diagonal(tensors, meta, "out", z.dtype), meta, "out", z, inverse=True)
