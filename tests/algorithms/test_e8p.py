@@ -235,28 +235,3 @@ def test_a_given_rms_codes_rows_as_in_the_whole_matrix():
     rms = float(w.pow(2).mean().sqrt())
     part = quantize_matrix(w[5:12], h, 3, rho=0.98, resid_scale=2.04, rms=rms)
     assert torch.equal(part.codes, whole.codes[5:12])
-
-
-def test_a_sweep_cut_into_row_slices_per_thread_gives_the_same_codes(monkeypatch):
-    """With several torch threads the rows of a sweep run as one slice per thread (each with one torch
-    thread); every trial's codes, scales and loss are those of the single sweep, and the thread count is
-    restored."""
-    from casp.algorithms import e8p as mod
-
-    w, h = _problem(37, 48, seed=8)
-    specs = [mod.StageSpec(2, 1.03, ()), mod.StageSpec(3, 0.98, (2.04,))]
-    one = mod.quantize_candidates(w, h, specs, multipliers=(0.9, 1.1))
-    monkeypatch.setattr(mod, "PARALLEL_ROWS", 8)
-    seen = []
-    real = mod.block_ldlq
-    monkeypatch.setattr(mod, "block_ldlq", lambda stacked, *a: seen.append((stacked.shape[0], torch.get_num_threads()))
-                        or real(stacked, *a))
-    torch.set_num_threads(3)
-    try:
-        split = mod.quantize_candidates(w, h, specs, multipliers=(0.9, 1.1))
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(1)
-    assert sorted(seen) == [(4 * 12, 1), (4 * 12, 1), (4 * 13, 1)]
-    for a, b in zip(one, split):
-        assert torch.equal(a.codes, b.codes) and a.scales == b.scales and a.loss == pytest.approx(b.loss, rel=1e-9)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -501,57 +500,12 @@ def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec]
     best: dict[StageSpec, E8PMatrix] = {}
     for first in range(0, len(trials), per_sweep):
         sweep = trials[first:first + per_sweep]
-        codes = _sweep_codes(wp, [(spec.bits, scales) for spec, _, scales in sweep], hp, a.float(), buffer)
+        groups = [(spec.bits, out_f, tuple(scales[0] / s for s in scales)) for spec, _, scales in sweep]
+        stacked = torch.cat([wp / scales[0] for _, _, scales in sweep])
+        _, codes = block_ldlq(stacked, hp, _MixedRVQ(groups, w.device), CODE_DIM, buffer, a.float())
         for j, trial in enumerate(sweep):
             _keep_best(best, trial, codes[j * out_f:(j + 1) * out_f], (w, h64, perm, inverse))
     return [best[spec] for spec in specs]
-
-
-def _sweep_codes(wp: torch.Tensor, trials: list[tuple[int, tuple[float, ...]]], hp: torch.Tensor, a: torch.Tensor,
-                 buffer: int) -> torch.Tensor:
-    """Codes of every (bits, stage scales) trial of W, stacked trial after trial, from one BlockLDLQ sweep.
-
-    Rows never mix, so on a CPU with several torch threads the rows are cut into one slice per thread and
-    each slice's sweep runs in its own thread with one torch thread: the encoder's many small operations
-    then use every core, where torch's own intra-op threads leave them on one. Each row's codes are those
-    of the whole sweep up to float rounding.
-    """
-    out_f = wp.shape[0]
-    parts = _parts_for(out_f, len(trials), wp.device)
-    bounds = [out_f * i // parts for i in range(parts + 1)]
-    slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-
-    def sweep(rows: slice) -> torch.Tensor:
-        n = rows.stop - rows.start
-        groups = [(bits, n, tuple(scales[0] / s for s in scales)) for bits, scales in trials]
-        stacked = torch.cat([wp[rows] / scales[0] for _, scales in trials])
-        return block_ldlq(stacked, hp, _MixedRVQ(groups, wp.device), CODE_DIM, buffer, a)[1]
-
-    if parts == 1:
-        return sweep(slices[0])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(parts) as pool:
-            done = list(pool.map(sweep, slices))
-    finally:
-        torch.set_num_threads(threads)
-    per_trial = [c.reshape(len(trials), -1, *c.shape[1:]) for c in done]
-    return torch.cat(per_trial, 1).reshape(out_f * len(trials), *done[0].shape[1:])
-
-
-PARALLEL_ROWS = 512   # fewest stacked rows per thread worth a thread of their own
-
-
-def _row_parts(rows: int, device: torch.device) -> int:
-    """How many row slices a sweep runs in parallel: one per torch thread on a CPU, each of ≥ PARALLEL_ROWS."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), rows // PARALLEL_ROWS))
-
-
-def _parts_for(out_f: int, trials: int, device: torch.device) -> int:
-    return min(out_f, _row_parts(out_f * trials, device))
 
 
 def _keep_best(best: dict, trial, codes: torch.Tensor, problem) -> None:
