@@ -35,6 +35,11 @@ def side_kind(size: int) -> str:
     return HADAMARD if hadamard_factor(size) is not None else BLOCK_ORTHOGONAL
 
 
+def seed_bits(out_features: int, in_features: int) -> int:
+    """Bits of the stored fallback seed: SEED_BITS when either side uses the block-orthogonal fallback."""
+    return SEED_BITS if BLOCK_ORTHOGONAL in (side_kind(out_features), side_kind(in_features)) else 0
+
+
 def _side_meta(side: str, size: int) -> dict:
     """kind_<side>, and the small factor it uses (K of H_K, or the orthogonal block b), pinned in meta."""
     fac = hadamard_factor(size)
@@ -82,14 +87,13 @@ class Incoherence(WeightTransform):
         bits_in = torch.randint(0, 2, (1, in_features), generator=gen, dtype=torch.int64)
         meta = {"name": self.name, "out_features": out_features, "in_features": in_features,
                 **_side_meta("out", out_features), **_side_meta("in", in_features)}
-        if BLOCK_ORTHOGONAL in (meta["kind_out"], meta["kind_in"]):
+        if seed_bits(out_features, in_features):
             meta["seed"] = int(seed) & _SEED_MASK
             meta["seed_bits"] = SEED_BITS
         return TransformParams({"signs_out": pack_codes(bits_out, 1), "signs_in": pack_codes(bits_in, 1)}, meta)
 
     def stored_bits(self, out_features: int, in_features: int) -> int:
-        fallback = BLOCK_ORTHOGONAL in (side_kind(out_features), side_kind(in_features))
-        return packed_bits(1, out_features, 1) + packed_bits(1, in_features, 1) + (SEED_BITS if fallback else 0)
+        return packed_bits(1, out_features, 1) + packed_bits(1, in_features, 1) + seed_bits(out_features, in_features)
 
     @staticmethod
     def describe(meta: dict) -> dict:
@@ -107,17 +111,22 @@ class Incoherence(WeightTransform):
         return _signs(tensors[f"signs_{side}"], int(meta[f"{side}_features"]), dtype)
 
     @classmethod
+    def _map(cls, tensors: dict, meta: dict, side: str, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """One side's map (`_side`) with that side's diagonal as this class stores it."""
+        return _side(cls.diagonal(tensors, meta, side, x.dtype), meta, side, x, inverse)
+
+    @classmethod
     def in_forward(cls, tensors: dict, meta: dict, x: torch.Tensor) -> torch.Tensor:
-        return _side(cls.diagonal(tensors, meta, "in", x.dtype), meta, "in", x, inverse=False)
+        return cls._map(tensors, meta, "in", x, inverse=False)
 
     @classmethod
     def in_inverse(cls, tensors: dict, meta: dict, x: torch.Tensor) -> torch.Tensor:
-        return _side(cls.diagonal(tensors, meta, "in", x.dtype), meta, "in", x, inverse=True)
+        return cls._map(tensors, meta, "in", x, inverse=True)
 
     @classmethod
     def out_forward(cls, tensors: dict, meta: dict, z: torch.Tensor) -> torch.Tensor:
-        return _side(cls.diagonal(tensors, meta, "out", z.dtype), meta, "out", z, inverse=False)
+        return cls._map(tensors, meta, "out", z, inverse=False)
 
     @classmethod
     def out_inverse(cls, tensors: dict, meta: dict, z: torch.Tensor) -> torch.Tensor:
-        return _side(cls.diagonal(tensors, meta, "out", z.dtype), meta, "out", z, inverse=True)
+        return cls._map(tensors, meta, "out", z, inverse=True)

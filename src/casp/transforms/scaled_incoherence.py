@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from casp.transforms.base import TransformParams, register_transform
-from casp.transforms.incoherence import BLOCK_ORTHOGONAL, SEED_BITS, Incoherence, _signs, side_kind
+from casp.transforms.incoherence import Incoherence, _signs, seed_bits
 
 SCALE_DTYPE = torch.float16
 
@@ -34,8 +34,7 @@ class ScaledIncoherence(Incoherence):
         return TransformParams(tensors, {**p.meta, "name": self.name})
 
     def stored_bits(self, out_features: int, in_features: int) -> int:
-        fallback = BLOCK_ORTHOGONAL in (side_kind(out_features), side_kind(in_features))
-        return 16 * (out_features + in_features) + (SEED_BITS if fallback else 0)
+        return 16 * (out_features + in_features) + seed_bits(out_features, in_features)
 
     @staticmethod
     def empty_tensors(meta: dict) -> dict[str, torch.Tensor]:
