@@ -51,7 +51,7 @@ def run_row(spec: dict, args, cache: dict | None = None) -> dict:
     if args.model == "fashion-vlm":
         import real_vlm
 
-        return real_vlm.run_row(spec, args)
+        return real_vlm.run_row(spec, args, cache)
     import vector_quant
 
     return vector_quant.run_row(spec, args, cache)

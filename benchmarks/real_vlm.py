@@ -34,8 +34,11 @@ def specs(gptq_target: float, e8_targets: list[float]) -> list[dict]:
     return rows
 
 
-def run_row(spec: dict, args) -> dict:
-    """One row in this process: compress (unless FP), then accuracy per type and KL on the test questions."""
+def run_row(spec: dict, args, cache: dict | None = None) -> dict:
+    """One row in this process: compress (unless FP), then accuracy per type and KL on the test questions.
+
+    `cache` (`benchmarks/finetune.py --shared-plan`) lets rows that differ only in target or tuning share one
+    measured plan."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -45,6 +48,7 @@ def run_row(spec: dict, args) -> dict:
     from casp.io.modelio import load_model, load_processor, resolve_model_path
     from casp.models.engine import peak_rss_mb
     from casp.pipeline import compress
+    from casp.run import RunOptions
 
     path = resolve_model_path(None if args.model == "embedded" else args.model)
     processor = load_processor(path)
@@ -55,7 +59,7 @@ def run_row(spec: dict, args) -> dict:
                                 qk_rank=spec["qk_rank"], transform=spec.get("transform"), seed=args.seed,
                                 calib_samples=args.calib_samples, **tuning_of(spec),
                                 layers=tuple(spec["layers"]) if spec.get("layers") else None)
-        res = compress(load_model(path), None, cfg, processor=processor, progress=False)
+        res = compress(load_model(path), None, cfg, processor=processor, progress=False, options=RunOptions(cache=cache))
         model, report = res.model, res.report
     seconds = time.time() - t0
     vqa, _ = task_of(path).evaluation(args.questions)

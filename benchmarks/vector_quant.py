@@ -175,7 +175,8 @@ def main() -> None:
 
 
 def run_table(all_specs: list[dict], args) -> list[dict]:
-    """Run the selected rows, each in its own process, printing the table as rows finish."""
+    """Run the selected rows, each in its own process (with --shared-plan all in this one), printing the table
+    as rows finish."""
     from casp.quant.base import available_quantizers
 
     known = set(available_quantizers())
@@ -186,50 +187,42 @@ def run_table(all_specs: list[dict], args) -> list[dict]:
     print(f"model {args.model}; calibration {args.calib_samples} x {args.calib_seq_len}; {args.threads} torch thread(s)\n")
     print(f"| method | average bits | {metric} | compress s | peak RSS MB | forward ms (dense ms) |")
     print("|---|---|---|---|---|---|---|", flush=True)
-    rows, cache = [], {}
-    for spec in specs:
-        if args.shared_plan:
-            from casp.errors import CaspError
 
-            try:
-                r = run_row(spec, args, cache)
-            except CaspError as e:   # e.g. a target below what dense Q/K can reach
-                print(f"| {spec['label']} | refused: {e} |", flush=True)
-                continue
-        else:
-            r, error = row_in_own_process(args.script, _drop_values(sys.argv[1:], ("--rows", "--json")), spec)
-            if r is None:
-                print(f"| {spec['label']} | failed: {error} |", flush=True)
-                continue
-        rows.append(r)
+    def show(r):
         value = f"{r['kl']:.5f} | {r['vqa_accuracy']:.4f}" if args.model == "embedded" else \
             f"{r['text_ppl']:.2f} | {r['kl']:.4f}"
         print(f"| {r['method']} | {r['average_bits']:.3f} | {value} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
               f"{1000 * r['forward_s']:.1f} ({1000 * r['dense_forward_s']:.1f}) |", flush=True)
+
+    in_process = (lambda spec, cache: run_row(spec, args, cache)) if args.shared_plan else None
+    rows = rows_in_own_processes(args.script, specs, show, in_process)
     write_rows(args.json, rows)
     return rows
 
 
-TUNING = ("finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr")
-
-
 def tuning_of(spec: dict) -> dict:
     """The fine-tuning options a row spec gives (`CompressionConfig` keywords); the others keep their defaults."""
+    from casp.recipe import TUNING
+
     return {k: spec[k] for k in TUNING if k in spec}
 
 
 def rows_in_own_processes(script: str, specs: list[dict], show, in_process=None) -> list[dict]:
     """Each spec's row in its own process (this command's flags less --rows and --json), in order; `show(row)`
-    prints a finished row, a failed one is printed as such. The finished rows.
+    prints a finished row, a failed or refused one is printed as such. The finished rows.
 
     `in_process(spec, cache)` (given with --shared-plan) runs the rows in this process instead, rows that
     differ only in target bits or tuning sharing one measured plan."""
     argv = _drop_values(sys.argv[1:], ("--rows", "--json"))
     done, cache = [], {}
     for spec in specs:
-        r, error = _in_process(in_process, spec, cache) if in_process else row_in_own_process(script, argv, spec)
+        if in_process:
+            r, status = _in_process(in_process, spec, cache)
+        else:
+            r, error = row_in_own_process(script, argv, spec)
+            status = f"failed: {error}"
         if r is None:
-            print(f"| {spec['label']} | failed: {error} |", flush=True)
+            print(f"| {spec['label']} | {status} |", flush=True)
             continue
         done.append(r)
         show(r)
@@ -252,12 +245,13 @@ def row_in_own_process(script: str, argv: list[str], spec: dict) -> tuple[dict |
 
 
 def _in_process(run, spec: dict, cache: dict) -> tuple[dict | None, str]:
+    """`run(spec, cache)` in this process: (its row, "") or (None, "refused: " and casp's one-line error)."""
     from casp.errors import CaspError
 
     try:
         return run(spec, cache), ""
     except CaspError as e:   # e.g. a target below what dense Q/K can reach
-        return None, str(e)
+        return None, f"refused: {e}"
 
 
 def _drop_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
