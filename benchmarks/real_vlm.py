@@ -8,7 +8,9 @@ exact-match accuracy per question type on --questions held-out test questions, K
 answers of the first --kl-records of them, compression seconds and peak RSS.
 
 Usage: python benchmarks/real_vlm.py [--model fashion-vlm] [--rows LABEL,...] [--calib-samples 128]
-       [--questions 600] [--json FILE]
+       [--questions 600] [--shared-plan] [--json FILE]
+--shared-plan runs the rows in this process, rows that differ only in target bits sharing one measured plan
+(their seconds then leave out the plan; peak RSS is the process's so far).
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--kl-records", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared-plan", action="store_true",
+                    help="all rows in this process; rows that differ only in target share one measured plan")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--one-row", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -104,7 +108,8 @@ def main() -> None:
         print(f"| {r['method']} | {r['average_bits']:.3f} | {r['accuracy']:.3f} | {per} | {r['kl']:.4f} | "
               f"{r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
 
-    write_rows(args.json, rows_in_own_processes(__file__, rows, show))
+    in_process = (lambda spec, cache: run_row(spec, args, cache)) if args.shared_plan else None
+    write_rows(args.json, rows_in_own_processes(__file__, rows, show, in_process))
 
 
 if __name__ == "__main__":
