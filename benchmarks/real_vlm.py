@@ -18,7 +18,7 @@ import argparse
 import json
 import time
 
-from vector_quant import rows_in_own_processes, tuning_of, write_rows
+from vector_quant import add_shared_plan, rows_in_own_processes, tuning_of, write_rows
 
 
 def specs(gptq_target: float, e8_targets: list[float]) -> list[dict]:
@@ -39,7 +39,7 @@ def specs(gptq_target: float, e8_targets: list[float]) -> list[dict]:
 def run_row(spec: dict, args, cache: dict | None = None) -> dict:
     """One row in this process: compress (unless FP), then accuracy per type and KL on the test questions.
 
-    `cache` (`benchmarks/finetune.py --shared-plan`) lets rows that differ only in target or tuning share one
+    `cache` (--shared-plan, here or in `benchmarks/finetune.py`) lets rows that differ only in target or tuning share one
     measured plan."""
     import torch
 
@@ -86,8 +86,7 @@ def main() -> None:
     ap.add_argument("--kl-records", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shared-plan", action="store_true",
-                    help="all rows in this process; rows that differ only in target share one measured plan")
+    add_shared_plan(ap)
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--one-row", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -157,12 +157,17 @@ def arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    add_shared_plan(ap)
+    ap.add_argument("--one-row", help=argparse.SUPPRESS)
+    return ap
+
+
+def add_shared_plan(ap: argparse.ArgumentParser) -> None:
+    """--shared-plan, the option every row-table benchmark reads through `rows_in_own_processes`."""
     ap.add_argument("--shared-plan", action="store_true",
                     help="run every row in this process, rows that differ only in target bits sharing one measured "
                          "plan: a row's seconds then exclude a plan measured for an earlier row, and peak RSS is the "
                          "process's running maximum")
-    ap.add_argument("--one-row", help=argparse.SUPPRESS)
-    return ap
 
 
 def main() -> None:
