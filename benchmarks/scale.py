@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py [--model DIR] [--layers 0,1] [--bits 2] [--allocation uniform]
                                [--calib-samples 4] [--calib-seq-len 128] [--threads 1] [--gpu-tflops 20]
-                               [--device cuda]
+                               [--device cuda] [--lm-layers N] [--calib-jsonl FILE] [casp compress flags]
 
 `--model` is a checkpoint written by `scripts/make_shaped_model.py` (LLaVA-1.5-7B shapes, random fp16
 weights); it is written first when the directory does not exist. One `casp compress --stream` run
@@ -20,6 +20,15 @@ Projections to the 7B, 13B, 34B and 70B language models (the same CLIP tower in 
   plus the measured per-layer streaming overhead scaled by the layer's parameters. The GPU column is
   an assumption, printed as such (no GPU was measured): the same FLOPs at `--gpu-tflops`, plus
   `--gpu-column-us` per GPTQ column (its column loop is sequential: a few small kernels per column).
+
+Any other flag goes to `casp compress` as it is (for example `--quantizer e8 --incoherence`). A run whose
+passes are not GPTQ's single one (rate-distortion allocation, the E8 lattice) is projected by layers
+instead: `--lm-layers N` writes (or reuses) a shaped checkpoint whose language model has only N layers of
+the real shapes, every one of them compressed, so that every pass of the run (sensitivity forward and
+backward, analysis, layer pass) is measured over whole 7B-shaped layers. The 32-layer time is then
+load_and_calibrate + (plan_and_allocate + compress_layers) × 32 / N, which slightly over-counts the
+parts run once per pass (the LM head in the sensitivity pass). `--calib-jsonl` (image + question + answer
+records) calibrates on images through the model's own processor.
 `--device cuda` runs the same compression with each layer's work on the GPU (docs/gpu.md) and prints its
 peak device memory: the measured GPU row, once a GPU is lent (none has been yet).
 """
@@ -89,14 +98,21 @@ def base_rss_bytes() -> float:
 def run(args) -> dict:
     model = Path(args.model)
     if not model.exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shaped_model.py"), str(model)], check=True)
+        extra = ["--layers", str(args.lm_layers)] if args.lm_layers else []
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shaped_model.py"), str(model), *extra],
+                       check=True)
+    if args.lm_layers:
+        args.layers = ",".join(str(i) for i in range(args.lm_layers))
     out = Path(args.out or tempfile.mkdtemp(prefix="casp-scale-")) / "compressed"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.reuse and (out / "report.json").is_file():
         report = json.loads((out / "report.json").read_text())
         return {"report": report, "wall": report["seconds"], "out": out}
     cmd = [sys.executable, "-m", "casp", "compress", str(model), "-o", str(out), "--stream", "--overwrite",
            "--bits", str(args.bits), "--allocation", args.allocation, "--calib-samples", str(args.calib_samples),
-           "--calib-seq-len", str(args.calib_seq_len), "--layers", args.layers, "--device", args.device, "--json"]
+           "--calib-seq-len", str(args.calib_seq_len), "--layers", args.layers, "--device", args.device, "--json",
+           "--threads", str(args.threads), *(["--calib-jsonl", args.calib_jsonl] if args.calib_jsonl else []),
+           *args.compress_flags]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -109,7 +125,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(Path.home() / ".cache" / "casp" / "shaped" / "llava-1.5-7b"))
+    p.add_argument("--model", default=None,
+                   help="shaped checkpoint (default ~/.cache/casp/shaped/llava-1.5-7b, with -N for --lm-layers N)")
+    p.add_argument("--lm-layers", type=int, default=None,
+                   help="a shaped model with only N language-model layers, all compressed; projected by layers")
+    p.add_argument("--calib-jsonl", default=None, help="image + text calibration records (casp compress --calib-jsonl)")
     p.add_argument("--out", default=None, help="where to write the compressed model (default: a temp dir)")
     p.add_argument("--layers", default="0,1", help="decoder layers to compress (the others are streamed through)")
     p.add_argument("--bits", type=float, default=2.0)
@@ -124,9 +144,14 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="read OUT/compressed/report.json of an earlier run instead of compressing again "
                         "(wall time is then the run's own seconds, without process start-up)")
-    args = p.parse_args(argv)
+    args, args.compress_flags = p.parse_known_args(argv)
+    if args.model is None:
+        name = "llava-1.5-7b" + (f"-{args.lm_layers}" if args.lm_layers else "")
+        args.model = str(Path.home() / ".cache" / "casp" / "shaped" / name)
 
     res = run(args)
+    if args.lm_layers:
+        return print_by_layers(args, res["report"], res["wall"])
     report, wall = res["report"], res["wall"]
     rows = report["decoder_layers"]
     matrices = {r["index"]: sum(u["layer"] == r["index"] for u in report["layers"]) for r in rows}
@@ -164,6 +189,30 @@ def main(argv=None) -> int:
         print(f"  {name:5s} {params / 1e9:6.1f}B {rss / 2**30:7.1f} GB {cpu / 3600:7.1f} h {gpu / 60:7.1f} min")
     print(f"\n* GPU column: assumed, not measured (no GPU lent): the same FLOPs at {args.gpu_tflops:g} TFLOP/s "
           f"+ {args.gpu_column_us:g} us per GPTQ column.")
+    return 0
+
+
+def print_by_layers(args, report: dict, wall: float) -> int:
+    """Measured phases of a run over every layer of an N-layer shaped model, and the 32-layer projection."""
+    phases = report["phase_seconds"]
+    n, layers = args.lm_layers, SHAPES["7B"][2]
+    per_layer = (phases["plan_and_allocate"] + phases["compress_layers"]) / n
+    fixed = wall - phases["plan_and_allocate"] - phases["compress_layers"]
+    flags = " ".join(args.compress_flags) or "(none)"
+    print(f"streamed compression of {args.model} ({n} language-model layers of LLaVA-1.5-7B's shapes, all compressed)")
+    print(f"  flags: --bits {args.bits} --allocation {args.allocation} {flags}; "
+          f"{report['calibration']['tokens']} calibration tokens in {report['calibration']['batches']} samples; "
+          f"{args.threads} thread(s)")
+    print("\nmeasured")
+    for name, sec in phases.items():
+        print(f"  {name:20s} {sec:8.0f} s")
+    for r in report["decoder_layers"]:
+        print(f"  layer {r['index']:2d} layer pass {r['seconds']:7.0f} s")
+    check = report.get("baseline_check") or {}
+    print(f"  whole run {wall:.0f} s wall; average {report['average_bits']:.4f} bits; peak RSS "
+          f"{report['peak_rss_mb'] / 1024:.2f} GB; baseline check: {check.get('kept', 'off')}")
+    print(f"\nprojected to {layers} layers: {fixed:.0f} s once + {per_layer:.0f} s per layer x {layers} = "
+          f"{(fixed + per_layer * layers) / 3600:.1f} h")
     return 0
 
 
