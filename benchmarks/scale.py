@@ -26,8 +26,13 @@ passes are not GPTQ's single one (rate-distortion allocation, the E8 lattice) is
 instead: `--lm-layers N` writes (or reuses) a shaped checkpoint whose language model has only N layers of
 the real shapes, every one of them compressed, so that every pass of the run (sensitivity forward and
 backward, analysis, layer pass) is measured over whole 7B-shaped layers. The 32-layer time is then
-load_and_calibrate + (plan_and_allocate + compress_layers) × 32 / N, which slightly over-counts the
-parts run once per pass (the LM head in the sensitivity pass). `--calib-jsonl` (image + question + answer
+load_and_calibrate + catches + (plan_and_allocate + compress_layers − catches) × 32 / N. A catch is one
+run of the parts before decoder layer 0 (vision tower, projector, embeddings) over the calibration samples,
+which every pass pays once whatever the number of layers. The layer pass's catch is its time outside its
+layers (`compress_layers` less the layers' own seconds, which also holds the writing of each layer); the
+sensitivity and analysis passes of the plan catch only the first 16,384 tokens, so each is taken as that
+share of it. The projection still counts the LM head of the sensitivity pass once per layer: a slight
+over-estimate. `--calib-jsonl` (image + question + answer
 records) calibrates on images through the model's own processor.
 `--device cuda` runs the same compression with each layer's work on the GPU (docs/gpu.md) and prints its
 peak device memory: the measured GPU row, once a GPU is lent (none has been yet).
@@ -194,10 +199,16 @@ def main(argv=None) -> int:
 
 def print_by_layers(args, report: dict, wall: float) -> int:
     """Measured phases of a run over every layer of an N-layer shaped model, and the 32-layer projection."""
+    from casp.steps.plan import PLAN_TOKENS
+
     phases = report["phase_seconds"]
     n, layers = args.lm_layers, SHAPES["7B"][2]
-    per_layer = (phases["plan_and_allocate"] + phases["compress_layers"]) / n
-    fixed = wall - phases["plan_and_allocate"] - phases["compress_layers"]
+    tokens = report["calibration"]["tokens"]
+    full = phases["compress_layers"] - sum(r["seconds"] for r in report["decoder_layers"])
+    part = full * min(1.0, PLAN_TOKENS / tokens)
+    catches = full + (2 * part if args.allocation != "uniform" else 0.0)
+    per_layer = (phases["plan_and_allocate"] + phases["compress_layers"] - catches) / n
+    fixed = wall - phases["plan_and_allocate"] - phases["compress_layers"] + catches
     flags = " ".join(args.compress_flags) or "(none)"
     print(f"streamed compression of {args.model} ({n} language-model layers of LLaVA-1.5-7B's shapes, all compressed)")
     print(f"  flags: --bits {args.bits} --allocation {args.allocation} {flags}; "
@@ -208,6 +219,8 @@ def print_by_layers(args, report: dict, wall: float) -> int:
         print(f"  {name:20s} {sec:8.0f} s")
     for r in report["decoder_layers"]:
         print(f"  layer {r['index']:2d} layer pass {r['seconds']:7.0f} s")
+    print(f"  catching layer 0's inputs (vision tower, projector, embeddings): {full:.0f} s in the layer pass, "
+          f"{part:.0f} s in each plan pass; {catches:.0f} s in all")
     check = report.get("baseline_check") or {}
     print(f"  whole run {wall:.0f} s wall; average {report['average_bits']:.4f} bits; peak RSS "
           f"{report['peak_rss_mb'] / 1024:.2f} GB; baseline check: {check.get('kept', 'off')}")
