@@ -10,7 +10,8 @@ answers of the first --kl-records of them, compression seconds and peak RSS.
 Usage: python benchmarks/real_vlm.py [--model fashion-vlm] [--rows LABEL,...] [--calib-samples 128]
        [--questions 600] [--shared-plan] [--json FILE]
 --shared-plan runs the rows in this process, rows that differ only in target bits sharing one measured plan
-(their seconds then leave out the plan; peak RSS is the process's so far).
+when their candidate ladders are the same (2.0 and 2.5 do; 3.25 and 4.25 do not) (their seconds then leave
+out the plan; peak RSS is the process's so far).
 """
 from __future__ import annotations
 

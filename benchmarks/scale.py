@@ -32,8 +32,8 @@ which every pass pays once whatever the number of layers. The layer pass's catch
 layers (`compress_layers` less the layers' own seconds, which also holds the writing of each layer); the
 sensitivity and analysis passes of the plan catch only the first 16,384 tokens, so each is taken as that
 share of it. The projection still counts the LM head of the sensitivity pass once per layer: a slight
-over-estimate. `--calib-jsonl` (image + question + answer
-records) calibrates on images through the model's own processor.
+over-estimate. `--calib-jsonl` (image + question + answer records) calibrates on images through the
+model's own processor.
 `--device cuda` runs the same compression with each layer's work on the GPU (docs/gpu.md) and prints its
 peak device memory: the measured GPU row, once a GPU is lent (none has been yet).
 """
@@ -106,8 +106,6 @@ def run(args) -> dict:
         extra = ["--layers", str(args.lm_layers)] if args.lm_layers else []
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shaped_model.py"), str(model), *extra],
                        check=True)
-    if args.lm_layers:
-        args.layers = ",".join(str(i) for i in range(args.lm_layers))
     out = Path(args.out or tempfile.mkdtemp(prefix="casp-scale-")) / "compressed"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.reuse and (out / "report.json").is_file():
@@ -153,6 +151,8 @@ def main(argv=None) -> int:
     if args.model is None:
         name = "llava-1.5-7b" + (f"-{args.lm_layers}" if args.lm_layers else "")
         args.model = str(Path.home() / ".cache" / "casp" / "shaped" / name)
+    if args.lm_layers:
+        args.layers = ",".join(str(i) for i in range(args.lm_layers))
 
     res = run(args)
     if args.lm_layers:
@@ -212,7 +212,7 @@ def print_by_layers(args, report: dict, wall: float) -> int:
     flags = " ".join(args.compress_flags) or "(none)"
     print(f"streamed compression of {args.model} ({n} language-model layers of LLaVA-1.5-7B's shapes, all compressed)")
     print(f"  flags: --bits {args.bits} --allocation {args.allocation} {flags}; "
-          f"{report['calibration']['tokens']} calibration tokens in {report['calibration']['batches']} samples; "
+          f"{tokens} calibration tokens in {report['calibration']['batches']} samples; "
           f"{args.threads} thread(s)")
     print("\nmeasured")
     for name, sec in phases.items():

@@ -166,7 +166,8 @@ def add_shared_plan(ap: argparse.ArgumentParser) -> None:
     """--shared-plan, the option every row-table benchmark reads through `rows_in_own_processes`."""
     ap.add_argument("--shared-plan", action="store_true",
                     help="run every row in this process, rows that differ only in target bits sharing one measured "
-                         "plan: a row's seconds then exclude a plan measured for an earlier row, and peak RSS is the "
+                         "plan where their candidate settings are the same (targets with the same whole bits): a "
+                         "row's seconds then exclude a plan measured for an earlier row, and peak RSS is the "
                          "process's running maximum")
 
 
