@@ -87,8 +87,9 @@ class Codec:
                                                                                         device=wt.device)
         if params is not None:
             cls = type(self.transform)
-            u_rows = cls.out_inverse(params.tensors, params.meta,
-                                     torch.eye(out_f, dtype=torch.float64, device=wt.device)[rows])
+            picked = torch.zeros(rows.numel(), out_f, dtype=torch.float64, device=wt.device)
+            picked[torch.arange(rows.numel(), device=wt.device), rows] = 1.0   # rows of the identity, not all of it
+            u_rows = cls.out_inverse(params.tensors, params.meta, picked)
             g = (u_rows * u_rows) @ weights
         else:
             g = weights[rows]

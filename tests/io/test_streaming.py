@@ -165,6 +165,24 @@ def test_layerwise_fisher_equals_the_full_backward(tiny_llava_dir, labels):
         assert torch.allclose(layerwise[name], full[name], rtol=2e-2, atol=1e-12), name
 
 
+def test_layerwise_fisher_computes_no_weight_gradient(tiny_llava_dir):
+    from casp.analysis.sensitivity import output_fisher_layerwise
+    from casp.data.calibration import build_calibration
+    from casp.io.modelio import load_model, load_processor
+    from casp.models.adapters import adapter_for
+    from casp.models.streaming import InMemoryLayers
+
+    model = load_model(tiny_llava_dir)
+    adapter = adapter_for(model)
+    batches = build_calibration(adapter, load_processor(tiny_llava_dir), tiny_llava_dir, n_samples=2, seq_len=32, seed=0)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(flags.values())
+    fisher = output_fisher_layerwise(model, adapter, batches, InMemoryLayers(), progress=False)
+    assert fisher and all(bool((f > 0).any()) for f in fisher.values())
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 def test_partial_run_needs_resume_and_the_same_options(tmp_path, tiny_llama_dir, scene_text):
     cfg = dict(bits=3, allocation="uniform", calib_text=str(scene_text), **CALIB)
     (tmp_path / "out.partial").mkdir()

@@ -94,6 +94,24 @@ def test_second_moments_match_direct_computation(family):
     assert set(moments.xtx) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
 
 
+def test_second_moments_flush_float32_partial_sums_into_float64(monkeypatch):
+    from casp.models import engine
+
+    monkeypatch.setattr(engine, "FLUSH_TOKENS", 10)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 7, 5, generator=g) for _ in range(5)]
+    moments = SecondMoments()
+    for x in xs:
+        moments.add("g", x)
+    assert moments.sums["g"].dtype == torch.float64 and moments._pending_tokens["g"] == 7
+    x = torch.cat([x.reshape(-1, 5) for x in xs]).double()
+    torch.testing.assert_close(moments.xtx["g"], x.T @ x, rtol=1e-5, atol=1e-5)
+    assert moments.tokens["g"] == 35 and not moments._pending
+    moments.add("g", xs[0])
+    torch.testing.assert_close(moments.xtx["g"], x.T @ x + (xs[0].reshape(-1, 5).double().T @ xs[0].reshape(-1, 5).double()),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(CaspError) as e:
         adapter_for_architecture("GPT2LMHeadModel")

@@ -49,3 +49,21 @@ def test_joint_needs_rd_and_a_quantizer():
         CompressionConfig(qk_rank="joint", allocation="uniform").validate()
     with pytest.raises(casp.CaspError, match="joint"):
         CompressionConfig(qk_rank="joint", quantizer="none").validate()
+
+
+def test_one_whitened_svd_per_projection_serves_every_rank(tiny_llama_dir, scene_text, monkeypatch):
+    from casp.algorithms import lowrank
+    from casp.steps import joint
+
+    calls = []
+    real = lowrank.whitened_svd
+    monkeypatch.setattr(joint, "whitened_svd", lambda w, h: calls.append(tuple(w.shape)) or real(w, h))
+    res = casp.compress(tiny_llama_dir, None, _cfg(scene_text, bits=2.5), progress=False)
+    qk_units = 2 * len(res.report["decoder_layers"])
+    assert len(calls) == qk_units
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 32, generator=g), torch.randn(200, 32, generator=g)
+    svd = real(w, x.T @ x)
+    for r in (4, 8, 16):
+        for got, want in zip(svd.factors(r), lowrank.whitened_lowrank(w, x.T @ x, r)):
+            assert torch.equal(got, want)

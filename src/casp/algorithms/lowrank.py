@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 from itertools import accumulate, product
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "whitening_factor",
     "whitened_lowrank",
+    "whitened_svd",
+    "WhitenedSVD",
     "plain_lowrank",
     "whitened_singular_values",
     "dropped_energy",
@@ -83,23 +86,42 @@ def dropped_energy(spectrum: torch.Tensor, rank: int) -> float:
     return float((spectrum.to(torch.float64)[rank:] ** 2).sum())
 
 
+@dataclass(frozen=True)
+class WhitenedSVD:
+    """W·S = U Σ Vᵀ with S Sᵀ = XᵀX (all float64): every rank's whitened factors come from one decomposition."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    sigma: torch.Tensor
+    vh: torch.Tensor
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = U_r √Σ_r (m×r) and B = √Σ_r V_rᵀ S⁻¹ (r×n), float32 (a triangular solve, no inverse)."""
+        check_rank(self.u.shape[0], self.vh.shape[1], rank)
+        root = self.sigma[:rank].sqrt()
+        a = self.u[:, :rank] * root
+        b = torch.linalg.solve_triangular(self.s, root[:, None] * self.vh[:rank], upper=False, left=False)
+        return a.to(torch.float32), b.to(torch.float32)
+
+
+def whitened_svd(weight: torch.Tensor, xtx: torch.Tensor) -> WhitenedSVD:
+    """The whitened decomposition of W on inputs with second moment XᵀX (`WhitenedSVD`)."""
+    _check_weight_xtx(weight, xtx)
+    s = whitening_factor(xtx)
+    u, sigma, vh = torch.linalg.svd(weight.detach().to(torch.float64) @ s, full_matrices=False)
+    return WhitenedSVD(s, u, sigma, vh)
+
+
 def whitened_lowrank(
     weight: torch.Tensor, xtx: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors A (m×r), B (r×n), float32, with W ≈ A·B minimising ‖(W − AB)Xᵀ‖_F.
 
-    SVD of W·S = U Σ Vᵀ; A = U_r √Σ_r and B = √Σ_r V_rᵀ S⁻¹ (a triangular solve, no inverse).
-    Splitting √Σ between the factors keeps their scales balanced for the quantizer.
+    SVD of W·S = U Σ Vᵀ; A = U_r √Σ_r and B = √Σ_r V_rᵀ S⁻¹. Splitting √Σ between the factors keeps
+    their scales balanced for the quantizer. Several ranks of one matrix: `whitened_svd(...).factors(r)`.
     """
-    _check_weight_xtx(weight, xtx)
-    m, n = weight.shape
-    check_rank(m, n, rank)
-    s = whitening_factor(xtx)
-    u, sigma, vh = torch.linalg.svd(weight.detach().to(torch.float64) @ s, full_matrices=False)
-    root = sigma[:rank].sqrt()
-    a = u[:, :rank] * root
-    b = torch.linalg.solve_triangular(s, root[:, None] * vh[:rank], upper=False, left=False)
-    return a.to(torch.float32), b.to(torch.float32)
+    check_rank(weight.shape[0], weight.shape[1], rank)
+    return whitened_svd(weight, xtx).factors(rank)
 
 
 def plain_lowrank(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,8 @@ than the sampled one on SmolLM2-135M and Gemma-3-270M (docs/allocation.md).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -151,7 +153,7 @@ def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[di
     grads = []
     source.open_rest()
     try:
-        with parts_on(model, adapter, device):
+        with parts_on(model, adapter, device), _frozen(model):
             for h, batch in zip(last, batches):
                 h = h.detach().to(device).requires_grad_(True)
                 with torch.enable_grad():
@@ -168,7 +170,7 @@ def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[di
         handles = [_grad_recorder(layer.get_submodule(n), f"{adapter.layers}.{i}.{n}", sums, counts)
                    for n in adapter.linear_names()]
         try:
-            with on_device(layer, device):
+            with on_device(layer, device), _frozen(layer):
                 for b in range(len(grads)):
                     h = kept[i][b].detach().to(device).requires_grad_(True)
                     with torch.enable_grad():
@@ -183,6 +185,20 @@ def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[di
             if hasattr(kept[i], "drop"):
                 kept[i].drop()
     return {n: (sums[n] / max(counts[n], 1)).cpu() for n in sums}
+
+
+@contextmanager
+def _frozen(module: nn.Module):
+    """No parameter of `module` requires a gradient inside the block: the backward passes above only need
+    the gradients of activations, and weight gradients would double their cost and hold a copy of every weight."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def _grad_recorder(module: nn.Module, name: str, sums: dict, counts: dict):

@@ -23,6 +23,7 @@ from casp.models import placement
 from casp.models.adapters import Adapter
 from casp.models.offload import parts_on
 from casp.models.placement import to_device
+from casp.nn.decoded import decoded
 
 
 class _Caught(Exception):
@@ -102,13 +103,15 @@ def capture_layer0_inputs(model: nn.Module, adapter: Adapter, batches: list[dict
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs, device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """Run one decoder layer on every caught batch; returns outputs on the CPU."""
+    """Run one decoder layer on every caught batch; returns outputs on the CPU. Its compressed linears
+    are decoded once for the whole pass (`casp.nn.decoded`) rather than once per batch."""
     outs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs_for(layer)):
-        out = layer(hidden.to(device), **to_device(kwargs, device), use_cache=False)
-        if isinstance(out, tuple):
-            out = out[0]
-        outs.append(out.detach().cpu())
+    with decoded(layer, enabled=len(inputs.hidden) > 1):
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs_for(layer)):
+            out = layer(hidden.to(device), **to_device(kwargs, device), use_cache=False)
+            if isinstance(out, tuple):
+                out = out[0]
+            outs.append(out.detach().cpu())
     return outs
 
 
@@ -118,21 +121,47 @@ def final_hidden_states(model: nn.Module, adapter: Adapter, hidden: list[torch.T
     return [norm(h) for h in hidden]
 
 
+# Tokens folded into a float32 XᵀX before it is added to the float64 sum: one in-place product per batch
+# (no float64 temporary per batch), float32 rounding over at most this many tokens.
+FLUSH_TOKENS = 16384
+
+
 @dataclass
 class SecondMoments:
     """XᵀX (float64, on the inputs' device) of the inputs of groups of linears that share one input."""
 
-    xtx: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    _pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    _pending_tokens: dict[str, int] = field(default_factory=dict)
 
     def add(self, key: str, x: torch.Tensor) -> None:
-        """Fold one batch in: the batch product in float32, the running sum in float64."""
+        """Fold one batch in: accumulated in place in float32, moved into the float64 sum every FLUSH_TOKENS."""
         x = x.reshape(-1, x.shape[-1]).float()
-        if key not in self.xtx:
-            self.xtx[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self.tokens[key] = 0
-        self.xtx[key] += (x.T @ x).double()
+        if key not in self._pending:
+            self._pending[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self._pending_tokens[key] = 0
+            self.tokens.setdefault(key, 0)
+        self._pending[key].addmm_(x.T, x)
+        self._pending_tokens[key] += x.shape[0]
         self.tokens[key] += x.shape[0]
+        if self._pending_tokens[key] >= FLUSH_TOKENS:
+            self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        pending = self._pending.pop(key)
+        self._pending_tokens.pop(key)
+        if key in self.sums:
+            self.sums[key] += pending.double()
+        else:
+            self.sums[key] = pending.double()
+
+    @property
+    def xtx(self) -> dict[str, torch.Tensor]:
+        """Every group's XᵀX so far (float64)."""
+        for key in list(self._pending):
+            self._flush(key)
+        return self.sums
 
 
 @contextmanager

@@ -24,6 +24,9 @@ class CaspLinear(nn.Module, ABC):
     """A linear stored in compressed form: its dense weight and bias, and the spec that rebuilds it."""
 
     kind: ClassVar[str]
+    # whether one matmul by `dense_weight()` costs no more than the module's own forward (a factored module's
+    # children run as dense instead: `casp.nn.decoded`)
+    runs_as_dense: ClassVar[bool] = True
 
     def __init_subclass__(cls, kind: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -15,6 +15,8 @@ class LowRankLinear(CaspLinear, kind="lowrank"):
     calls them, so a quantizer can swap either child for a packed module.
     """
 
+    runs_as_dense = False   # r·(m + n) multiply-adds per row, fewer than A·B's m·n
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()

@@ -81,11 +81,10 @@ class TransformedLinear(CaspLinear, kind="transformed"):
         with torch.no_grad():
             return restore_weight(self.transform, self.params(), dense_weight_of(self.inner).float())
 
-    @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        """W = Uᵀ W' V (float32), as the module computes it: its maps applied to the identity."""
-        device = next(self.buffers(), torch.empty(0)).device
-        return self._maps(torch.eye(self.in_features, device=device)).float().t().contiguous()
+        """W = Uᵀ W' V (float32): the inner module's dense weight mapped back (`_folded_weight`), not the maps
+        applied to an identity, which would cost a full in × in × out matmul."""
+        return self._folded_weight().float()
 
     def dense_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.detach()

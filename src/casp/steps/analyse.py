@@ -46,8 +46,8 @@ def analyse_layers(run, batches, *, keep_moments: bool, attention: bool = True):
             h = moments.xtx["attn_in"]
             spectra = {p: whitened_singular_values(step.layer.get_submodule(adapter.qk_name(p)).weight.data, h).cpu()
                        for p in QK}
-        del attn_inputs
         kept = {k: v.float() for k, v in moments.xtx.items()} if keep_moments else None
+        del attn_inputs, moments   # the float64 sums are not held while the caller measures the layer
         yield step, LayerAnalysis(stats, spectra, kept)
 
 

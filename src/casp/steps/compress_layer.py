@@ -29,6 +29,9 @@ def compress_layer(run, step, plan: Plan) -> dict:
     layer, i, adapter, device = step.layer, step.index, run.adapter, run.device
     ranks = plan.ranks[i]
     original, moments, attn_inputs = observe_layer(layer, adapter, step.inputs, adapter.linears, device)
+    recipe = run.recipe
+    if not recipe.finetune_steps:
+        original = None   # only tuning needs the original outputs: not held while the layer is quantized
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     if run.check is not None:
         add_layer(run, run.check, layer, i, step.inputs, xtx)
@@ -37,7 +40,6 @@ def compress_layer(run, step, plan: Plan) -> dict:
                                   qk_pair(layer, adapter, lowrank))
     for name, module in lowrank.items():
         layer.set_submodule(name, module)
-    recipe = run.recipe
     tuning = Tuning(recipe.finetune_steps, recipe.finetune_lr, device=device)
     groups = [list(g) for _, g in groupby(plan.units_of(i), key=lambda u: u.input_group)]
     rows, within = [], 0.0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from casp.algorithms.distortion import weighted_distortion
-from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_lowrank
+from casp.algorithms.lowrank import factor_input_xtx, rank_for_ratio, whitened_svd
 from casp.steps.costs import unit_cost
 from casp.steps.measure import Target, fisher_of_unit, measured_rows, on_rows, unit_distortions
 from casp.steps.quantize import transform_seed
@@ -65,10 +65,11 @@ def lowrank_distortions(codec, unit: Unit, rank: int, target: Target, seed: int 
     """Per candidate setting: the Fisher-weighted distortion of Â·B̂ − W (both factors at that setting), and Â·B̂.
 
     B̂ is quantized on the original inputs, Â on B̂'s outputs (their XᵀX). With `rows`, only those
-    output rows of Â and W are measured and the damage is scaled to the whole matrix.
+    output rows of Â and W are measured and the damage is scaled to the whole matrix. The target's
+    `whitened_svd` is computed here unless it carries one (`Target.svd`, once for every rank of a ladder).
     """
     w, h = target.w.float(), target.xtx
-    a, b = whitened_lowrank(w, h.double(), rank)
+    a, b = (target.svd or whitened_svd(w, h.double())).factors(rank)
     down, up = _factor_units(unit, rank)
     scale, w, fisher = on_rows(rows, w, target.fisher)
     if rows is not None:
@@ -111,6 +112,7 @@ def measure_qk_options(run, measured, layers: dict, analysis: dict) -> dict[Unit
                     keep[(u.key, QKOption(0, s).label)] = wq.half().cpu()
         table = {o.label: (o, option_cost(u, o, codec), dense[o.setting.label()]) for o in options if not o.rank}
         rows = measured_rows(u, w.shape[0], codec, exact=exact or not codec.rows_independent, seed=seed)
+        target.svd = whitened_svd(target.w.float(), target.xtx.double())
         for rank in dict.fromkeys(o.rank for o in options if o.rank):
             for s, (d, product) in zip(settings, lowrank_distortions(codec, u, rank, target, seed, rows=rows)):
                 o = QKOption(rank, s)

@@ -21,6 +21,7 @@ class Target:
     xtx: torch.Tensor
     fisher: torch.Tensor | None = None
     lift: torch.Tensor | None = None
+    svd: object = None   # its `whitened_svd`, when several ranks of it are measured (computed once)
 
 
 def measured_rows(unit: Unit, out_features: int, codec, *, exact: bool, seed: int) -> torch.Tensor | None:
