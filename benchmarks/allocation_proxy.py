@@ -12,9 +12,11 @@ The weights come from the measurement pass (each matrix quantized on the origina
 EvoPress's database; a sequential compression run differs slightly.
 
 With --single SETTING (e.g. 2b-g128): instead of random allocations, each matrix alone is put at SETTING (every
-other weight FP) and its held-out KL measured, next to the estimate's damage for it. Prints one row per matrix,
-Spearman's rho over all matrices, and per projection type the median of measured KL / estimated damage: the
-types whose ratio stands apart are those the estimate misjudges.
+other weight FP) and its held-out KL measured, next to the estimate's damage for it and the measured damage
+(`--damage measured`: the estimate scaled per layer to the KL of the whole layer at the probe settings, on
+the other half of the held-out samples). Prints one row per matrix, Spearman's rho of each against the KL over all
+matrices, and per projection type the median of measured KL / estimated damage: the types whose ratio stands
+apart are those the estimate misjudges.
 
 Usage: python benchmarks/allocation_proxy.py [--model smollm2-135m|gemma3-270m|embedded] [--allocations 24]
        [--quantizer gptq] [--single 2b-g128] [--calib-seq-len 512]
@@ -92,19 +94,22 @@ def main() -> None:
     model_name = None if args.model == "embedded" else args.model
     cfg = CompressionConfig(bits=args.high, quantizer=args.quantizer, qk_rank=0 if args.single else "joint", transform=args.transform,
                             calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, search_steps=1, search_samples=args.held_out,
-                            granularity="matrix", seed=args.seed)
+                            granularity="matrix", seed=args.seed, damage="measured" if args.single else "estimate")
     t0 = time.time()
     run, batches = start(model_name, resolve(cfg, model_name), MemoryWriter(None, overwrite=False), None, True, None)
     model, layers = run.model, run.layers
     batches, held = hold_out(batches, args.held_out)
-    measured = plan_ranks_and_units(run, batches)
+    scales_on = []
+    if args.single:   # the layer scales are measured on half the held-out samples, the matrices on the other half
+        scales_on, held = hold_out(held, args.held_out // 2)
+    measured = plan_ranks_and_units(run, batches, scales_on)
     allocation = solve(run, measured.units, measured.qk_tables, rule="rd")
     database = measured.database
     print(f"measured {len(allocation.units)} units in {time.time() - t0:.0f} s", flush=True)
     reference = reference_logprobs(model, held)
     swapper = WeightSwapper(layers, database)
     if args.single:
-        single(args.single, allocation, swapper, model, held, reference)
+        single(args.single, allocation, measured, run.codec, swapper, model, held, reference)
         print(f"total {time.time() - t0:.0f} s")
         return
     total_weights = sum(u.num_weights for u in allocation.units)
@@ -140,23 +145,31 @@ def main() -> None:
     print(f"total {time.time() - t0:.0f} s")
 
 
-def single(label: str, allocation, swapper, model, held, reference) -> None:
-    """Each matrix alone at `label`: estimated damage against measured held-out KL."""
+def single(label: str, allocation, measured, codec, swapper, model, held, reference) -> None:
+    """Each matrix alone at `label`: estimated and measured damage against measured held-out KL."""
+    from casp.steps.costs import unit_cost
+    from casp.steps.layer_scales import scale_at
     from casp.steps.search import kl_to_reference
 
+    setting = {s.label(): s for s in codec.candidates()}[label]
+    units = {str(u.key): u for u in measured.units}
     rows = []
-    print(f"| matrix | estimated damage at {label} | KL(FP ‖ model) held out | ratio |\n|---|---|---|---|")
+    print(f"| matrix | estimated damage at {label} | measured damage | KL(FP ‖ model) held out | KL / estimate |\n"
+          "|---|---|---|---|---|")
     for u in allocation.units:
         if label not in u.distortion:
             continue
         swapper.apply(allocation, {u.name: label})
         kl = kl_to_reference(model, held, reference)
         swapper.restore()
-        est = u.distortion[label]
-        rows.append((u.name, est, kl))
-        print(f"| {u.name} | {est:.4g} | {kl:.5f} | {kl / max(est, 1e-30):.3g} |", flush=True)
-    print(f"\nSpearman rho(estimated damage, measured KL) = {spearman([r[1] for r in rows], [r[2] for r in rows]):.3f}"
-          f" over {len(rows)} matrices")
+        scaled = u.distortion[label]
+        unit = units[u.name]
+        est = scaled / scale_at(measured.layer_scales[unit.layer], unit_cost(unit, setting, codec) / unit.num_weights)
+        rows.append((u.name, est, kl, scaled))
+        print(f"| {u.name} | {est:.4g} | {scaled:.4g} | {kl:.5f} | {kl / max(est, 1e-30):.3g} |", flush=True)
+    kls = [r[2] for r in rows]
+    print(f"\nSpearman rho against the measured KL over {len(rows)} matrices: estimate "
+          f"{spearman([r[1] for r in rows], kls):.3f}, measured damage {spearman([r[3] for r in rows], kls):.3f}")
     kinds: dict[str, list[float]] = {}
     for name, est, kl in rows:
         kinds.setdefault(name.split(".")[-1], []).append(kl / max(est, 1e-30))

@@ -55,7 +55,7 @@ def test_every_field_that_can_change_measurement_is_in_the_plan_cache_key():
     recipe = resolve(CompressionConfig(bits=3.0), None)
     changed = {"bits": 4.0, "quantizer": "rtn", "quantizer_options": {"damp": 0.5}, "transform": "incoherence",
                "transform_options": {"x": 1}, "qk_rank": 0.25, "qk_rank_overrides": {0: 0.5},
-               "qk_rank_ladder": (0.5,), "allocation": "paper", "granularity": "matrix", "fisher": "sampled",
+               "qk_rank_ladder": (0.5,), "allocation": "paper", "granularity": "matrix", "fisher": "sampled", "damage": "estimate",
                "search_steps": 3,
                "search_samples": 4, "check_samples": 2, "calib_samples": 3, "calib_seq_len": 64, "calib_jsonl": "a.jsonl",
                "calib_text": "t.txt", "calibration_source": "text", "preset": "stand-in-text",

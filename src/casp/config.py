@@ -13,6 +13,7 @@ QK_RANK_WORDS = ("auto", "joint")
 ALLOCATIONS = ("rd", "paper", "uniform")
 GRANULARITIES = ("matrix", "layer")
 FISHER_LABELS = ("empirical", "sampled")
+DAMAGES = ("measured", "estimate")
 
 
 def parse_qk_rank(text: str) -> float | str:
@@ -86,6 +87,10 @@ class CompressionConfig:
     fisher: str = option("empirical", "--fisher", "labels of the sensitivity pass that weights each matrix's damage: "
                          "'empirical' (the calibration text's next tokens) or 'sampled' (tokens drawn from the "
                          "model's own prediction: the Fisher of KL to the original model)", choices=FISHER_LABELS)
+    damage: str = option("measured", "--damage", "what the rd allocation weighs settings by: 'estimate' (each matrix's "
+                         "Fisher-weighted quadratic error) or 'measured' (the estimate scaled per decoder layer to the "
+                         "held-out KL measured with the layer quantized at probe settings; needs held-out samples, "
+                         "--check-samples)", choices=DAMAGES)
     granularity: str = option("layer", "--granularity", "rd allocation unit: each decoder layer or each matrix",
                               choices=GRANULARITIES)
     calib_samples: int = option(128, "--calib-samples", "number of calibration samples", type=int)
@@ -125,6 +130,8 @@ class CompressionConfig:
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
         if self.fisher not in FISHER_LABELS:
             raise CaspError(f"--fisher must be one of {', '.join(FISHER_LABELS)}, got {self.fisher!r}")
+        if self.damage not in DAMAGES:
+            raise CaspError(f"--damage must be one of {', '.join(DAMAGES)}, got {self.damage!r}")
         r = self.qk_rank
         if (r not in QK_RANK_WORDS) if isinstance(r, str) else (r is not None and not 0.0 <= float(r) <= 1.0):
             raise CaspError(f"--qk-rank must be a ratio in [0, 1], 'auto' or 'joint', got {r!r}")

@@ -34,6 +34,7 @@ class Recipe:
     allocation: str
     granularity: str
     fisher: str                      # labels of the sensitivity pass: "empirical" or "sampled"
+    damage: str                      # what rd weighs settings by: "measured" (per-layer scaled) or "estimate"
     search_steps: int
     search_samples: int
     check_samples: int               # held out for the baseline check (0: none)
@@ -89,15 +90,18 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher", *TUNING})
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher", "damage",
+                                                     *TUNING})
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
         if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
             raise CaspError(f"recipe version {data['version']} is not {RECIPE_VERSION}; re-run resolve with this casp")
-        # recipes written before the baseline check, the Fisher choice and fine-tuning ran without them
+        # recipes written before the baseline check, the Fisher choice, measured damage and fine-tuning ran
+        # without them
         untuned = CompressionConfig()
-        values = {"check_samples": 0, "fisher": "empirical", **{k: getattr(untuned, k) for k in TUNING}, **data}
+        values = {"check_samples": 0, "fisher": "empirical", "damage": "estimate",
+                  **{k: getattr(untuned, k) for k in TUNING}, **data}
         aqlm = dict(values["quantizer_options"])   # --finetune-steps was an AQLM option before it applied to all
         if "layer_finetune_steps" in aqlm:
             values["finetune_steps"] = aqlm.pop("layer_finetune_steps")
@@ -212,6 +216,7 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
         raise CaspError("--search-steps measures KL on the whole model in memory; it cannot run with --stream")
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CompressionConfig)}
     values.update(check_samples=_check_samples(config, stream, reasons))
+    values.update(damage=_damage(config, values["check_samples"], reasons))
     values.update(qk_rank=qk_rank, quantizer_options=quantizer_options, transform_options=transform_options,
                   qk_rank_overrides=dict(config.qk_rank_overrides), qk_rank_ladder=tuple(config.qk_rank_ladder),
                   layers=tuple(config.layers) if config.layers is not None else None, stream=stream,
@@ -237,6 +242,17 @@ def _check_samples(config: CompressionConfig, stream: bool, reasons: dict) -> in
         reasons["check_samples"] = (f"at most one calibration sample in {CHECK_SHARE} is held out for the baseline "
                                     "check" + ("" if n else ": too few to check"))
     return n
+
+
+def _damage(config: CompressionConfig, check_samples: int, reasons: dict) -> str:
+    """Measured damage needs the held-out samples (those of the baseline check) and an rd allocation."""
+    if config.damage != "measured" or config.allocation != "rd" or config.quantizer == "none":
+        return config.damage
+    if not check_samples and not config.search_steps:
+        reasons["damage"] = ("no held-out samples to measure each layer's KL on (the baseline check's): the "
+                             "estimate alone")
+        return "estimate"
+    return "measured"
 
 
 def _qk_rank(config: CompressionConfig, reasons: dict):

@@ -103,6 +103,15 @@ def _check_lines(report: dict) -> list[str]:
             f"{c['kept']} model ({c['seconds']:.1f} s, {100 * c['share_of_run']:.0f} % of the run).", ""]
 
 
+def _damage_lines(report: dict) -> list[str]:
+    scales = report.get("layer_scales")
+    if not scales:
+        return []
+    values = [s for points in scales.values() for _, s in points]
+    return [f"Damage: each layer's estimate scaled to the held-out KL the layer causes at its probe setting "
+            f"(scales {min(values):.3g} to {max(values):.3g} over {len(scales)} layers; `layer_scales`).", ""]
+
+
 def render_markdown(report: dict, plots: list[str]) -> str:
     cfg = report["recipe"]
     lines = [
@@ -122,6 +131,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         report["accounting"] + ".",
         "",
         *_excluded_lines(report),
+        *_damage_lines(report),
         *_check_lines(report),
         "## Per decoder layer",
         "",

@@ -44,6 +44,16 @@ def test_other_calibration_or_options_measure_again(tiny_llama_dir, scene_text, 
     assert measured_calls == [1, 1, 1]
 
 
+def test_a_second_target_reuses_the_measured_layer_scales(tiny_llama_dir, scene_text, tmp_path, measured_calls):
+    calib = ["--calib-text", str(scene_text), "--calib-samples", "16"]
+    assert _compress(tiny_llama_dir, tmp_path / "a", "--bits", "3", *calib) == 0
+    assert _compress(tiny_llama_dir, tmp_path / "b", "--bits", "3.5", *calib) == 0
+    assert measured_calls == [1]
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a["recipe"]["damage"] == "measured" and a["layer_scales"] == b["layer_scales"] and a["layer_scales"]
+
+
 def test_a_kept_plan_reads_back_equal_without_unpickling(tmp_path):
     """JSON plus safetensors: units, ranks, Fisher and joint Q/K tables (settings rebuilt as the registered type)."""
     import torch
@@ -57,13 +67,15 @@ def test_a_kept_plan_reads_back_equal_without_unpickling(tmp_path):
     units = [Unit(0, "self_attn.q_proj", Role.DENSE, "attn_in", 8, 8, 64, "q", 0, {"e8p-2b": 1.5, "e8p-3b": 0.25})]
     tables = {UnitKey(0, "self_attn.q_proj"): {"dense:e8p-2b": (QKOption(0, E8Setting(2)), 160, 1.5),
                                                  "r4:e8p-3b": (QKOption(4, E8Setting(3)), 200, 0.5)}}
-    m = Measured([{"q": 0, "k": 0}], units, {"model.layers.0.self_attn.q_proj": torch.arange(8.0)}, tables)
+    m = Measured([{"q": 0, "k": 0}], units, {"model.layers.0.self_attn.q_proj": torch.arange(8.0)}, tables,
+                 layer_scales={0: [(3.148, 0.25)]})
     cache = PlanCache(tmp_path)
     cache["k"] = m
     assert "k" in cache and "other" not in cache
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
     back = cache["k"]
     assert back.ranks == m.ranks and back.units == m.units and back.qk_tables == m.qk_tables
+    assert back.layer_scales == m.layer_scales
     assert torch.equal(back.fisher["model.layers.0.self_attn.q_proj"], torch.arange(8.0))
     with pytest.raises(KeyError):
         cache["other"]

@@ -20,8 +20,8 @@ def _flipped(monkeypatch):
     """The measured damage table with its signs flipped: the allocator then spends bits where they hurt."""
     honest = pipeline.plan_ranks_and_units
 
-    def flipped(run, batches):
-        measured = honest(run, batches)
+    def flipped(run, batches, held=()):
+        measured = honest(run, batches, held)
         for u in measured.units:
             u.distortion = {k: -v for k, v in u.distortion.items()}
         return measured

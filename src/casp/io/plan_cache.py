@@ -80,7 +80,9 @@ def _state(measured: Measured) -> dict:
                                 for label, (o, cost, damage) in table.items()}
             kind = kind or next((_setting_name(type(o.setting)) for o, _, _ in table.values()), None)
     return {"ranks": measured.ranks, "units": units_state(measured.units), "has_fisher": measured.fisher is not None,
-            "qk_tables": tables, "setting_type": kind}
+            "qk_tables": tables, "setting_type": kind,
+            "layer_scales": None if measured.layer_scales is None else {str(i): points for i, points
+                                                                        in measured.layer_scales.items()}}
 
 
 def _measured(state: dict, fisher: dict | None) -> Measured:
@@ -91,7 +93,9 @@ def _measured(state: dict, fisher: dict | None) -> Measured:
         tables = {UnitKey.parse(key): {label: (QKOption(rank, setting(**values)), cost, damage)
                                        for label, (rank, values, cost, damage) in table.items()}
                   for key, table in tables.items()}
-    return Measured(state["ranks"], units_from_state(state["units"]), fisher, tables)
+    scales = state.get("layer_scales")
+    scales = None if scales is None else {int(i): [tuple(p) for p in points] for i, points in scales.items()}
+    return Measured(state["ranks"], units_from_state(state["units"]), fisher, tables, layer_scales=scales)
 
 
 class PlanCache:

@@ -11,6 +11,29 @@ from casp.steps.units import Role, Unit
 
 MEASURE_ROWS = 256   # output rows a large matrix's damage is estimated from (rows-independent quantizers)
 
+# Measured damage (`casp.steps.layer_scales`): a layer is probed at the first of these uniform settings that the
+# quantizer offers. One probe is enough: on Gemma-3-270M a layer's KL per unit of estimate moved at most 1.7-fold
+# between 2, 3 and 4 bits, against 130-fold between layers (docs/allocation.md).
+PROBE_BITS = (3, 2, 4)
+
+
+def probe_settings(codec) -> list:
+    """The probe setting (a list of one; empty when the codec offers none of `PROBE_BITS`)."""
+    labels = {s.label() for s in codec.candidates()}
+    for bits in PROBE_BITS:
+        try:
+            setting = codec.uniform_setting(bits)
+        except ValueError:
+            continue
+        if setting.label() in labels:
+            return [setting]
+    return []
+
+
+def is_probed(unit: Unit) -> bool:
+    """Probes put whole projections at a setting; Q/K factors follow their projection's scale."""
+    return unit.role is Role.DENSE
+
 
 @dataclass
 class Target:
@@ -73,10 +96,12 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
     """Fill `unit.distortion[label]` for the units of `layers` (index -> layer, on the run's device).
 
     With `measured.database`, also store each quantized weight (fp16, original basis, on the CPU) under
-    (unit.key, label); every row is then measured.
+    (unit.key, label); every row is then measured. With `measured.probes`, store each dense unit's weight at
+    the probe settings (`casp.steps.layer_scales`) there the same way.
     """
     keep = measured.database
     settings = run.codec.candidates()
+    probes = probe_settings(run.codec) if measured.probes is not None else []
     for i in sorted(layers):
         layer = layers[i]
         moments = {k: v.to(run.device) for k, v in analysis[i].moments.items()}
@@ -90,3 +115,16 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
             if keep is not None:
                 for s, wq in zip(settings, quantized):
                     keep[(u.key, s.label())] = wq.half().cpu()
+            if probes and is_probed(u):
+                _keep_probes(run, u, target, probes, dict(zip((s.label() for s in settings), quantized)),
+                             measured.probes)
+
+
+def _keep_probes(run, unit: Unit, target: Target, probes, quantized: dict, store: dict) -> None:
+    """The unit's whole weight at each probe setting (reused from `quantized` where measured whole)."""
+    missing = [s for s in probes if s.label() not in quantized]
+    if missing:
+        made = run.codec.dequantize_many(target.w.float(), target.xtx, missing, transform_seed(run.seed, unit))
+        quantized = {**quantized, **{s.label(): wq for s, wq in zip(missing, made)}}
+    for s in probes:
+        store[(unit.key, s.label())] = quantized[s.label()].half().cpu()

@@ -9,10 +9,14 @@ from casp.steps.units import Unit
 @dataclass
 class Measured:
     """What the original model showed: Q/K ranks (None until chosen), the units with their measured damages,
-    the output Fisher, the joint W_q / W_k option tables and, for the search, every quantized candidate."""
+    the output Fisher, the joint W_q / W_k option tables, for the search every quantized candidate, and for
+    measured damage each layer's scales (`casp.steps.layer_scales`) and, while they are measured, the probe
+    weights."""
 
     ranks: list[dict[str, int]] | None
     units: list[Unit]
     fisher: dict | None = None
     qk_tables: dict | None = None
     database: dict | None = None
+    layer_scales: dict[int, list[tuple[float, float]]] | None = None
+    probes: dict | None = None

@@ -11,6 +11,7 @@ from casp.io.plan_cache import plan_key
 from casp.models.placement import off_cpu, on_device
 from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
+from casp.steps.layer_scales import apply_layer_scales, measure_layer_scales
 from casp.steps.measure import measure_distortions
 from casp.steps.measured import Measured
 from casp.steps.ranks import check_separate_qk, choose_ranks
@@ -38,7 +39,7 @@ def fisher_of(run, batches):
     return fisher
 
 
-def plan_ranks_and_units(run, batches) -> Measured:
+def plan_ranks_and_units(run, batches, held: list[dict] = ()) -> Measured:
     """Everything measured on the original model: Q/K ranks, and the units with their distortions.
 
     The sensitivity and analysis passes run only when something needs them (rate-distortion
@@ -46,6 +47,8 @@ def plan_ranks_and_units(run, batches) -> Measured:
     layer's units are measured while the analysis walk holds that layer, and its XᵀX is then dropped:
     one layer's second moments in memory at a time, and one pass over a streamed model. The run's
     cache (a dict, or `casp.io.plan_cache.PlanCache` on disk) lets runs with the same `plan_key` share this work.
+    With measured damage (`casp.steps.layer_scales`), each layer's damages are then scaled to the KL it
+    causes on the `held` samples.
     """
     recipe = run.recipe
     key = plan_key(run)
@@ -57,6 +60,8 @@ def plan_ranks_and_units(run, batches) -> Measured:
     ranks = None if auto else choose_ranks(run.layers, run.adapter, 0 if joint else recipe.qk_rank,
                                            recipe.qk_rank_overrides)
     measured = Measured(ranks, [], database={} if recipe.search_steps else None)
+    scaled = measure and recipe.damage == "measured" and bool(held)
+    measured.probes = {} if scaled else None
     if measure:
         measured.fisher = fisher_of(run, batches)
     if joint:
@@ -72,6 +77,10 @@ def plan_ranks_and_units(run, batches) -> Measured:
             _measure_after_analysis(run, measured, analysis)
         else:
             _measure_while_analysing(run, first_batches(batches, PLAN_TOKENS), measured)
+    if scaled:
+        measured.layer_scales = measure_layer_scales(run, measured, list(held))
+        measured.probes = None
+        apply_layer_scales(measured, run.codec)
     if run.cache is not None:
         run.cache[key] = _units_copied(measured)
     return measured
@@ -80,7 +89,7 @@ def plan_ranks_and_units(run, batches) -> Measured:
 def _units_copied(measured: Measured) -> Measured:
     """A `Measured` whose units a run may change (allocation writes to them); the tables are shared."""
     return Measured(measured.ranks, copy.deepcopy(measured.units), measured.fisher, measured.qk_tables,
-                    measured.database)
+                    measured.database, measured.layer_scales)
 
 
 def _measure_while_analysing(run, batches, measured: Measured) -> None:

@@ -1,0 +1,103 @@
+"""Step (--damage measured): each decoder layer's estimated damages scaled to the KL the layer causes, measured.
+
+The rd allocator weighs settings by a per-matrix estimate, the output-Fisher-weighted quadratic error. It is
+a local model of KL: it ranks the settings of one matrix well, but its scale from layer to layer does not
+transfer between models (on Gemma-3-270M, KL per unit of estimate differs 130-fold between layers at 2 bits;
+docs/allocation.md). So while the plan measures a layer, its dense matrices are also quantized whole at each
+probe setting, on the same inputs. Afterwards each layer in turn is put at each probe (every other layer
+original), and KL(FP ‖ model) on the held-out calibration samples is measured. KL over the layer's summed
+estimate at the probe is the layer's scale at the probe's bits per weight; every damage of the layer (each
+candidate, each Q/K option) is multiplied by its scale, interpolated log-linearly in bits between probes and
+held constant beyond them. Scaling a layer's estimate by any constant leaves the scaled damages unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from casp.models.offload import offloaded
+from casp.steps.costs import unit_cost
+from casp.steps.measure import is_probed, probe_settings
+from casp.steps.search import kl_to_reference, reference_logprobs
+from casp.steps.units import Unit
+
+@torch.no_grad()
+def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tuple[float, float]]]:
+    """layer -> [(bits per weight, scale)] by increasing bits, from `measured.probes` ((unit key, label) ->
+    fp16 weight); layers without a probe are left out."""
+    codec, model, layers = run.codec, run.model, run.layers
+    by_layer: dict[int, list[Unit]] = {}
+    for u in measured.units:
+        if is_probed(u):
+            by_layer.setdefault(u.layer, []).append(u)
+    with offloaded(model, run.adapter, run.device):
+        reference = reference_logprobs(model, held, run.device)
+    scales = {}
+    settings = probe_settings(codec)
+    for i in tqdm(sorted(by_layer), desc="probe layers", disable=not run.progress):
+        units, points = by_layer[i], []
+        for s in settings:
+            label = s.label()
+            if any((u.key, label) not in measured.probes for u in units):
+                continue
+            kl = _kl_with(run, units, label, measured.probes, held, reference)
+            estimate = sum(u.distortion[label] for u in units)
+            bits = sum(unit_cost(u, s, codec) for u in units) / sum(u.num_weights for u in units)
+            points.append((bits, max(kl, 0.0) / estimate if estimate > 0 else 1.0))
+        if points:
+            scales[i] = points
+    return scales
+
+
+def _kl_with(run, units: list[Unit], label: str, probes: dict, held, reference) -> float:
+    """Held-out KL of the model with `units` at their probe weights (restored after)."""
+    modules = [run.layers[u.layer].get_submodule(u.module) for u in units]
+    originals = [m.weight.data for m in modules]
+    try:
+        for u, m in zip(units, modules):
+            m.weight.data = probes[(u.key, label)].to(m.weight.dtype)
+        with offloaded(run.model, run.adapter, run.device):
+            return kl_to_reference(run.model, held, reference, run.device)
+    finally:
+        for m, w in zip(modules, originals):
+            m.weight.data = w
+
+
+def scale_at(points: list[tuple[float, float]], bits: float) -> float:
+    """The scale at `bits` per weight: log-linear between probes, the nearest probe's beyond them."""
+    if bits <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if bits <= x1:
+            t = (bits - x0) / (x1 - x0) if x1 > x0 else 1.0
+            return math.exp((1 - t) * math.log(max(y0, 1e-12)) + t * math.log(max(y1, 1e-12)))
+    return points[-1][1]
+
+
+def apply_layer_scales(measured, codec) -> None:
+    """Scale every unit's damages and Q/K options by their layer's scale at their bits (tables copied, not
+    changed in place: a plan cache may share them)."""
+    scales = measured.layer_scales
+    by_label = {s.label(): s for s in codec.candidates()}
+    for u in measured.units:
+        if u.layer in scales:
+            u.distortion = {label: d * scale_at(scales[u.layer], unit_cost(u, by_label[label], codec) / u.num_weights)
+                            for label, d in u.distortion.items()}
+    if measured.qk_tables:
+        units = {u.key: u for u in measured.units}
+        tables = {}
+        for key, table in measured.qk_tables.items():
+            u, points = units[key], scales.get(key.layer)
+            tables[key] = table if points is None else {
+                label: (o, cost, d * scale_at(points, unit_cost(u, o.setting, codec) / u.num_weights))
+                for label, (o, cost, d) in table.items()}
+        measured.qk_tables = tables
+
+
+def summary(measured) -> dict:
+    """The report's record of the scales (layer -> [[bits per weight, scale], ...]), empty without them."""
+    if measured.layer_scales is None:
+        return {}
+    return {"layer_scales": {str(i): [[round(b, 4), s] for b, s in points] for i, points in measured.layer_scales.items()}}

@@ -1,0 +1,124 @@
+"""Measured damage: each layer's estimate scaled to the held-out KL the layer causes at the probe settings."""
+import math
+
+import pytest
+import torch
+
+import casp.steps.plan as plan_step
+from casp.config import CompressionConfig
+from casp.pipeline import compress
+from casp.steps.layer_scales import apply_layer_scales, scale_at
+from casp.steps.measured import Measured
+from casp.steps.units import Role, Unit, UnitKey
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cfg(scene_text, **kw):
+    base = dict(bits=3.25, qk_rank=0, calib_samples=16, calib_seq_len=32, calib_text=str(scene_text))
+    return CompressionConfig(**{**base, **kw})
+
+
+def test_scale_is_exact_at_probes_log_linear_between_and_flat_beyond():
+    points = [(2.0, 0.5), (3.0, 2.0), (4.0, 8.0)]
+    assert [scale_at(points, b) for b in (2.0, 3.0, 4.0)] == pytest.approx([0.5, 2.0, 8.0])
+    assert scale_at(points, 2.5) == pytest.approx(1.0)   # geometric mean of 0.5 and 2
+    assert scale_at(points, 1.0) == 0.5 and scale_at(points, 8.0) == 8.0
+    assert scale_at([(3.0, 4.0)], 2.0) == scale_at([(3.0, 4.0)], 6.0) == 4.0
+
+
+class _Codec:
+    """Bits per weight of a label: its leading digit."""
+
+    def candidates(self):
+        return [_Setting(b) for b in (2, 3, 4)]
+
+    def stored_bits(self, setting, out_features, in_features):
+        return setting.bits * out_features * in_features
+
+
+class _Setting:
+    def __init__(self, bits):
+        self.bits = bits
+
+    def label(self):
+        return f"{self.bits}b"
+
+
+def test_every_damage_of_a_layer_and_its_qk_options_scale_without_changing_shared_tables():
+    from casp.steps.joint import QKOption
+
+    units = [Unit(0, "q", Role.DENSE, "attn_in", 4, 4, 16, qk="q", distortion={"2b": 1.0, "4b": 0.1}),
+             Unit(1, "v", Role.DENSE, "attn_in", 4, 4, 16, distortion={"2b": 1.0, "4b": 0.1})]
+    table = {UnitKey(0, "q"): {"dense:2b": (QKOption(0, _Setting(2)), 32, 1.0),
+                               "r2:4b": (QKOption(2, _Setting(4)), 32, 3.0)}}
+    measured = Measured(None, units, qk_tables=table, layer_scales={0: [(2.0, 10.0), (4.0, 1000.0)]})
+    apply_layer_scales(measured, _Codec())
+    assert units[0].distortion == pytest.approx({"2b": 10.0, "4b": 100.0})
+    assert units[1].distortion == {"2b": 1.0, "4b": 0.1}   # no scale measured for layer 1: the estimate
+    scaled = measured.qk_tables[UnitKey(0, "q")]
+    assert scaled["dense:2b"][2] == pytest.approx(10.0) and scaled["r2:4b"][2] == pytest.approx(3000.0)
+    assert table[UnitKey(0, "q")]["dense:2b"][2] == 1.0   # the cached table is untouched
+
+
+def _plan(tiny_llama_dir, scene_text, monkeypatch, factor):
+    """The measured plan of a run whose estimate of layer 0 is multiplied by `factor`."""
+    from casp.steps import measure
+
+    honest = measure.measure_distortions
+
+    def skewed(run, measured, layers, analysis):
+        honest(run, measured, layers, analysis)
+        for u in measured.units:
+            if u.layer == 0 and 0 in layers:
+                u.distortion = {k: v * factor for k, v in u.distortion.items()}
+
+    monkeypatch.setattr(plan_step, "measure_distortions", skewed)
+    seen = {}
+    real = plan_step.plan_ranks_and_units
+
+    def keep(run, batches, held=()):
+        seen["measured"] = real(run, batches, held)
+        return seen["measured"]
+
+    monkeypatch.setattr("casp.pipeline.plan_ranks_and_units", keep)
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2), progress=False)
+    return seen["measured"], res
+
+
+def test_scaled_damages_do_not_depend_on_the_estimates_layer_scale(tiny_llama_dir, scene_text, monkeypatch):
+    """A layer's estimate off by any constant (what does not transfer between models) is undone by its
+    measured scale: the damages the allocator sees, and its answer, are the same."""
+    honest, a = _plan(tiny_llama_dir, scene_text, monkeypatch, 1.0)
+    skewed, b = _plan(tiny_llama_dir, scene_text, monkeypatch, 1000.0)
+    assert honest.layer_scales[0][0][1] == pytest.approx(1000.0 * skewed.layer_scales[0][0][1], rel=1e-6)
+    for u, v in zip(honest.units, skewed.units):
+        for label in u.distortion:
+            assert v.distortion[label] == pytest.approx(u.distortion[label], rel=1e-6, abs=1e-12)
+    assert [r["setting"] for r in a.report["layers"]] == [r["setting"] for r in b.report["layers"]]
+
+
+def test_a_scale_is_the_layers_held_out_kl_over_its_estimate_at_the_probe(tiny_llama_dir, scene_text, monkeypatch):
+    measured, res = _plan(tiny_llama_dir, scene_text, monkeypatch, 1.0)
+    points = measured.layer_scales[1]
+    assert len(points) == 1 and 3 < points[0][0] < 3.5   # one probe: 3b-g128
+    assert all(s > 0 and math.isfinite(s) for _, s in points)
+    assert res.report["layer_scales"]["1"] == [[round(b, 4), s] for b, s in points]
+    assert res.recipe.damage == "measured"
+
+
+def test_estimate_alone_measures_no_scales_and_stores_what_it_stored_before(tiny_llama_dir, scene_text):
+    est = compress(tiny_llama_dir, None, _cfg(scene_text, damage="estimate"), progress=False)
+    assert "layer_scales" not in est.report
+    ids = torch.randint(5, 40, (1, 12), generator=torch.Generator().manual_seed(0))
+    again = compress(tiny_llama_dir, None, _cfg(scene_text, damage="estimate"), progress=False)
+    with torch.no_grad():
+        assert torch.equal(est.model(ids).logits, again.model(ids).logits)
+
+
+def test_without_held_out_samples_the_recipe_says_it_uses_the_estimate(tiny_llama_dir, scene_text):
+    from casp.recipe import resolve
+
+    recipe = resolve(_cfg(scene_text, check_samples=0), str(tiny_llama_dir))
+    assert recipe.damage == "estimate" and "held-out" in recipe.reasons["damage"]
+    assert resolve(_cfg(scene_text), str(tiny_llama_dir)).damage == "measured"
