@@ -171,7 +171,7 @@ def single(label: str, allocation, measured, codec, swapper, model, held, refere
     print(f"\nSpearman rho against the measured KL over {len(rows)} matrices: estimate "
           f"{spearman([r[1] for r in rows], kls):.3f}, measured damage {spearman([r[3] for r in rows], kls):.3f}")
     kinds: dict[str, list[float]] = {}
-    for name, est, kl in rows:
+    for name, est, kl, _ in rows:
         kinds.setdefault(name.split(".")[-1], []).append(kl / max(est, 1e-30))
     print("median measured / estimated by projection: " + ", ".join(
         f"{k} {torch.tensor(v).median().item():.3g}" for k, v in sorted(kinds.items())))
