@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 from casp.models.offload import offloaded
 from casp.steps.costs import unit_cost
 from casp.steps.measure import is_probed, probe_settings
-from casp.steps.search import kl_to_reference, reference_logprobs
+from casp.steps.search import WeightSwapper, kl_to_reference, reference_logprobs
 from casp.steps.units import Unit
+
 
 @torch.no_grad()
 def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tuple[float, float]]]:
     """layer -> [(bits per weight, scale)] by increasing bits, from `measured.probes` ((unit key, label) ->
     fp16 weight); layers without a probe are left out."""
-    codec, model, layers = run.codec, run.model, run.layers
+    codec, model = run.codec, run.model
     by_layer: dict[int, list[Unit]] = {}
     for u in measured.units:
         if is_probed(u):
@@ -53,16 +54,13 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
 
 def _kl_with(run, units: list[Unit], label: str, probes: dict, held, reference) -> float:
     """Held-out KL of the model with `units` at their probe weights (restored after)."""
-    modules = [run.layers[u.layer].get_submodule(u.module) for u in units]
-    originals = [m.weight.data for m in modules]
+    swapper = WeightSwapper(run.layers, probes)
+    swapper.put((u.key, label) for u in units)
     try:
-        for u, m in zip(units, modules):
-            m.weight.data = probes[(u.key, label)].to(m.weight.dtype)
         with offloaded(run.model, run.adapter, run.device):
             return kl_to_reference(run.model, held, reference, run.device)
     finally:
-        for m, w in zip(modules, originals):
-            m.weight.data = w
+        swapper.restore()
 
 
 def scale_at(points: list[tuple[float, float]], bits: float) -> float:

@@ -36,12 +36,15 @@ class WeightSwapper:
         return self.layers[key.layer].get_submodule(key.name)
 
     def apply(self, allocation: Allocation, choice: dict[str, str]) -> None:
-        for name, label in choice.items():
-            for key in allocation.members[name]:
-                module = self._module(key)
-                if key not in self.original:
-                    self.original[key] = module.weight.data
-                module.weight.data = self.database[(key, label)].to(self.original[key].dtype)
+        self.put((key, label) for name, label in choice.items() for key in allocation.members[name])
+
+    def put(self, pairs) -> None:
+        """The database weight of each (unit key, label) into its module."""
+        for key, label in pairs:
+            module = self._module(key)
+            if key not in self.original:
+                self.original[key] = module.weight.data
+            module.weight.data = self.database[(key, label)].to(self.original[key].dtype)
 
     def restore(self) -> None:
         for key, w in self.original.items():
