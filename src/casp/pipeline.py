@@ -99,6 +99,7 @@ def carry_out(run: Run, batches: list[dict]) -> CompressionResult:
     teacher = distill.prepare(run, batches) if recipe.e2e_steps else None
     run.times["layers"] = time.time()
     run.check = baseline_check.prepare(run, held) if recipe.check_samples else None
+    run.reference = None   # the check holds its own; nothing else needs the original's log-probabilities
     compress_layers(run, batches, plan)
     checked = baseline_check.decide(run, run.check) if run.check is not None else None
     run.times["e2e"] = time.time()

@@ -108,8 +108,11 @@ def _damage_lines(report: dict) -> list[str]:
     if not scales:
         return []
     values = [s for points in scales.values() for _, s in points]
+    trust = report.get("layer_scale_trust") or {}
+    kept = "; share of their spread kept over sample noise: " + ", ".join(
+        f"{label} {share:.2f}" for label, share in trust.items()) if trust else ""
     return [f"Damage: each layer's estimate scaled to the held-out KL the layer causes at its probe setting "
-            f"(scales {min(values):.3g} to {max(values):.3g} over {len(scales)} layers; `layer_scales`).", ""]
+            f"(scales {min(values):.3g} to {max(values):.3g} over {len(scales)} layers{kept}; `layer_scales`).", ""]
 
 
 def render_markdown(report: dict, plots: list[str]) -> str:

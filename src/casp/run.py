@@ -41,6 +41,7 @@ class Run:
     cache: dict | None = None
     times: dict = field(default_factory=dict)
     check: object = None             # `BaselineCheck` while the allocation is checked against uniform
+    reference: tuple | None = None   # (held-out samples, the original model's log-probabilities on them)
 
     @property
     def device(self) -> str:

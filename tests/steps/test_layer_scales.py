@@ -88,7 +88,10 @@ def _plan(tiny_llama_dir, scene_text, monkeypatch, factor):
 
 def test_scaled_damages_do_not_depend_on_the_estimates_layer_scale(tiny_llama_dir, scene_text, monkeypatch):
     """A layer's estimate off by any constant (what does not transfer between models) is undone by its
-    measured scale: the damages the allocator sees, and its answer, are the same."""
+    measured scale, trusted in full: the damages the allocator sees, and its answer, are the same."""
+    import casp.steps.layer_scales as scales_step
+
+    monkeypatch.setattr(scales_step, "shrink_layer_effects", lambda x: (x.double().mean(1), 1.0))
     honest, a = _plan(tiny_llama_dir, scene_text, monkeypatch, 1.0)
     skewed, b = _plan(tiny_llama_dir, scene_text, monkeypatch, 1000.0)
     assert honest.layer_scales[0][0][1] == pytest.approx(1000.0 * skewed.layer_scales[0][0][1], rel=1e-6)
@@ -122,3 +125,68 @@ def test_without_held_out_samples_the_recipe_says_it_uses_the_estimate(tiny_llam
     recipe = resolve(_cfg(scene_text, check_samples=0), str(tiny_llama_dir))
     assert recipe.damage == "estimate" and "held-out" in recipe.reasons["damage"]
     assert resolve(_cfg(scene_text), str(tiny_llama_dir)).damage == "measured"
+
+
+def test_a_skew_far_beyond_sample_noise_is_still_undone(tiny_llama_dir, scene_text, monkeypatch):
+    """With the shrinkage on, a 1000-fold error of one layer's estimate is far outside the noise of the
+    held-out samples: the scales keep nearly all of their spread, and the damages stay within a few percent."""
+    honest, _ = _plan(tiny_llama_dir, scene_text, monkeypatch, 1.0)
+    skewed, res = _plan(tiny_llama_dir, scene_text, monkeypatch, 1000.0)
+    assert skewed.scale_trust["3b-g128"] > 0.99
+    assert res.report["layer_scale_trust"] == skewed.scale_trust
+    for u, v in zip(honest.units, skewed.units):
+        for label in u.distortion:
+            assert v.distortion[label] == pytest.approx(u.distortion[label], rel=0.05, abs=1e-12)
+
+
+def _rows(kls):
+    """One layer's held-out rows as (summed KL, tokens), 10 tokens each."""
+    return [(10 * k, 10) for k in kls]
+
+
+def test_layers_that_differ_only_by_sample_noise_share_one_scale():
+    from casp.steps.layer_scales import shrink_scales
+
+    g = torch.Generator().manual_seed(0)
+    noise = lambda: (1 + 0.3 * torch.rand(4, generator=g)).tolist()   # noqa: E731
+    per_layer = {i: (3.0, _rows(noise()), 1.0) for i in range(24)}
+    scales, factor = shrink_scales(per_layer)
+    assert factor < 0.5
+    spread = max(scales.values()) / min(scales.values())
+    raw = [sum(t for t, _ in r) / sum(c for _, c in r) for _, r, _ in per_layer.values()]
+    assert spread < max(raw) / min(raw)
+
+
+def test_a_sample_hard_for_every_layer_is_not_noise():
+    """Layers 10-fold apart, measured on samples whose difficulty varies 100-fold but alike for all layers:
+    the two-way layout sees no noise, and the scales keep their full spread."""
+    from casp.steps.layer_scales import shrink_scales
+
+    difficulty = [0.01, 0.1, 1.0, 0.3]
+    per_layer = {0: (3.0, _rows(difficulty), 1.0), 1: (3.0, _rows([10 * d for d in difficulty]), 1.0),
+                 2: (3.0, _rows([3 * d for d in difficulty]), 2.0)}
+    scales, factor = shrink_scales(per_layer)
+    assert factor == pytest.approx(1.0)
+    mean = sum(difficulty) / 4
+    assert scales == pytest.approx({0: mean, 1: 10 * mean, 2: 1.5 * mean})
+
+
+def test_shrinkage_needs_two_layers_and_two_samples():
+    from casp.algorithms.shrinkage import shrink_layer_effects
+
+    x = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
+    assert shrink_layer_effects(x[:1])[1] == 1.0 and shrink_layer_effects(x[:, :1])[1] == 1.0
+    effects, factor = shrink_layer_effects(x)
+    assert 0 <= factor <= 1 and effects.mean() == pytest.approx(x.mean(1).double().mean())
+
+
+def test_the_probes_and_the_baseline_check_take_the_originals_log_probabilities_once(tiny_llama_dir, scene_text,
+                                                                                   monkeypatch):
+    import casp.steps.search as search_step
+
+    calls = []
+    real = search_step.reference_logprobs
+    monkeypatch.setattr(search_step, "reference_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2), progress=False)
+    assert "layer_scales" in res.report and "allocation_kl" in res.report["baseline_check"]
+    assert len(calls) == 1

@@ -82,7 +82,8 @@ def _state(measured: Measured) -> dict:
     return {"ranks": measured.ranks, "units": units_state(measured.units), "has_fisher": measured.fisher is not None,
             "qk_tables": tables, "setting_type": kind,
             "layer_scales": None if measured.layer_scales is None else {str(i): points for i, points
-                                                                        in measured.layer_scales.items()}}
+                                                                        in measured.layer_scales.items()},
+            "scale_trust": measured.scale_trust}
 
 
 def _measured(state: dict, fisher: dict | None) -> Measured:
@@ -95,7 +96,8 @@ def _measured(state: dict, fisher: dict | None) -> Measured:
                   for key, table in tables.items()}
     scales = state.get("layer_scales")
     scales = None if scales is None else {int(i): [tuple(p) for p in points] for i, points in scales.items()}
-    return Measured(state["ranks"], units_from_state(state["units"]), fisher, tables, layer_scales=scales)
+    return Measured(state["ranks"], units_from_state(state["units"]), fisher, tables, layer_scales=scales,
+                    scale_trust=state.get("scale_trust"))
 
 
 class PlanCache:

@@ -26,7 +26,7 @@ from casp.models.offload import offloaded
 from casp.steps.analyse import observe_layer
 from casp.steps.costs import unit_cost
 from casp.steps.quantize import stored_unit
-from casp.steps.search import kl_to_reference, reference_logprobs
+from casp.steps.search import fp_reference, kl_to_reference
 from casp.steps.units import plan_units
 
 
@@ -64,8 +64,7 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
     if fit is None or not held:
         return None
     t0 = time.time()
-    with offloaded(run.model, run.adapter, run.device):
-        reference = reference_logprobs(run.model, held, run.device)
+    reference = fp_reference(run, held)
     return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
 
 

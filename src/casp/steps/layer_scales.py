@@ -9,6 +9,11 @@ original), and KL(FP ‖ model) on the held-out calibration samples is measured.
 estimate at the probe is the layer's scale at the probe's bits per weight; every damage of the layer (each
 candidate, each Q/K option) is multiplied by its scale, interpolated log-linearly in bits between probes and
 held constant beyond them. Scaling a layer's estimate by any constant leaves the scaled damages unchanged.
+
+A few held-out samples measure each layer's KL with noise. Where the layers' scales differ by no more than
+that noise (the embedded model, whose KLs are near 1e-4), trusting them would only reshuffle the estimate's
+ranking at random; so the log-scales are pulled toward their mean by the share of their spread that exceeds
+the layer × sample noise (`casp.algorithms.shrinkage`), and that share is reported as `layer_scale_trust`.
 """
 from __future__ import annotations
 
@@ -17,48 +22,76 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from casp.algorithms.shrinkage import shrink_layer_effects
 from casp.models.offload import offloaded
 from casp.steps.costs import unit_cost
 from casp.steps.measure import is_probed, probe_settings
-from casp.steps.search import WeightSwapper, kl_to_reference, reference_logprobs
+from casp.steps.search import WeightSwapper, fp_reference, kl_rows
 from casp.steps.units import Unit
 
 
 @torch.no_grad()
 def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tuple[float, float]]]:
     """layer -> [(bits per weight, scale)] by increasing bits, from `measured.probes` ((unit key, label) ->
-    fp16 weight); layers without a probe are left out."""
-    codec, model = run.codec, run.model
+    fp16 weight); layers without a probe are left out. Sets `measured.scale_trust` (probe label -> the
+    shrinkage factor kept, `shrink_scales`)."""
+    codec = run.codec
     by_layer: dict[int, list[Unit]] = {}
     for u in measured.units:
         if is_probed(u):
             by_layer.setdefault(u.layer, []).append(u)
-    with offloaded(model, run.adapter, run.device):
-        reference = reference_logprobs(model, held, run.device)
-    scales = {}
-    settings = probe_settings(codec)
+    reference = fp_reference(run, held)
+    found: dict[str, dict[int, tuple[float, list[float], float]]] = {}
     for i in tqdm(sorted(by_layer), desc="probe layers", disable=not run.progress):
-        units, points = by_layer[i], []
-        for s in settings:
+        units = by_layer[i]
+        for s in probe_settings(codec):
             label = s.label()
             if any((u.key, label) not in measured.probes for u in units):
                 continue
-            kl = _kl_with(run, units, label, measured.probes, held, reference)
+            rows = _kl_with(run, units, label, measured.probes, held, reference)
             estimate = sum(u.distortion[label] for u in units)
             bits = sum(unit_cost(u, s, codec) for u in units) / sum(u.num_weights for u in units)
-            points.append((bits, max(kl, 0.0) / estimate if estimate > 0 else 1.0))
-        if points:
-            scales[i] = points
-    return scales
+            found.setdefault(label, {})[i] = (bits, rows, estimate)
+    scales: dict[int, list[tuple[float, float]]] = {}
+    measured.scale_trust = {}
+    for label, per_layer in found.items():
+        shrunk, factor = shrink_scales(per_layer)
+        measured.scale_trust[label] = factor
+        for i, scale in shrunk.items():
+            scales.setdefault(i, []).append((per_layer[i][0], scale))
+    return {i: sorted(points) for i, points in sorted(scales.items())}
 
 
-def _kl_with(run, units: list[Unit], label: str, probes: dict, held, reference) -> float:
-    """Held-out KL of the model with `units` at their probe weights (restored after)."""
+def shrink_scales(per_layer: dict[int, tuple[float, list[tuple[float, int]], float]]) -> tuple[dict[int, float], float]:
+    """Each layer's scale at one probe (held-out KL over estimate), its log pulled toward the layers' mean log
+    by the share of the layers' spread that is not sample noise (`casp.algorithms.shrinkage`); returns the
+    scales and that share. Layers with a zero estimate get scale 1 and take no part."""
+    raw, ratios = {}, {}
+    for i, (_, rows, estimate) in per_layer.items():
+        if estimate <= 0:
+            raw[i] = 1.0
+            continue
+        kl = sum(t for t, _ in rows) / max(sum(c for _, c in rows), 1)
+        raw[i] = max(kl, 0.0) / estimate
+        ratios[i] = [math.log(max(t / max(c, 1), _FLOOR) / estimate) for t, c in rows]
+    if len(ratios) < 2:
+        return raw, 1.0
+    _, factor = shrink_layer_effects(torch.tensor([ratios[i] for i in ratios]))
+    logs = {i: math.log(max(raw[i], _FLOOR)) for i in ratios}
+    centre = sum(logs.values()) / len(logs)
+    return {**raw, **{i: math.exp(centre + factor * (v - centre)) for i, v in logs.items()}}, factor
+
+
+_FLOOR = 1e-12   # KL below this is taken as this, so every log is finite
+
+
+def _kl_with(run, units: list[Unit], label: str, probes: dict, held, reference) -> list[tuple[float, int]]:
+    """Each held-out row's (summed KL, tokens) with `units` at their probe weights (restored after)."""
     swapper = WeightSwapper(run.layers, probes)
     swapper.put((u.key, label) for u in units)
     try:
         with offloaded(run.model, run.adapter, run.device):
-            return kl_to_reference(run.model, held, reference, run.device)
+            return kl_rows(run.model, held, reference, run.device)
     finally:
         swapper.restore()
 
@@ -98,4 +131,5 @@ def summary(measured) -> dict:
     """The report's record of the scales (layer -> [[bits per weight, scale], ...]), empty without them."""
     if measured.layer_scales is None:
         return {}
-    return {"layer_scales": {str(i): [[round(b, 4), s] for b, s in points] for i, points in measured.layer_scales.items()}}
+    return {"layer_scales": {str(i): [[round(b, 4), s] for b, s in points] for i, points in measured.layer_scales.items()},
+            "layer_scale_trust": dict(measured.scale_trust or {})}

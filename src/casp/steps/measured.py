@@ -20,3 +20,4 @@ class Measured:
     database: dict | None = None
     layer_scales: dict[int, list[tuple[float, float]]] | None = None
     probes: dict | None = None
+    scale_trust: dict[str, float] | None = None      # probe label -> the share of the scales' spread kept

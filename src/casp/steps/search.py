@@ -65,6 +65,19 @@ def _rows(batches):
             yield b
 
 
+def fp_reference(run, held: list[dict]) -> list[torch.Tensor]:
+    """The original model's log-probabilities on `held`, taken once per run and shared by the steps that
+    measure KL on the same samples (layer scales, the baseline check). Call it only while the model is
+    still the original."""
+    cached = run.reference
+    if cached is not None and len(cached[0]) == len(held) and all(a is b for a, b in zip(cached[0], held)):
+        return cached[1]
+    with offloaded(run.model, run.adapter, run.device):
+        reference = reference_logprobs(run.model, held, run.device)
+    run.reference = (list(held), reference)
+    return reference
+
+
 @torch.no_grad()
 def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
     """FP next-token log-probabilities on the held-out batches, one text row at a time (fp16; on the CPU)."""
@@ -76,23 +89,31 @@ def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 def kl_to_reference(model, batches, reference: list[torch.Tensor], device="cpu") -> float:
     """Mean over real tokens of KL(FP ‖ model), computed on `device`, `KL_CHUNK` tokens at a time."""
-    total, count = 0.0, 0
+    rows = kl_rows(model, batches, reference, device)
+    return sum(t for t, _ in rows) / max(sum(c for _, c in rows), 1)
+
+
+@torch.no_grad()
+def kl_rows(model, batches, reference: list[torch.Tensor], device="cpu") -> list[tuple[float, int]]:
+    """(summed KL(FP ‖ model), real tokens) of each held-out row, in the order of `reference`."""
+    out = []
     for b, ref in zip(_rows(batches), reference):
         b = to_device(b, device)
         logits = model(**b, use_cache=False).logits
         mask = b.get("attention_mask")
         mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+        total, count = 0.0, 0
         for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
             logq = F.log_softmax(q.float(), -1)
             p = p.to(logq.device).float()
             kl = (p.exp() * (p - logq)).sum(-1)
             total += float(kl[m].sum())
             count += int(m.sum())
+        out.append((total, count))
         del logits
-    return total / max(count, 1)
+    return out
 
 
 def _ladders(allocation: Allocation) -> dict[str, list[str]]:
