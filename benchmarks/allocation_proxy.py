@@ -106,6 +106,8 @@ def main() -> None:
     allocation = solve(run, measured.units, measured.qk_tables, rule="rd")
     database = measured.database
     print(f"measured {len(allocation.units)} units in {time.time() - t0:.0f} s", flush=True)
+    if measured.scale_trust is not None:
+        print(f"layer scales: share of their spread kept over sample noise {measured.scale_trust}", flush=True)
     reference = reference_logprobs(model, held)
     swapper = WeightSwapper(layers, database)
     if args.single:
