@@ -190,3 +190,15 @@ def test_the_probes_and_the_baseline_check_take_the_originals_log_probabilities_
     res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2), progress=False)
     assert "layer_scales" in res.report and "allocation_kl" in res.report["baseline_check"]
     assert len(calls) == 1
+
+
+def test_the_search_shares_the_originals_log_probabilities_too(tiny_llama_dir, scene_text, monkeypatch):
+    import casp.steps.search as search_step
+
+    calls = []
+    real = search_step.reference_logprobs
+    monkeypatch.setattr(search_step, "reference_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2, search_steps=2, search_samples=2),
+                   progress=False)
+    assert "search" in res.report and "layer_scales" in res.report and "allocation_kl" in res.report["baseline_check"]
+    assert len(calls) == 1

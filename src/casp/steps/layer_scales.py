@@ -41,7 +41,7 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
         if is_probed(u):
             by_layer.setdefault(u.layer, []).append(u)
     reference = fp_reference(run, held)
-    found: dict[str, dict[int, tuple[float, list[float], float]]] = {}
+    found: dict[str, dict[int, tuple[float, list[tuple[float, int]], float]]] = {}
     for i in tqdm(sorted(by_layer), desc="probe layers", disable=not run.progress):
         units = by_layer[i]
         for s in probe_settings(codec):

@@ -67,7 +67,7 @@ def _rows(batches):
 
 def fp_reference(run, held: list[dict]) -> list[torch.Tensor]:
     """The original model's log-probabilities on `held`, taken once per run and shared by the steps that
-    measure KL on the same samples (layer scales, the baseline check). Call it only while the model is
+    measure KL on the same samples (layer scales, the search, the baseline check). Call it only while the model is
     still the original."""
     cached = run.reference
     if cached is not None and len(cached[0]) == len(held) and all(a is b for a, b in zip(cached[0], held)):
@@ -167,8 +167,7 @@ def search(run, allocation: Allocation, database, batches, starts: dict[str, dic
     """
     model, adapter, device = run.model, run.adapter, run.device
     steps, seed = run.recipe.search_steps, run.seed
-    with offloaded(model, adapter, device):
-        reference = reference_logprobs(model, batches, device)
+    reference = fp_reference(run, batches)
     swapper = WeightSwapper(adapter.decoder_layers(model), database)
     ladders = _ladders(allocation)
 
