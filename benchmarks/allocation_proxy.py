@@ -13,13 +13,13 @@ EvoPress's database; a sequential compression run differs slightly.
 
 With --single SETTING (e.g. 2b-g128): instead of random allocations, each matrix alone is put at SETTING (every
 other weight FP) and its held-out KL measured, next to the estimate's damage for it and the measured damage
-(`--damage measured`: the estimate scaled per layer to the KL of the whole layer at the probe settings, on
-the other half of the held-out samples). Prints one row per matrix, Spearman's rho of each against the KL over all
+(`--damage measured`: the estimate scaled per layer and per projection type to the KL of the whole layer,
+and of every matrix of the type, at the probe settings, on the other half of the held-out samples). Prints one row per matrix, Spearman's rho of each against the KL over all
 matrices, and per projection type the median of measured KL / estimated damage: the types whose ratio stands
 apart are those the estimate misjudges.
 
 Usage: python benchmarks/allocation_proxy.py [--model smollm2-135m|gemma3-270m|embedded] [--allocations 24]
-       [--quantizer gptq] [--single 2b-g128] [--calib-seq-len 512]
+       [--quantizer gptq] [--single 2b-g128 [--single-layers 0,3,6]] [--calib-seq-len 512]
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--single", help="measure each matrix alone at this setting label instead")
+    ap.add_argument("--single-layers", help="with --single: only the matrices of these layers (comma-separated)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -102,16 +103,21 @@ def main() -> None:
     scales_on = []
     if args.single:   # the layer scales are measured on half the held-out samples, the matrices on the other half
         scales_on, held = hold_out(held, args.held_out // 2)
+    layer_alone = _record_layer_alone_scales()
     measured = plan_ranks_and_units(run, batches, scales_on)
     allocation = solve(run, measured.units, measured.qk_tables, rule="rd")
     database = measured.database
     print(f"measured {len(allocation.units)} units in {time.time() - t0:.0f} s", flush=True)
     if measured.scale_trust is not None:
         print(f"layer scales: share of their spread kept over sample noise {measured.scale_trust}", flush=True)
+    if measured.type_scales:
+        print("type scales: " + ", ".join(f"{m} {f:.3g}" for m, f in measured.type_scales.items())
+              + f"; share of their spread kept {measured.type_trust}", flush=True)
     reference = reference_logprobs(model, held)
     swapper = WeightSwapper(layers, database)
     if args.single:
-        single(args.single, allocation, measured, run.codec, swapper, model, held, reference)
+        only = {int(i) for i in args.single_layers.split(",")} if args.single_layers else None
+        single(args.single, allocation, measured, run.codec, swapper, model, held, reference, only, layer_alone)
         print(f"total {time.time() - t0:.0f} s")
         return
     total_weights = sum(u.num_weights for u in allocation.units)
@@ -147,10 +153,29 @@ def main() -> None:
     print(f"total {time.time() - t0:.0f} s")
 
 
-def single(label: str, allocation, measured, codec, swapper, model, held, reference) -> None:
-    """Each matrix alone at `label`: estimated and measured damage against measured held-out KL."""
+def _record_layer_alone_scales() -> dict:
+    """layer -> its scale fitted before any type scale (measured damage per layer only), filled during the plan."""
+    import casp.steps.layer_scales as step
+
+    seen: dict = {}
+    fit = step._fit_layers
+
+    def first_fit(per_layer, by_layer, label, types):
+        result = fit(per_layer, by_layer, label, types)
+        if not types:
+            seen.update(result[0])
+        return result
+
+    step._fit_layers = first_fit
+    return seen
+
+
+def single(label: str, allocation, measured, codec, swapper, model, held, reference, only=None,
+           layer_alone=None) -> None:
+    """Each matrix alone at `label` (of the layers in `only`, if given): estimated and measured damage against
+    measured held-out KL; with `layer_alone`, also the damage scaled per layer only."""
     from casp.steps.costs import unit_cost
-    from casp.steps.layer_scales import scale_at
+    from casp.steps.layer_scales import unit_scale
     from casp.steps.search import kl_to_reference
 
     setting = {s.label(): s for s in codec.candidates()}[label]
@@ -159,19 +184,22 @@ def single(label: str, allocation, measured, codec, swapper, model, held, refere
     print(f"| matrix | estimated damage at {label} | measured damage | KL(FP ‖ model) held out | KL / estimate |\n"
           "|---|---|---|---|---|")
     for u in allocation.units:
-        if label not in u.distortion:
+        if label not in u.distortion or (only is not None and units[u.name].layer not in only):
             continue
         swapper.apply(allocation, {u.name: label})
         kl = kl_to_reference(model, held, reference)
         swapper.restore()
         scaled = u.distortion[label]
         unit = units[u.name]
-        est = scaled / scale_at(measured.layer_scales[unit.layer], unit_cost(unit, setting, codec) / unit.num_weights)
+        est = scaled / unit_scale(measured, unit, unit_cost(unit, setting, codec) / unit.num_weights)
         rows.append((u.name, est, kl, scaled))
         print(f"| {u.name} | {est:.4g} | {scaled:.4g} | {kl:.5f} | {kl / max(est, 1e-30):.3g} |", flush=True)
     kls = [r[2] for r in rows]
     print(f"\nSpearman rho against the measured KL over {len(rows)} matrices: estimate "
           f"{spearman([r[1] for r in rows], kls):.3f}, measured damage {spearman([r[3] for r in rows], kls):.3f}")
+    if layer_alone:
+        alone = [est * layer_alone.get(units[name].layer, 1.0) for name, est, _, _ in rows]
+        print(f"measured damage with layer scales alone (no type scales): rho {spearman(alone, kls):.3f}")
     kinds: dict[str, list[float]] = {}
     for name, est, kl, _ in rows:
         kinds.setdefault(name.split(".")[-1], []).append(kl / max(est, 1e-30))

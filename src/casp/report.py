@@ -111,8 +111,14 @@ def _damage_lines(report: dict) -> list[str]:
     trust = report.get("layer_scale_trust") or {}
     kept = "; share of their spread kept over sample noise: " + ", ".join(
         f"{label} {share:.2f}" for label, share in trust.items()) if trust else ""
+    by_type = ""
+    if report.get("type_scales"):
+        by_type = "; by projection type " + ", ".join(f"{m.split('.')[-1]} {f:.3g}" for m, f in report["type_scales"].items())
+        shares = report.get("type_scale_trust") or {}
+        by_type += f" (spread kept {', '.join(f'{v:.2f}' for v in shares.values())}; `type_scales`)" if shares else ""
     return [f"Damage: each layer's estimate scaled to the held-out KL the layer causes at its probe setting "
-            f"(scales {min(values):.3g} to {max(values):.3g} over {len(scales)} layers{kept}; `layer_scales`).", ""]
+            f"(scales {min(values):.3g} to {max(values):.3g} over {len(scales)} layers{kept}; `layer_scales`)"
+            f"{by_type}.", ""]
 
 
 def render_markdown(report: dict, plots: list[str]) -> str:

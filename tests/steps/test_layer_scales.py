@@ -202,3 +202,70 @@ def test_the_search_shares_the_originals_log_probabilities_too(tiny_llama_dir, s
                    progress=False)
     assert "search" in res.report and "layer_scales" in res.report and "allocation_kl" in res.report["baseline_check"]
     assert len(calls) == 1
+
+
+def _type_skewed_plan(tiny_llama_dir, scene_text, monkeypatch, factor, module="mlp.down_proj"):
+    """The measured plan of a run whose estimate of every `module` (all layers) is multiplied by `factor`."""
+    from casp.steps import measure
+
+    honest = measure.measure_distortions
+
+    def skewed(run, measured, layers, analysis):
+        honest(run, measured, layers, analysis)
+        for u in measured.units:
+            if u.module == module and u.layer in layers:
+                u.distortion = {k: v * factor for k, v in u.distortion.items()}
+
+    monkeypatch.setattr(plan_step, "measure_distortions", skewed)
+    seen = {}
+    real = plan_step.plan_ranks_and_units
+    monkeypatch.setattr("casp.pipeline.plan_ranks_and_units",
+                        lambda run, batches, held=(): seen.setdefault("m", real(run, batches, held)))
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2), progress=False)
+    return seen["m"], res
+
+
+def test_a_projection_type_misjudged_in_every_layer_is_undone_by_its_type_scale(tiny_llama_dir, scene_text,
+                                                                                monkeypatch):
+    """One projection type's estimate 100-fold off in every layer (the within-layer bias no layer scale can
+    see): its type scale takes the factor back, and the damages the allocator weighs stay close to the honest
+    run's, where a per-layer scale alone leaves that type 100-fold off against the others."""
+    import casp.steps.layer_scales as scales_step
+
+    monkeypatch.setattr(scales_step, "shrink_layer_effects", lambda x: (x.double().mean(1), 1.0))
+    honest, _ = _type_skewed_plan(tiny_llama_dir, scene_text, monkeypatch, 1.0)
+    skewed, res = _type_skewed_plan(tiny_llama_dir, scene_text, monkeypatch, 100.0)
+    ratio = honest.type_scales["mlp.down_proj"] / skewed.type_scales["mlp.down_proj"]
+    assert 50 < ratio < 200
+    assert set(skewed.type_scales) == {u.module for u in skewed.units}
+    worst = max(abs(math.log(v.distortion[k] / u.distortion[k])) for u, v in zip(honest.units, skewed.units)
+                for k in u.distortion if u.distortion[k] > 0)
+    assert worst < math.log(1.5)
+    assert res.report["type_scales"] == skewed.type_scales
+    assert res.report["type_scale_trust"]["3b-g128"] == 1.0
+
+
+def test_each_layer_still_predicts_its_own_measured_kl_after_the_type_scales(tiny_llama_dir, scene_text,
+                                                                            monkeypatch):
+    """The layer scales are refitted on the type-scaled estimate: with full trust, a layer's scaled damages at
+    the probe add up to the KL its probe measured (what the layer scales alone guaranteed before)."""
+    import casp.steps.layer_scales as scales_step
+
+    monkeypatch.setattr(scales_step, "shrink_layer_effects", lambda x: (x.double().mean(1), 1.0))
+    kls = {}
+    real = scales_step._kl_with
+
+    def record(run, units, label, probes, held, reference):
+        rows = real(run, units, label, probes, held, reference)
+        if len({u.layer for u in units}) == 1 and len(units) > 1:
+            kls[units[0].layer] = sum(t for t, _ in rows) / sum(c for _, c in rows)
+        return rows
+
+    monkeypatch.setattr(scales_step, "_kl_with", record)
+    measured, res = _type_skewed_plan(tiny_llama_dir, scene_text, monkeypatch, 30.0)
+    for layer, kl in kls.items():
+        scaled = sum(u.distortion["3b-g128"] for u in measured.units if u.layer == layer)
+        assert scaled == pytest.approx(kl, rel=1e-6)
+    from casp.report import render_markdown
+
+    assert "by projection type" in render_markdown(res.report, [])

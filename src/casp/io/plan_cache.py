@@ -83,7 +83,7 @@ def _state(measured: Measured) -> dict:
             "qk_tables": tables, "setting_type": kind,
             "layer_scales": None if measured.layer_scales is None else {str(i): points for i, points
                                                                         in measured.layer_scales.items()},
-            "scale_trust": measured.scale_trust}
+            "scale_trust": measured.scale_trust, "type_scales": measured.type_scales, "type_trust": measured.type_trust}
 
 
 def _measured(state: dict, fisher: dict | None) -> Measured:
@@ -97,7 +97,8 @@ def _measured(state: dict, fisher: dict | None) -> Measured:
     scales = state.get("layer_scales")
     scales = None if scales is None else {int(i): [tuple(p) for p in points] for i, points in scales.items()}
     return Measured(state["ranks"], units_from_state(state["units"]), fisher, tables, layer_scales=scales,
-                    scale_trust=state.get("scale_trust"))
+                    scale_trust=state.get("scale_trust"), type_scales=state.get("type_scales"),
+                    type_trust=state.get("type_trust"))
 
 
 class PlanCache:

@@ -14,6 +14,14 @@ A few held-out samples measure each layer's KL with noise. Where the layers' sca
 that noise (the embedded model, whose KLs are near 1e-4), trusting them would only reshuffle the estimate's
 ranking at random; so the log-scales are pulled toward their mean by the share of their spread that exceeds
 the layer × sample noise (`casp.algorithms.shrinkage`), and that share is reported as `layer_scale_trust`.
+
+One scale per layer is set by the projections that carry most of the layer's estimate; within a layer the
+estimate's bias differs by projection type (on Gemma-3-270M the KL over the estimate of single matrices spreads
+9.4-fold between o_proj and down_proj, on SmolLM2-135M 4-fold the other way round). So each projection type is
+probed too: every matrix of the type, in all layers, at its probe weights (the layer probes' own: no new
+quantization), against the KL the layer-scaled estimate predicts for them. Those ratios, shrunk the same way
+(`type_scale_trust`) and centred, are `type_scales`; the layer scales are then fitted again on the type-scaled
+estimate, so each layer still predicts its own measured KL.
 """
 from __future__ import annotations
 
@@ -53,13 +61,59 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
             bits = sum(unit_cost(u, s, codec) for u in units) / sum(u.num_weights for u in units)
             found.setdefault(label, {})[i] = (bits, rows, estimate)
     scales: dict[int, list[tuple[float, float]]] = {}
-    measured.scale_trust = {}
+    measured.scale_trust, measured.type_trust, type_logs = {}, {}, {}
     for label, per_layer in found.items():
-        shrunk, factor = shrink_scales(per_layer)
-        measured.scale_trust[label] = factor
+        type_rows = _type_rows(run, by_layer, label, per_layer, measured, held, reference)
+        types, measured.type_trust[label] = {}, 1.0
+        shrunk, measured.scale_trust[label] = _fit_layers(per_layer, by_layer, label, types)
+        for _ in range(FIT_ROUNDS if type_rows else 0):
+            types, measured.type_trust[label] = _fit_types(type_rows, by_layer, label, shrunk)
+            shrunk, measured.scale_trust[label] = _fit_layers(per_layer, by_layer, label, types)
+        for module, f in types.items():
+            type_logs.setdefault(module, []).append(math.log(f))
         for i, scale in shrunk.items():
             scales.setdefault(i, []).append((per_layer[i][0], scale))
+    measured.type_scales = {m: math.exp(sum(v) / len(v)) for m, v in sorted(type_logs.items())}
     return {i: sorted(points) for i, points in sorted(scales.items())}
+
+
+FIT_ROUNDS = 5   # alternations of layer and type fits; each reuses the KLs measured once
+
+
+def _type_rows(run, by_layer: dict[int, list[Unit]], label: str, per_layer: dict, measured, held,
+               reference) -> dict[str, tuple[list[Unit], list[tuple[float, int]]]]:
+    """Projection type -> (its probed units, held-out KL rows with all of them at their probe weights at once);
+    empty with fewer than two types."""
+    by_type: dict[str, list[Unit]] = {}
+    for i in per_layer:
+        for u in by_layer[i]:
+            by_type.setdefault(u.module, []).append(u)
+    if len(by_type) < 2:
+        return {}
+    return {m: (units, _kl_with(run, units, label, measured.probes, held, reference))
+            for m, units in tqdm(sorted(by_type.items()), desc="probe projections", disable=not run.progress)}
+
+
+def _fit_layers(per_layer: dict, by_layer: dict[int, list[Unit]], label: str, types: dict[str, float]):
+    """The layers' shrunk scales over the type-scaled estimate, and the share of their spread kept."""
+    return shrink_scales({i: (bits, rows, sum(types.get(u.module, 1.0) * u.distortion[label] for u in by_layer[i]))
+                          for i, (bits, rows, _) in per_layer.items()})
+
+
+def _fit_types(type_rows: dict, by_layer: dict[int, list[Unit]], label: str,
+               layer_scale: dict[int, float]) -> tuple[dict[str, float], float]:
+    """Projection type -> its factor (geometric mean 1): measured KL over what the layer-scaled estimate predicts,
+    shrunk by sample noise; and the share of the types' spread kept."""
+    per_type = {}
+    for module, (units, rows) in type_rows.items():
+        predicted = sum(layer_scale[u.layer] * u.distortion[label] for u in units)
+        if predicted > 0:
+            per_type[module] = (0.0, rows, predicted)
+    if len(per_type) < 2:
+        return {}, 1.0
+    shrunk, factor = shrink_scales(per_type)
+    centre = sum(math.log(max(v, _FLOOR)) for v in shrunk.values()) / len(shrunk)
+    return {m: math.exp(math.log(max(v, _FLOOR)) - centre) for m, v in shrunk.items()}, factor
 
 
 def shrink_scales(per_layer: dict[int, tuple[float, list[tuple[float, int]], float]]) -> tuple[dict[int, float], float]:
@@ -108,23 +162,33 @@ def scale_at(points: list[tuple[float, float]], bits: float) -> float:
 
 
 def apply_layer_scales(measured, codec) -> None:
-    """Scale every unit's damages and Q/K options by their layer's scale at their bits (tables copied, not
-    changed in place: a plan cache may share them)."""
-    scales = measured.layer_scales
+    """Scale every unit's damages and Q/K options by their layer's scale at their bits and their projection type's
+    (tables copied, not changed in place: a plan cache may share them)."""
+    scales, types = measured.layer_scales, measured.type_scales or {}
     by_label = {s.label(): s for s in codec.candidates()}
     for u in measured.units:
         if u.layer in scales:
-            u.distortion = {label: d * scale_at(scales[u.layer], unit_cost(u, by_label[label], codec) / u.num_weights)
+            t = types.get(u.module, 1.0)
+            u.distortion = {label: d * t * scale_at(scales[u.layer], unit_cost(u, by_label[label], codec) / u.num_weights)
                             for label, d in u.distortion.items()}
     if measured.qk_tables:
         units = {u.key: u for u in measured.units}
         tables = {}
         for key, table in measured.qk_tables.items():
             u, points = units[key], scales.get(key.layer)
+            t = types.get(u.module, 1.0)
             tables[key] = table if points is None else {
-                label: (o, cost, d * scale_at(points, unit_cost(u, o.setting, codec) / u.num_weights))
+                label: (o, cost, d * t * scale_at(points, unit_cost(u, o.setting, codec) / u.num_weights))
                 for label, (o, cost, d) in table.items()}
         measured.qk_tables = tables
+
+
+def unit_scale(measured, unit: Unit, bits: float) -> float:
+    """What `apply_layer_scales` multiplied `unit`'s damage at `bits` per weight by."""
+    points = measured.layer_scales.get(unit.layer)
+    if points is None:
+        return 1.0
+    return (measured.type_scales or {}).get(unit.module, 1.0) * scale_at(points, bits)
 
 
 def summary(measured) -> dict:
@@ -132,4 +196,5 @@ def summary(measured) -> dict:
     if measured.layer_scales is None:
         return {}
     return {"layer_scales": {str(i): [[round(b, 4), s] for b, s in points] for i, points in measured.layer_scales.items()},
-            "layer_scale_trust": dict(measured.scale_trust or {})}
+            "layer_scale_trust": dict(measured.scale_trust or {}),
+            "type_scales": dict(measured.type_scales or {}), "type_scale_trust": dict(measured.type_trust or {})}

@@ -10,8 +10,8 @@ from casp.steps.units import Unit
 class Measured:
     """What the original model showed: Q/K ranks (None until chosen), the units with their measured damages,
     the output Fisher, the joint W_q / W_k option tables, for the search every quantized candidate, and for
-    measured damage each layer's scales (`casp.steps.layer_scales`) and, while they are measured, the probe
-    weights."""
+    measured damage the scales of each layer and projection type (`casp.steps.layer_scales`) and, while they
+    are measured, the probe weights."""
 
     ranks: list[dict[str, int]] | None
     units: list[Unit]
@@ -21,3 +21,5 @@ class Measured:
     layer_scales: dict[int, list[tuple[float, float]]] | None = None
     probes: dict | None = None
     scale_trust: dict[str, float] | None = None      # probe label -> the share of the scales' spread kept
+    type_scales: dict[str, float] | None = None      # projection (dotted name in its layer) -> its factor
+    type_trust: dict[str, float] | None = None       # probe label -> the share of the type factors' spread kept

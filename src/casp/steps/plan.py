@@ -89,7 +89,8 @@ def plan_ranks_and_units(run, batches, held: list[dict] = ()) -> Measured:
 def _units_copied(measured: Measured) -> Measured:
     """A `Measured` whose units a run may change (allocation writes to them); the tables are shared."""
     return Measured(measured.ranks, copy.deepcopy(measured.units), measured.fisher, measured.qk_tables,
-                    measured.database, measured.layer_scales, scale_trust=measured.scale_trust)
+                    measured.database, measured.layer_scales, scale_trust=measured.scale_trust,
+                    type_scales=measured.type_scales, type_trust=measured.type_trust)
 
 
 def _measure_while_analysing(run, batches, measured: Measured) -> None:
