@@ -34,7 +34,7 @@ class Recipe:
     allocation: str
     granularity: str
     fisher: str                      # labels of the sensitivity pass: "empirical" or "sampled"
-    damage: str                      # what rd weighs settings by: "measured" (per-layer scaled) or "estimate"
+    damage: str                      # what rd weighs settings by: "measured" (scaled per layer and type), "layer", "estimate"
     search_steps: int
     search_samples: int
     check_samples: int               # held out for the baseline check (0: none)
@@ -246,13 +246,13 @@ def _check_samples(config: CompressionConfig, stream: bool, reasons: dict) -> in
 
 def _damage(config: CompressionConfig, check_samples: int, reasons: dict) -> str:
     """Measured damage needs the held-out samples (those of the baseline check) and an rd allocation."""
-    if config.damage != "measured" or config.allocation != "rd" or config.quantizer == "none":
+    if config.damage == "estimate" or config.allocation != "rd" or config.quantizer == "none":
         return config.damage
     if not check_samples and not config.search_steps:
         reasons["damage"] = ("no held-out samples to measure each layer's KL on (the baseline check's): the "
                              "estimate alone")
         return "estimate"
-    return "measured"
+    return config.damage
 
 
 def _qk_rank(config: CompressionConfig, reasons: dict):

@@ -68,14 +68,16 @@ def test_a_kept_plan_reads_back_equal_without_unpickling(tmp_path):
     tables = {UnitKey(0, "self_attn.q_proj"): {"dense:e8p-2b": (QKOption(0, E8Setting(2)), 160, 1.5),
                                                  "r4:e8p-3b": (QKOption(4, E8Setting(3)), 200, 0.5)}}
     m = Measured([{"q": 0, "k": 0}], units, {"model.layers.0.self_attn.q_proj": torch.arange(8.0)}, tables,
-                 layer_scales={0: [(3.148, 0.25)]})
+                 layer_scales={0: [(3.148, 0.25)]}, scale_trust={"e8p-3b": 0.5},
+                 type_scales={"self_attn.q_proj": 0.8, "mlp.down_proj": 1.25}, type_trust={"e8p-3b": 0.9})
     cache = PlanCache(tmp_path)
     cache["k"] = m
     assert "k" in cache and "other" not in cache
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
     back = cache["k"]
     assert back.ranks == m.ranks and back.units == m.units and back.qk_tables == m.qk_tables
-    assert back.layer_scales == m.layer_scales
+    assert back.layer_scales == m.layer_scales and back.scale_trust == m.scale_trust
+    assert back.type_scales == m.type_scales and back.type_trust == m.type_trust
     assert torch.equal(back.fisher["model.layers.0.self_attn.q_proj"], torch.arange(8.0))
     with pytest.raises(KeyError):
         cache["other"]

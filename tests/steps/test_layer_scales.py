@@ -269,3 +269,9 @@ def test_each_layer_still_predicts_its_own_measured_kl_after_the_type_scales(tin
     from casp.report import render_markdown
 
     assert "by projection type" in render_markdown(res.report, [])
+
+
+def test_damage_layer_scales_per_layer_only(tiny_llama_dir, scene_text):
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, damage="layer", check_samples=2), progress=False)
+    assert res.recipe.damage == "layer" and res.report["layer_scales"]
+    assert res.report["type_scales"] == {} and res.report["type_scale_trust"] == {}

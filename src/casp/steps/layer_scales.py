@@ -21,7 +21,7 @@ estimate's bias differs by projection type (on Gemma-3-270M the KL over the esti
 probed too: every matrix of the type, in all layers, at its probe weights (the layer probes' own: no new
 quantization), against the KL the layer-scaled estimate predicts for them. Those ratios, shrunk the same way
 (`type_scale_trust`) and centred, are `type_scales`; the layer scales are then fitted again on the type-scaled
-estimate, so each layer still predicts its own measured KL.
+estimate, so each layer still predicts its own measured KL. `--damage layer` keeps the per-layer scales alone.
 """
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
     scales: dict[int, list[tuple[float, float]]] = {}
     measured.scale_trust, measured.type_trust, type_logs = {}, {}, {}
     for label, per_layer in found.items():
-        type_rows = _type_rows(run, by_layer, label, per_layer, measured, held, reference)
-        types, measured.type_trust[label] = {}, 1.0
+        type_rows = _type_rows(run, by_layer, label, per_layer, measured, held, reference) \
+            if run.recipe.damage == "measured" else {}
+        types: dict[str, float] = {}
         shrunk, measured.scale_trust[label] = _fit_layers(per_layer, by_layer, label, types)
         for _ in range(FIT_ROUNDS if type_rows else 0):
             types, measured.type_trust[label] = _fit_types(type_rows, by_layer, label, shrunk)
