@@ -95,7 +95,7 @@ def main() -> None:
     model_name = None if args.model == "embedded" else args.model
     cfg = CompressionConfig(bits=args.high, quantizer=args.quantizer, qk_rank=0 if args.single else "joint", transform=args.transform,
                             calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, search_steps=1, search_samples=args.held_out,
-                            granularity="matrix", seed=args.seed, damage="measured" if args.single else "estimate")
+                            granularity="matrix", seed=args.seed, damage="measured-types" if args.single else "estimate")
     t0 = time.time()
     run, batches = start(model_name, resolve(cfg, model_name), MemoryWriter(None, overwrite=False), None, True, None)
     model, layers = run.model, run.layers

@@ -13,7 +13,7 @@ QK_RANK_WORDS = ("auto", "joint")
 ALLOCATIONS = ("rd", "paper", "uniform")
 GRANULARITIES = ("matrix", "layer")
 FISHER_LABELS = ("empirical", "sampled")
-DAMAGES = ("measured", "layer", "estimate")
+DAMAGES = ("measured", "measured-types", "estimate")
 
 
 def parse_qk_rank(text: str) -> float | str:
@@ -88,9 +88,9 @@ class CompressionConfig:
                          "'empirical' (the calibration text's next tokens) or 'sampled' (tokens drawn from the "
                          "model's own prediction: the Fisher of KL to the original model)", choices=FISHER_LABELS)
     damage: str = option("measured", "--damage", "what the rd allocation weighs settings by: 'estimate' (each matrix's "
-                         "Fisher-weighted quadratic error), 'layer' (the estimate scaled per decoder layer to the "
-                         "held-out KL measured with the layer quantized at probe settings) or 'measured' (per layer and "
-                         "per projection type); the last two need held-out samples, --check-samples", choices=DAMAGES)
+                         "Fisher-weighted quadratic error), 'measured' (the estimate scaled per decoder layer to the "
+                         "held-out KL measured with the layer quantized at probe settings) or 'measured-types' (per "
+                         "layer and per projection type); the last two need held-out samples, --check-samples", choices=DAMAGES)
     granularity: str = option("layer", "--granularity", "rd allocation unit: each decoder layer or each matrix",
                               choices=GRANULARITIES)
     calib_samples: int = option(128, "--calib-samples", "number of calibration samples", type=int)

@@ -34,7 +34,7 @@ class Recipe:
     allocation: str
     granularity: str
     fisher: str                      # labels of the sensitivity pass: "empirical" or "sampled"
-    damage: str                      # what rd weighs settings by: "measured" (scaled per layer and type), "layer", "estimate"
+    damage: str                      # what rd weighs settings by: "measured" (scaled per layer), "measured-types", "estimate"
     search_steps: int
     search_samples: int
     check_samples: int               # held out for the baseline check (0: none)

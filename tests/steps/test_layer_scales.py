@@ -221,7 +221,7 @@ def _type_skewed_plan(tiny_llama_dir, scene_text, monkeypatch, factor, module="m
     real = plan_step.plan_ranks_and_units
     monkeypatch.setattr("casp.pipeline.plan_ranks_and_units",
                         lambda run, batches, held=(): seen.setdefault("m", real(run, batches, held)))
-    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2), progress=False)
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2, damage="measured-types"), progress=False)
     return seen["m"], res
 
 
@@ -271,7 +271,7 @@ def test_each_layer_still_predicts_its_own_measured_kl_after_the_type_scales(tin
     assert "by projection type" in render_markdown(res.report, [])
 
 
-def test_damage_layer_scales_per_layer_only(tiny_llama_dir, scene_text):
-    res = compress(tiny_llama_dir, None, _cfg(scene_text, damage="layer", check_samples=2), progress=False)
-    assert res.recipe.damage == "layer" and res.report["layer_scales"]
+def test_the_default_measured_damage_scales_per_layer_only(tiny_llama_dir, scene_text):
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, check_samples=2), progress=False)
+    assert res.recipe.damage == "measured" and res.report["layer_scales"]
     assert res.report["type_scales"] == {} and res.report["type_scale_trust"] == {}

@@ -60,7 +60,7 @@ def plan_ranks_and_units(run, batches, held: list[dict] = ()) -> Measured:
     ranks = None if auto else choose_ranks(run.layers, run.adapter, 0 if joint else recipe.qk_rank,
                                            recipe.qk_rank_overrides)
     measured = Measured(ranks, [], database={} if recipe.search_steps else None)
-    scaled = measure and recipe.damage in ("measured", "layer") and bool(held)
+    scaled = measure and recipe.damage in ("measured", "measured-types") and bool(held)
     measured.probes = {} if scaled else None
     if measure:
         measured.fisher = fisher_of(run, batches)
