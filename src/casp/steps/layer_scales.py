@@ -21,8 +21,9 @@ Gemma-3-270M the KL over the estimate of single matrices spreads 9.4-fold betwee
 every matrix of a type, in all layers, is put at its probe weights at once (the layer probes' own: no new
 quantization), against the KL the layer-scaled estimate predicts for them. Those ratios, shrunk the same way
 (`type_scale_trust`) and centred, are `type_scales`; the layer scales are then fitted again on the type-scaled
-estimate, so each layer still predicts its own measured KL. Per matrix this ranks better on the three models
-measured; end to end it helped Gemma-3-270M and hurt SmolLM2-135M, so it is not the default (docs/allocation.md).
+estimate, so each layer still predicts its own measured KL. Per matrix this ranks better than the layer scales
+alone on the three models measured; end to end it helped Gemma-3-270M and hurt SmolLM2-135M, so it is not the
+default (docs/allocation.md).
 """
 from __future__ import annotations
 
