@@ -13,10 +13,12 @@ EvoPress's database; a sequential compression run differs slightly.
 
 With --single SETTING (e.g. 2b-g128): instead of random allocations, each matrix alone is put at SETTING (every
 other weight FP) and its held-out KL measured, next to the estimate's damage for it and the measured damage
-(`--damage measured`: the estimate scaled per layer and per projection type to the KL of the whole layer,
-and of every matrix of the type, at the probe settings, on the other half of the held-out samples). Prints one row per matrix, Spearman's rho of each against the KL over all
-matrices, and per projection type the median of measured KL / estimated damage: the types whose ratio stands
-apart are those the estimate misjudges.
+(`--damage measured-types`: the estimate scaled per layer and per projection type to the KL of the whole
+layer, and of every matrix of the type, at the probe settings, on the other half of the held-out samples).
+Prints one row per matrix; Spearman's rho against the KL over those matrices of the estimate, of the damage
+scaled per layer alone (`--damage measured`) and of the damage scaled per layer and type; and per projection
+type the median of measured KL / estimated damage: the types whose ratio stands apart are those the estimate
+misjudges.
 
 Usage: python benchmarks/allocation_proxy.py [--model smollm2-135m|gemma3-270m|embedded] [--allocations 24]
        [--quantizer gptq] [--single 2b-g128 [--single-layers 0,3,6]] [--calib-seq-len 512]

@@ -44,7 +44,8 @@ from casp.steps.units import Unit
 def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tuple[float, float]]]:
     """layer -> [(bits per weight, scale)] by increasing bits, from `measured.probes` ((unit key, label) ->
     fp16 weight); layers without a probe are left out. Sets `measured.scale_trust` (probe label -> the
-    shrinkage factor kept, `shrink_scales`)."""
+    shrinkage factor kept, `shrink_scales`), and `measured.type_scales` / `type_trust` (empty unless
+    `--damage measured-types`)."""
     codec = run.codec
     by_layer: dict[int, list[Unit]] = {}
     for u in measured.units:
@@ -70,7 +71,7 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
         types: dict[str, float] = {}
         shrunk, measured.scale_trust[label] = _fit_layers(per_layer, by_layer, label, types)
         for _ in range(FIT_ROUNDS if type_rows else 0):
-            types, measured.type_trust[label] = _fit_types(type_rows, by_layer, label, shrunk)
+            types, measured.type_trust[label] = _fit_types(type_rows, label, shrunk)
             shrunk, measured.scale_trust[label] = _fit_layers(per_layer, by_layer, label, types)
         for module, f in types.items():
             type_logs.setdefault(module, []).append(math.log(f))
@@ -103,8 +104,7 @@ def _fit_layers(per_layer: dict, by_layer: dict[int, list[Unit]], label: str, ty
                           for i, (bits, rows, _) in per_layer.items()})
 
 
-def _fit_types(type_rows: dict, by_layer: dict[int, list[Unit]], label: str,
-               layer_scale: dict[int, float]) -> tuple[dict[str, float], float]:
+def _fit_types(type_rows: dict, label: str, layer_scale: dict[int, float]) -> tuple[dict[str, float], float]:
     """Projection type -> its factor (geometric mean 1): measured KL over what the layer-scaled estimate predicts,
     shrunk by sample noise; and the share of the types' spread kept."""
     per_type = {}
@@ -167,27 +167,26 @@ def scale_at(points: list[tuple[float, float]], bits: float) -> float:
 def apply_layer_scales(measured, codec) -> None:
     """Scale every unit's damages and Q/K options by their layer's scale at their bits and their projection type's
     (tables copied, not changed in place: a plan cache may share them)."""
-    scales, types = measured.layer_scales, measured.type_scales or {}
+    scales = measured.layer_scales
     by_label = {s.label(): s for s in codec.candidates()}
     for u in measured.units:
         if u.layer in scales:
-            t = types.get(u.module, 1.0)
-            u.distortion = {label: d * t * scale_at(scales[u.layer], unit_cost(u, by_label[label], codec) / u.num_weights)
+            u.distortion = {label: d * unit_scale(measured, u, unit_cost(u, by_label[label], codec) / u.num_weights)
                             for label, d in u.distortion.items()}
     if measured.qk_tables:
         units = {u.key: u for u in measured.units}
         tables = {}
         for key, table in measured.qk_tables.items():
-            u, points = units[key], scales.get(key.layer)
-            t = types.get(u.module, 1.0)
-            tables[key] = table if points is None else {
-                label: (o, cost, d * t * scale_at(points, unit_cost(u, o.setting, codec) / u.num_weights))
+            u = units[key]
+            tables[key] = table if key.layer not in scales else {
+                label: (o, cost, d * unit_scale(measured, u, unit_cost(u, o.setting, codec) / u.num_weights))
                 for label, (o, cost, d) in table.items()}
         measured.qk_tables = tables
 
 
 def unit_scale(measured, unit: Unit, bits: float) -> float:
-    """What `apply_layer_scales` multiplied `unit`'s damage at `bits` per weight by."""
+    """What `apply_layer_scales` multiplies `unit`'s damage at `bits` per weight by: its layer's scale at those
+    bits times its projection type's (1 where none was measured)."""
     points = measured.layer_scales.get(unit.layer)
     if points is None:
         return 1.0
