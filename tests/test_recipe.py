@@ -12,7 +12,7 @@ from casp.recipe import Recipe, resolve
 
 CALIB = ("--calib-samples", "4", "--calib-seq-len", "32")
 MEASUREMENT_FREE = {"bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
-                    "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr"}
+                    "finetune_steps", "finetune_lr", "finetune_within", "e2e_steps", "e2e_lr", "check_inputs"}
 
 
 def _outputs_equal(a, b):
@@ -43,6 +43,20 @@ def test_every_config_field_is_in_the_recipe_and_the_recipe_reads_back():
     assert recipe.transform == "incoherence" and recipe.build_transform() is not None
 
 
+def test_e8_under_incoherence_starts_its_scale_grid_at_the_nominal_scale():
+    """A transform-dependent default is stated in the reasons, and the user's own grid wins over it."""
+    rotated = resolve(CompressionConfig(bits=3.25, quantizer="e8", transform="incoherence"), None)
+    assert rotated.quantizer_options["scale_multipliers"] == [1.0, 1.1, 1.2]
+    assert "--transform incoherence" in rotated.reasons["quantizer_options.scale_multipliers"]
+    plain = resolve(CompressionConfig(bits=3.25, quantizer="e8"), None)
+    assert plain.quantizer_options["scale_multipliers"] == [0.9, 1.0, 1.1, 1.2]
+    assert "quantizer_options.scale_multipliers" not in plain.reasons
+    given = resolve(CompressionConfig(bits=3.25, quantizer="e8", transform="incoherence",
+                                      quantizer_options={"scale_multipliers": (0.8, 1.0)}), None)
+    assert given.quantizer_options["scale_multipliers"] == [0.8, 1.0]
+    assert "quantizer_options.scale_multipliers" not in given.reasons
+
+
 def test_a_recipe_resolves_to_itself():
     """The config a recipe gives resolves to the same recipe (only the reasons, now all given, go)."""
     recipe = resolve(CompressionConfig(bits=3.25, quantizer="gptq"), None)
@@ -57,7 +71,7 @@ def test_every_field_that_can_change_measurement_is_in_the_plan_cache_key():
                "transform_options": {"x": 1}, "qk_rank": 0.25, "qk_rank_overrides": {0: 0.5},
                "qk_rank_ladder": (0.5,), "allocation": "paper", "granularity": "matrix", "fisher": "sampled", "damage": "estimate",
                "search_steps": 3,
-               "search_samples": 4, "check_samples": 2, "calib_samples": 3, "calib_seq_len": 64, "calib_jsonl": "a.jsonl",
+               "search_samples": 4, "check_samples": 2, "check_inputs": "shared", "calib_samples": 3, "calib_seq_len": 64, "calib_jsonl": "a.jsonl",
                "calib_text": "t.txt", "calibration_source": "text", "preset": "stand-in-text",
                "excluded_candidates": ("4b-g32",), "density_mass": 0.5, "seed": 1, "device": "cuda",
                "layers": (0,), "stream": True, "max_memory": 1.0, "finetune_steps": 5, "finetune_lr": 0.1,

@@ -14,6 +14,7 @@ ALLOCATIONS = ("rd", "paper", "uniform")
 GRANULARITIES = ("matrix", "layer")
 FISHER_LABELS = ("empirical", "sampled")
 DAMAGES = ("measured", "measured-types", "estimate")
+CHECK_INPUTS = ("shared", "own")
 
 
 def parse_qk_rank(text: str) -> float | str:
@@ -82,6 +83,11 @@ class CompressionConfig:
     search_samples: int = option(8, "--search-samples", "calibration samples held out for the search", type=int)
     check_samples: int = option(4, "--check-samples", "calibration samples held out to check an allocated run "
                                 "against the quantizer's uniform setting before saving (0: no check)", type=int)
+    check_inputs: str = option("own", "--check-inputs", "what the baseline check's uniform layers are calibrated on: "
+                               "'own' (the uniform model's own hidden states: exactly the model a uniform run "
+                               "stores) or 'shared' (the allocated run's inputs, with the matrices it stores at the "
+                               "uniform setting reused: cheaper, but a weaker uniform model when the allocation is "
+                               "bad)", choices=CHECK_INPUTS)
     allocation: str = option("rd", "--allocation", "bit allocation: rate-distortion, the paper's rule, or uniform "
                              "int(--bits)", choices=ALLOCATIONS)
     fisher: str = option("empirical", "--fisher", "labels of the sensitivity pass that weights each matrix's damage: "
@@ -130,6 +136,8 @@ class CompressionConfig:
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
         if self.fisher not in FISHER_LABELS:
             raise CaspError(f"--fisher must be one of {', '.join(FISHER_LABELS)}, got {self.fisher!r}")
+        if self.check_inputs not in CHECK_INPUTS:
+            raise CaspError(f"--check-inputs must be one of {', '.join(CHECK_INPUTS)}, got {self.check_inputs!r}")
         if self.damage not in DAMAGES:
             raise CaspError(f"--damage must be one of {', '.join(DAMAGES)}, got {self.damage!r}")
         r = self.qk_rank

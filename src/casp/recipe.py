@@ -38,6 +38,7 @@ class Recipe:
     search_steps: int
     search_samples: int
     check_samples: int               # held out for the baseline check (0: none)
+    check_inputs: str                # the check's uniform layers calibrated on "shared" or "own" inputs
     calib_samples: int
     calib_seq_len: int
     calib_jsonl: str | None
@@ -90,7 +91,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "fisher", "damage",
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "check_inputs", "fisher", "damage",
                                                      *TUNING})
         unknown = sorted(set(data) - known)
         if missing or unknown:
@@ -100,7 +101,7 @@ class Recipe:
         # recipes written before the baseline check, the Fisher choice, measured damage and fine-tuning ran
         # without them
         untuned = CompressionConfig()
-        values = {"check_samples": 0, "fisher": "empirical", "damage": "estimate",
+        values = {"check_samples": 0, "check_inputs": "own", "fisher": "empirical", "damage": "estimate",
                   **{k: getattr(untuned, k) for k in TUNING}, **data}
         aqlm = dict(values["quantizer_options"])   # --finetune-steps was an AQLM option before it applied to all
         if "layer_finetune_steps" in aqlm:
@@ -145,7 +146,7 @@ class Recipe:
         that spends it. Runs with the same key share a plan cache entry."""
         d = self.to_dict()
         for k in ("bits", "allocation", "granularity", "search_steps", "reasons", "stream", "max_memory", "device",
-                  *TUNING):
+                  "check_inputs", *TUNING):
             d.pop(k)
         if self.transform:
             from casp.transforms.base import get_transform_class
@@ -310,6 +311,9 @@ def _quantizer_options(config: CompressionConfig, path: Path | None, preset: str
     for k, v in cls.target_options(config.bits).items():
         options[k] = v
         reasons[f"quantizer_options.{k}"] = f"{config.quantizer}'s default for a {config.bits}-bit target"
+    for k, v in cls.transform_options(config.transform).items():
+        options[k] = v
+        reasons[f"quantizer_options.{k}"] = f"{config.quantizer}'s default under --transform {config.transform}"
     if preset == STAND_IN_TEXT:
         for k, v in cls.stand_in_text_options().items():
             options[k] = v

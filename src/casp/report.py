@@ -99,8 +99,15 @@ def _check_lines(report: dict) -> list[str]:
     if "skipped" in c:
         return [f"Baseline check: skipped ({c['skipped']}).", ""]
     return [f"Baseline check on {c['samples']} held-out samples: KL(FP ‖ model) {c['allocation_kl']:.4g} allocated, "
-            f"{c['uniform_kl']:.4g} uniform {c['uniform_setting']} ({c['uniform_bits']:.4f} bits); kept the "
+            f"{c['uniform_kl']:.4g} uniform {c['uniform_setting']} ({c['uniform_bits']:.4f} bits{_check_inputs(c)}); kept the "
             f"{c['kept']} model ({c['seconds']:.1f} s, {100 * c['share_of_run']:.0f} % of the run).", ""]
+
+
+def _check_inputs(c: dict) -> str:
+    """How the uniform layers were calibrated (absent from reports written before `--check-inputs`)."""
+    if c.get("inputs") == "shared":
+        return f", calibrated on the allocated run's inputs, {c['reused_units']} matrices reused"
+    return ", calibrated on its own inputs" if c.get("inputs") == "own" else ""
 
 
 def _damage_lines(report: dict) -> list[str]:

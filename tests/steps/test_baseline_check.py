@@ -47,13 +47,14 @@ def test_a_bad_allocation_is_caught_and_the_uniform_model_saved(tiny_llama_dir, 
         assert torch.equal(load_compressed(tmp_path / "out")(ids).logits, res.model(ids).logits)
 
 
-def test_the_kept_uniform_model_is_the_uniform_run_on_the_same_samples(tiny_llama_dir, scene_text, monkeypatch):
-    """Each uniform layer is calibrated on the uniform model's own hidden states, not the allocated model's:
-    what the check keeps is the model `--allocation uniform` stores from the same fitting samples."""
+def test_with_own_inputs_the_kept_uniform_model_is_the_uniform_run_on_the_same_samples(tiny_llama_dir, scene_text,
+                                                                                      monkeypatch):
+    """`--check-inputs own`: each uniform layer is calibrated on the uniform model's own hidden states, not the
+    allocated model's, so what the check keeps is the model `--allocation uniform` stores from the same samples."""
     from casp.data.calibration import hold_out
 
     _flipped(monkeypatch)
-    checked = compress(tiny_llama_dir, None, _cfg(scene_text), progress=False)
+    checked = compress(tiny_llama_dir, None, _cfg(scene_text, check_inputs="own"), progress=False)
     assert checked.report["baseline_check"]["kept"] == "uniform"
     monkeypatch.undo()
     honest = pipeline.calibrate
@@ -62,6 +63,18 @@ def test_the_kept_uniform_model_is_the_uniform_run_on_the_same_samples(tiny_llam
     ids = torch.randint(5, 40, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(checked.model(ids).logits, uniform.model(ids).logits)
+
+
+def test_shared_inputs_reuse_the_allocated_units_at_the_uniform_setting_exactly(tiny_llama_dir, scene_text):
+    """On the first compressed layer both modes calibrate on the same inputs, so the shared mode's reused modules
+    must give the very uniform model that the own mode codes in full."""
+    shared = compress(tiny_llama_dir, None, _cfg(scene_text, layers=(0,), check_inputs="shared"), progress=False)
+    own = compress(tiny_llama_dir, None, _cfg(scene_text, layers=(0,)), progress=False)
+    s, o = shared.report["baseline_check"], own.report["baseline_check"]
+    at_uniform = sum(u["setting"] == s["uniform_setting"] for u in shared.report["layers"])
+    assert s["inputs"] == "shared" and s["reused_units"] == at_uniform > 0
+    assert o["inputs"] == "own" and o["reused_units"] == 0
+    assert s["uniform_kl"] == o["uniform_kl"] and s["allocation_kl"] == o["allocation_kl"]
 
 
 def test_the_better_allocation_is_kept_with_both_figures(tiny_llama_dir, scene_text):
@@ -98,12 +111,13 @@ def test_the_command_line_says_when_the_uniform_model_was_kept(tiny_llama_dir, s
 
     _flipped(monkeypatch)
     args = ["compress", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--bits", "3.25", "--qk-rank", "0",
-            "--calib-text", str(scene_text), "--calib-samples", "16", "--calib-seq-len", "32"]
+            "--calib-text", str(scene_text), "--calib-samples", "16", "--calib-seq-len", "32", "--check-inputs", "shared"]
     assert main([*args, "--quiet"]) == 0
     assert "so the uniform model was kept" in capsys.readouterr().out
     assert main([*args, "-o", str(tmp_path / "j"), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["baseline_check"]["kept"] == "uniform"
-    assert "Baseline check on 2 held-out samples" in (tmp_path / "o" / "report.md").read_text()
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "Baseline check on 2 held-out samples" in md and "calibrated on the allocated run's inputs" in md
 
 
 def test_a_vector_quantizer_at_a_fractional_target_is_checked_against_its_floor(tiny_llama_dir, scene_text):

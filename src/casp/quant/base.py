@@ -127,6 +127,12 @@ class Quantizer(Configurable, ABC):
         than the model's use (the user's options override them)."""
         return {}
 
+    @classmethod
+    def transform_options(cls, transform: str | None) -> dict:
+        """Defaults that hold under a weight transform (`--transform`, None: none); the user's options override
+        them."""
+        return {}
+
     def reproduces_grid(self, setting, grid: tuple[int, int]) -> bool:
         """Whether `setting` lands exactly on weights already stored on `grid` = (bits, group size), so that
         its measured damage would be near zero for that reason alone (such candidates are left out)."""

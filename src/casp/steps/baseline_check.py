@@ -6,10 +6,16 @@ setting (in the same layer pass), and at the end measures KL(FP ‖ model) on ca
 samples held out of everything else, once with the allocated modules and once with the uniform ones. The
 better model is kept; both figures go to `report["baseline_check"]`.
 
-The uniform alternative is the model a uniform run would store: each of its layers is calibrated on its
-own inputs, the hidden states that the uniform layers below it produce (one more stream of hidden states
-through the layer pass, two more forward passes per layer). The check needs the whole model in memory
-(no --stream), and a uniform setting that fits the target bits.
+What the uniform layers are calibrated on (`--check-inputs`):
+- "own" (the default): the uniform model's own hidden states, one more stream of hidden states through the
+  layer pass (two more forward passes per layer), so a kept uniform model is exactly the one a uniform run
+  stores.
+- "shared": the allocated run's inputs and XᵀX, which the layer pass has at hand. A matrix the allocation
+  stores at the uniform setting would be coded identically, so its stored module is reused (`share_layer`)
+  and only the others are coded. Cheaper, but when the allocation is bad its hidden states are too, and the
+  uniform layers fitted to them are worse than a uniform run's (Gemma-3-270M: 11-16 % in perplexity,
+  docs/results.md).
+The check needs the whole model in memory (no --stream), and a uniform setting that fits the target bits.
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ class BaselineCheck:
     uniform_bits: float                              # its average stored bits over the compressed units
     alternatives: dict[int, list] = field(default_factory=dict)   # layer -> [(unit name, module, row)]
     seconds: float = 0.0
-    hidden: list[torch.Tensor] | None = None         # the uniform model's inputs to layer `next_layer`
+    hidden: list[torch.Tensor] | None = None         # the uniform model's inputs to layer `next_layer` ("own")
     next_layer: int = 0
+    reused: int = 0                                  # units taken from the allocation so far
 
 
 def uniform_fit(run):
@@ -68,32 +75,49 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
     return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
 
 
-def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict) -> None:
-    """Quantize the layer's dense linears at the uniform setting on the uniform model's own inputs (before the
-    allocated modules replace them); keep them aside, and carry the uniform model's hidden states on. `xtx` is
-    XᵀX of the allocated run's `inputs`, which the uniform model shares up to its first compressed layer."""
+def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict, allocated: dict) -> None:
+    """Quantize the layer's dense linears at the uniform setting (before the allocated modules replace them) and
+    keep them aside. `xtx` is XᵀX of the allocated run's `inputs`; `allocated` (unit key -> setting) is what the
+    allocation stores. With shared inputs, units allocated at the uniform setting are left for `share_layer`;
+    with own inputs, every unit is coded on the uniform model's hidden states, which are carried on."""
     t0 = time.time()
-    own = _own_inputs(run, check, index, inputs)
-    if own is not inputs:
-        _, moments, _ = observe_layer(layer, run.adapter, own, run.adapter.linears, run.device)
+    own = run.recipe.check_inputs == "own"
+    layer_inputs = _own_inputs(run, check, index, inputs) if own else inputs
+    if layer_inputs is not inputs:
+        _, moments, _ = observe_layer(layer, run.adapter, layer_inputs, run.adapter.linears, run.device)
         xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
+    reuse = not own and not run.recipe.finetune_steps   # tuning changes the allocated modules after they are stored
     kept, dense = [], []
     for u in plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,)):
+        if reuse and allocated.get(u.key) == check.setting:
+            kept.append((u.name, None, None))   # filled in by `share_layer`
+            continue
         lin = layer.get_submodule(u.name)
         bias = lin.bias.data.clone() if lin.bias is not None else None
         module, row = stored_unit(run, u, lin.weight.data, xtx[u.input_group], check.setting, bias)
         kept.append((u.name, module, row))
         dense.append((u.name, lin))
     check.alternatives[index] = kept
-    _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
-    check.hidden, check.next_layer = run_layer(layer, own, run.device), index + 1
-    _put(run.layers, {index: dense})
+    if own:
+        _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
+        check.hidden, check.next_layer = run_layer(layer, layer_inputs, run.device), index + 1
+        _put(run.layers, {index: dense})
     check.seconds += time.time() - t0
 
 
+def share_layer(check: BaselineCheck, layer: nn.Module, index: int, rows: dict) -> None:
+    """Fill layer `index`'s uniform alternative with the modules the allocation stored at the uniform setting
+    (`rows`: unit name -> its report row), once the layer's units are stored."""
+    alternatives = check.alternatives.get(index, [])
+    for k, (name, module, row) in enumerate(alternatives):
+        if module is None:
+            alternatives[k] = (name, layer.get_submodule(name), rows[name])
+            check.reused += 1
+
+
 def _own_inputs(run, check: BaselineCheck, index: int, inputs):
-    """The uniform model's inputs to layer `index`: the allocated run's at the first compressed layer; after
-    that its own hidden states, carried through any layers the run leaves dense."""
+    """With own inputs, the uniform model's inputs to layer `index`: the allocated run's at the first compressed
+    layer; after that its own hidden states, carried through any layers the run leaves dense."""
     if check.hidden is None:
         return inputs
     own = replace(inputs, hidden=check.hidden)
@@ -126,6 +150,7 @@ def decide(run, check: BaselineCheck) -> dict:
     check.seconds += time.time() - t0
     return {"samples": sum(len(b["input_ids"]) for b in check.held), "allocation_kl": allocated_kl, "uniform_kl": uniform_kl,
             "uniform_setting": check.setting.label(), "uniform_bits": check.uniform_bits, "kept": kept,
+            "inputs": run.recipe.check_inputs, "reused_units": check.reused,
             "kept_bits": stored / max(weights, 1), "seconds": check.seconds}
 
 

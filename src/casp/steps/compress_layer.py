@@ -8,7 +8,7 @@ from itertools import groupby
 from casp.analysis.attention_stats import layer_attention_stats
 from casp.models.adapters import Adapter
 from casp.steps.analyse import observe_layer
-from casp.steps.baseline_check import add_layer
+from casp.steps.baseline_check import add_layer, share_layer
 from casp.steps.finetune import Tuning, finetune_layer
 from casp.steps.quantize import FP16_BITS, factorise, stored_unit, unit_row, unit_weight_and_xtx
 from casp.steps.units import Plan, Unit
@@ -34,7 +34,7 @@ def compress_layer(run, step, plan: Plan) -> dict:
         original = None   # only tuning needs the original outputs: not held while the layer is quantized
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     if run.check is not None:
-        add_layer(run, run.check, layer, i, step.inputs, xtx)
+        add_layer(run, run.check, layer, i, step.inputs, xtx, plan.settings)
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
     stats = layer_attention_stats(layer, adapter, run.geometry, attn_inputs, run.recipe.density_mass,
                                   qk_pair(layer, adapter, lowrank))
@@ -42,11 +42,15 @@ def compress_layer(run, step, plan: Plan) -> dict:
         layer.set_submodule(name, module)
     tuning = Tuning(recipe.finetune_steps, recipe.finetune_lr, device=device)
     groups = [list(g) for _, g in groupby(plan.units_of(i), key=lambda u: u.input_group)]
-    rows, within = [], 0.0
+    rows, stored, within = [], {}, 0.0
     for k, group in enumerate(groups):
-        rows += [_store_unit(run, layer, u, plan, (lowrank, xtx)) for u in group]
+        for u in group:
+            stored[u.name] = _store_unit(run, layer, u, plan, (lowrank, xtx))
+            rows.append(stored[u.name])
         if recipe.finetune_steps and recipe.finetune_within and k < len(groups) - 1:
             within += finetune_layer(layer, step.inputs, original, tuning).seconds
+    if run.check is not None:
+        share_layer(run.check, layer, i, stored)
     entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
     if recipe.finetune_steps:
         tuned = finetune_layer(layer, step.inputs, original, tuning)

@@ -121,10 +121,11 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
 
 
 def _keep_probes(run, unit: Unit, target: Target, probes, quantized: dict, store: dict) -> None:
-    """The unit's whole weight at each probe setting (reused from `quantized` where measured whole)."""
-    missing = [s for s in probes if s.label() not in quantized]
-    if missing:
-        made = run.codec.dequantize_many(target.w.float(), target.xtx, missing, transform_seed(run.seed, unit))
-        quantized = {**quantized, **{s.label(): wq for s, wq in zip(missing, made)}}
+    """The unit's whole weight at each probe setting (reused from `quantized` where measured whole), coded as the
+    layer pass codes it (`Codec.quantize`: E8 picks its scale on a row sample and codes the matrix once)."""
+    seed = transform_seed(run.seed, unit)
     for s in probes:
-        store[(unit.key, s.label())] = quantized[s.label()].half().cpu()
+        weight = quantized.get(s.label())
+        if weight is None:
+            weight = run.codec.quantize(target.w.float(), target.xtx, s, seed)[1]
+        store[(unit.key, s.label())] = weight.half().cpu()
