@@ -14,7 +14,7 @@ ALLOCATIONS = ("rd", "paper", "uniform")
 GRANULARITIES = ("matrix", "layer")
 FISHER_LABELS = ("empirical", "sampled")
 DAMAGES = ("measured", "measured-types", "estimate")
-CHECK_INPUTS = ("shared", "own")
+CHECK_INPUTS = ("auto", "shared", "own")
 
 
 def parse_qk_rank(text: str) -> float | str:
@@ -83,11 +83,11 @@ class CompressionConfig:
     search_samples: int = option(8, "--search-samples", "calibration samples held out for the search", type=int)
     check_samples: int = option(4, "--check-samples", "calibration samples held out to check an allocated run "
                                 "against the quantizer's uniform setting before saving (0: no check)", type=int)
-    check_inputs: str = option("own", "--check-inputs", "what the baseline check's uniform layers are calibrated on: "
-                               "'own' (the uniform model's own hidden states: exactly the model a uniform run "
-                               "stores) or 'shared' (the allocated run's inputs, with the matrices it stores at the "
+    check_inputs: str = option("auto", "--check-inputs", "what the baseline check's uniform layers are calibrated "
+                               "on: 'own' (the uniform model's own hidden states: exactly the model a uniform run "
+                               "stores), 'shared' (the allocated run's inputs, with the matrices it stores at the "
                                "uniform setting reused: cheaper, but a weaker uniform model when the allocation is "
-                               "bad)", choices=CHECK_INPUTS)
+                               "bad) or 'auto' (shared, then own unless the allocation wins by a clear margin)", choices=CHECK_INPUTS)
     allocation: str = option("rd", "--allocation", "bit allocation: rate-distortion, the paper's rule, or uniform "
                              "int(--bits)", choices=ALLOCATIONS)
     fisher: str = option("empirical", "--fisher", "labels of the sensitivity pass that weights each matrix's damage: "

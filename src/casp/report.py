@@ -107,6 +107,8 @@ def _check_inputs(c: dict) -> str:
     """How the uniform layers were calibrated (absent from reports written before `--check-inputs`)."""
     if c.get("inputs") == "shared":
         return f", calibrated on the allocated run's inputs, {c['reused_units']} matrices reused"
+    if "shared_uniform_kl" in c:
+        return f", calibrated on its own inputs after {c['shared_uniform_kl']:.4g} on the allocated run's"
     return ", calibrated on its own inputs" if c.get("inputs") == "own" else ""
 
 

@@ -47,15 +47,19 @@ def test_a_bad_allocation_is_caught_and_the_uniform_model_saved(tiny_llama_dir, 
         assert torch.equal(load_compressed(tmp_path / "out")(ids).logits, res.model(ids).logits)
 
 
-def test_with_own_inputs_the_kept_uniform_model_is_the_uniform_run_on_the_same_samples(tiny_llama_dir, scene_text,
-                                                                                      monkeypatch):
-    """`--check-inputs own`: each uniform layer is calibrated on the uniform model's own hidden states, not the
-    allocated model's, so what the check keeps is the model `--allocation uniform` stores from the same samples."""
+@pytest.mark.parametrize("inputs", ["own", "auto"])
+def test_the_kept_uniform_model_is_the_uniform_run_on_the_same_samples(tiny_llama_dir, scene_text, monkeypatch, inputs):
+    """`own`: each uniform layer is calibrated on the uniform model's own hidden states, not the allocated
+    model's, so what the check keeps is the model `--allocation uniform` stores from the same samples. `auto`
+    gets there too: the flipped allocation does not beat the shared-input uniform model by its margin, so that
+    model is rebuilt on its own inputs from the original weights."""
     from casp.data.calibration import hold_out
 
     _flipped(monkeypatch)
-    checked = compress(tiny_llama_dir, None, _cfg(scene_text, check_inputs="own"), progress=False)
-    assert checked.report["baseline_check"]["kept"] == "uniform"
+    checked = compress(tiny_llama_dir, None, _cfg(scene_text, check_inputs=inputs), progress=False)
+    report = checked.report["baseline_check"]
+    assert report["inputs"] == "own"
+    assert ("shared_uniform_kl" in report) == (inputs == "auto") and report["kept"] == "uniform"
     monkeypatch.undo()
     honest = pipeline.calibrate
     monkeypatch.setattr(pipeline, "calibrate", lambda run: hold_out(honest(run), 2)[0])
@@ -69,7 +73,7 @@ def test_shared_inputs_reuse_the_allocated_units_at_the_uniform_setting_exactly(
     """On the first compressed layer both modes calibrate on the same inputs, so the shared mode's reused modules
     must give the very uniform model that the own mode codes in full."""
     shared = compress(tiny_llama_dir, None, _cfg(scene_text, layers=(0,), check_inputs="shared"), progress=False)
-    own = compress(tiny_llama_dir, None, _cfg(scene_text, layers=(0,)), progress=False)
+    own = compress(tiny_llama_dir, None, _cfg(scene_text, layers=(0,), check_inputs="own"), progress=False)
     s, o = shared.report["baseline_check"], own.report["baseline_check"]
     at_uniform = sum(u["setting"] == s["uniform_setting"] for u in shared.report["layers"])
     assert s["inputs"] == "shared" and s["reused_units"] == at_uniform > 0

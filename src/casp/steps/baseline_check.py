@@ -7,14 +7,17 @@ samples held out of everything else, once with the allocated modules and once wi
 better model is kept; both figures go to `report["baseline_check"]`.
 
 What the uniform layers are calibrated on (`--check-inputs`):
-- "own" (the default): the uniform model's own hidden states, one more stream of hidden states through the
-  layer pass (two more forward passes per layer), so a kept uniform model is exactly the one a uniform run
-  stores.
+- "own": the uniform model's own hidden states, one more stream of hidden states through the layer pass (two
+  more forward passes per layer), so a kept uniform model is exactly the one a uniform run stores.
 - "shared": the allocated run's inputs and XᵀX, which the layer pass has at hand. A matrix the allocation
   stores at the uniform setting would be coded identically, so its stored module is reused (`share_layer`)
   and only the others are coded. Cheaper, but when the allocation is bad its hidden states are too, and the
   uniform layers fitted to them are worse than a uniform run's (Gemma-3-270M: 11-16 % in perplexity,
   docs/results.md).
+- "auto" (the default): shared first. Unless the allocation beats that uniform model by a clear margin
+  (`SHARED_MARGIN`), the uniform model is built again on its own inputs, from the original weights kept
+  aside, and the decision is made against it: the cost of "shared" when the allocation clearly wins, the
+  guarantee of "own" otherwise.
 The check needs the whole model in memory (no --stream), and a uniform setting that fits the target bits.
 """
 from __future__ import annotations
@@ -49,6 +52,14 @@ class BaselineCheck:
     hidden: list[torch.Tensor] | None = None         # the uniform model's inputs to layer `next_layer` ("own")
     next_layer: int = 0
     reused: int = 0                                  # units taken from the allocation so far
+    originals: dict[int, list] = field(default_factory=dict)   # "auto": layer -> [(unit name, original module)]
+    first_inputs: object = None                      # "auto": the layer pass's inputs to the first compressed layer
+
+
+# "auto" keeps the allocation on the shared-input check alone when its held-out KL is at most this share of the
+# uniform model's; closer than that, the uniform model is rebuilt on its own inputs (on SmolLM2-135M, CASP+E8
+# at 3.25 bits, the own-input uniform model's KL was 3 % below the shared one's).
+SHARED_MARGIN = 0.8
 
 
 def uniform_fit(run):
@@ -78,31 +89,70 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
 def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict, allocated: dict) -> None:
     """Quantize the layer's dense linears at the uniform setting (before the allocated modules replace them) and
     keep them aside. `xtx` is XᵀX of the allocated run's `inputs`; `allocated` (unit key -> setting) is what the
-    allocation stores. With shared inputs, units allocated at the uniform setting are left for `share_layer`;
-    with own inputs, every unit is coded on the uniform model's hidden states, which are carried on."""
+    allocation stores."""
     t0 = time.time()
-    own = run.recipe.check_inputs == "own"
-    layer_inputs = _own_inputs(run, check, index, inputs) if own else inputs
-    if layer_inputs is not inputs:
-        _, moments, _ = observe_layer(layer, run.adapter, layer_inputs, run.adapter.linears, run.device)
-        xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
-    reuse = not own and not run.recipe.finetune_steps   # tuning changes the allocated modules after they are stored
-    kept, dense = [], []
-    for u in plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,)):
+    mode = run.recipe.check_inputs
+    if mode == "own":
+        _on_own_inputs(run, check, layer, index, inputs, xtx)
+    else:
+        _on_shared_inputs(run, check, layer, index, xtx, allocated)
+    if mode == "auto":
+        check.originals[index] = [(u.name, layer.get_submodule(u.name)) for u in _units(run, index)]
+        if check.first_inputs is None:
+            check.first_inputs = replace(inputs)   # a shallow copy: the walk moves `inputs.hidden` on
+    check.seconds += time.time() - t0
+
+
+def _units(run, index: int):
+    return plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,))
+
+
+def _coded(run, check: BaselineCheck, u, lin, xtx: dict) -> tuple:
+    """(stored module, report row) of one original linear at the check's uniform setting."""
+    bias = lin.bias.data.clone() if lin.bias is not None else None
+    return stored_unit(run, u, lin.weight.data, xtx[u.input_group], check.setting, bias)
+
+
+def _on_shared_inputs(run, check: BaselineCheck, layer: nn.Module, index: int, xtx: dict, allocated: dict) -> None:
+    """Every unit on the allocated run's XᵀX; those allocated at the uniform setting are left for `share_layer`
+    (unless tuning will change the allocated modules after they are stored)."""
+    reuse = not run.recipe.finetune_steps
+    kept = []
+    for u in _units(run, index):
         if reuse and allocated.get(u.key) == check.setting:
-            kept.append((u.name, None, None))   # filled in by `share_layer`
-            continue
+            kept.append((u.name, None, None))
+        else:
+            kept.append((u.name, *_coded(run, check, u, layer.get_submodule(u.name), xtx)))
+    check.alternatives[index] = kept
+
+
+def _on_own_inputs(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict | None) -> None:
+    """Every unit on the uniform model's own inputs (observed here unless they are the run's, whose XᵀX `xtx`
+    is); the uniform model's hidden states are carried on."""
+    own = _own_inputs(run, check, index, inputs)
+    if own is not inputs or xtx is None:
+        _, moments, _ = observe_layer(layer, run.adapter, own, run.adapter.linears, run.device)
+        xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
+    kept, dense = [], []
+    for u in _units(run, index):
         lin = layer.get_submodule(u.name)
-        bias = lin.bias.data.clone() if lin.bias is not None else None
-        module, row = stored_unit(run, u, lin.weight.data, xtx[u.input_group], check.setting, bias)
-        kept.append((u.name, module, row))
+        kept.append((u.name, *_coded(run, check, u, lin, xtx)))
         dense.append((u.name, lin))
     check.alternatives[index] = kept
-    if own:
-        _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
-        check.hidden, check.next_layer = run_layer(layer, layer_inputs, run.device), index + 1
-        _put(run.layers, {index: dense})
-    check.seconds += time.time() - t0
+    _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
+    check.hidden, check.next_layer = run_layer(layer, own, run.device), index + 1
+    _put(run.layers, {index: dense})
+
+
+def _rebuild_on_own_inputs(run, check: BaselineCheck) -> None:
+    """"auto"'s second look: the uniform alternative of every layer made again on its own inputs, from the
+    original weights kept aside (each layer holds its originals while it is coded, and again afterwards)."""
+    check.hidden, check.next_layer, check.alternatives = None, 0, {}
+    for i in sorted(check.originals):
+        _put(run.layers, {i: check.originals[i]})
+        with placement.on_device(run.layers[i], run.device):
+            _on_own_inputs(run, check, run.layers[i], i, check.first_inputs, None)
+    check.originals, check.first_inputs = {}, None
 
 
 def share_layer(check: BaselineCheck, layer: nn.Module, index: int, rows: dict) -> None:
@@ -130,15 +180,16 @@ def _own_inputs(run, check: BaselineCheck, index: int, inputs):
 def decide(run, check: BaselineCheck) -> dict:
     """Measure both models on the held-out samples; keep the uniform layers when they do better."""
     t0 = time.time()
-    layers = run.layers
-    rows = run.writer.rows
-    with offloaded(run.model, run.adapter, run.device):
-        allocated_kl = kl_to_reference(run.model, check.held, check.reference, run.device)
+    layers, rows = run.layers, run.writer.rows
     allocated = {i: [(name, layers[i].get_submodule(name)) for name, _, _ in alts]
                  for i, alts in check.alternatives.items()}
-    _put(layers, {i: [(n, m) for n, m, _ in alts] for i, alts in check.alternatives.items()})
-    with offloaded(run.model, run.adapter, run.device):
-        uniform_kl = kl_to_reference(run.model, check.held, check.reference, run.device)
+    allocated_kl = _held_out_kl(run, check)
+    uniform_kl = _held_out_kl(run, check, check.alternatives)
+    inputs, shared_kl = ("own" if run.recipe.check_inputs == "own" else "shared"), None
+    if run.recipe.check_inputs == "auto" and allocated_kl > SHARED_MARGIN * uniform_kl:
+        shared_kl, inputs = uniform_kl, "own"
+        _rebuild_on_own_inputs(run, check)
+        uniform_kl = _held_out_kl(run, check, check.alternatives)
     kept = "uniform" if uniform_kl < allocated_kl else "allocation"
     if kept == "uniform":
         for i, alts in check.alternatives.items():
@@ -148,10 +199,21 @@ def decide(run, check: BaselineCheck) -> dict:
     stored = sum(r["stored_bits"] for i in check.alternatives for r in rows[i]["units"])
     weights = sum(r["num_weights"] for i in check.alternatives for r in rows[i]["units"])
     check.seconds += time.time() - t0
-    return {"samples": sum(len(b["input_ids"]) for b in check.held), "allocation_kl": allocated_kl, "uniform_kl": uniform_kl,
-            "uniform_setting": check.setting.label(), "uniform_bits": check.uniform_bits, "kept": kept,
-            "inputs": run.recipe.check_inputs, "reused_units": check.reused,
-            "kept_bits": stored / max(weights, 1), "seconds": check.seconds}
+    out = {"samples": sum(len(b["input_ids"]) for b in check.held), "allocation_kl": allocated_kl,
+           "uniform_kl": uniform_kl, "uniform_setting": check.setting.label(), "uniform_bits": check.uniform_bits,
+           "kept": kept, "inputs": inputs, "reused_units": check.reused, "kept_bits": stored / max(weights, 1),
+           "seconds": check.seconds}
+    if shared_kl is not None:
+        out["shared_uniform_kl"] = shared_kl
+    return out
+
+
+def _held_out_kl(run, check: BaselineCheck, alternatives: dict | None = None) -> float:
+    """KL(FP ‖ model) on the held-out samples, with `alternatives` (layer -> [(name, module, row)]) put in first."""
+    if alternatives is not None:
+        _put(run.layers, {i: [(n, m) for n, m, _ in alts] for i, alts in alternatives.items()})
+    with offloaded(run.model, run.adapter, run.device):
+        return kl_to_reference(run.model, check.held, check.reference, run.device)
 
 
 def add_to_report(report: dict, checked: dict | None, samples: int) -> None:
