@@ -10,7 +10,7 @@ What the uniform layers are calibrated on (`--check-inputs`):
 - "own": the uniform model's own hidden states, one more stream of hidden states through the layer pass (two
   more forward passes per layer), so a kept uniform model is exactly the one a uniform run stores.
 - "shared": the allocated run's inputs and XᵀX, which the layer pass has at hand. A matrix the allocation
-  stores at the uniform setting would be coded identically, so its stored module is reused (`share_layer`)
+  stores at the uniform setting would be coded identically, so its stored module is reused (`layer_stored`)
   and only the others are coded. Cheaper, but when the allocation is bad its hidden states are too, and the
   uniform layers fitted to them are worse than a uniform run's (Gemma-3-270M: 11-16 % in perplexity,
   docs/results.md).
@@ -114,7 +114,7 @@ def _coded(run, check: BaselineCheck, u, lin, xtx: dict) -> tuple:
 
 
 def _on_shared_inputs(run, check: BaselineCheck, layer: nn.Module, index: int, xtx: dict, allocated: dict) -> None:
-    """Every unit on the allocated run's XᵀX; those allocated at the uniform setting are left for `share_layer`
+    """Every unit on the allocated run's XᵀX; those allocated at the uniform setting are left for `layer_stored`
     (unless tuning will change the allocated modules after they are stored)."""
     reuse = not run.recipe.finetune_steps
     kept = []
@@ -155,14 +155,17 @@ def _rebuild_on_own_inputs(run, check: BaselineCheck) -> None:
     check.originals, check.first_inputs = {}, None
 
 
-def share_layer(check: BaselineCheck, layer: nn.Module, index: int, rows: dict) -> None:
-    """Fill layer `index`'s uniform alternative with the modules the allocation stored at the uniform setting
-    (`rows`: unit name -> its report row), once the layer's units are stored."""
+def layer_stored(check: BaselineCheck, layer: nn.Module, index: int, rows: dict) -> None:
+    """Once layer `index`'s units are stored: fill its uniform alternative with the modules the allocation
+    stored at the uniform setting (`rows`: unit name -> its report row), and move the originals "auto" keeps
+    aside to the CPU (no longer in the layer, they would otherwise stay on the run's device)."""
     alternatives = check.alternatives.get(index, [])
     for k, (name, module, row) in enumerate(alternatives):
         if module is None:
             alternatives[k] = (name, layer.get_submodule(name), rows[name])
             check.reused += 1
+    for _, original in check.originals.get(index, []):
+        original.to("cpu")
 
 
 def _own_inputs(run, check: BaselineCheck, index: int, inputs):

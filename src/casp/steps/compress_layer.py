@@ -8,7 +8,7 @@ from itertools import groupby
 from casp.analysis.attention_stats import layer_attention_stats
 from casp.models.adapters import Adapter
 from casp.steps.analyse import observe_layer
-from casp.steps.baseline_check import add_layer, share_layer
+from casp.steps.baseline_check import add_layer, layer_stored
 from casp.steps.finetune import Tuning, finetune_layer
 from casp.steps.quantize import FP16_BITS, factorise, stored_unit, unit_row, unit_weight_and_xtx
 from casp.steps.units import Plan, Unit
@@ -50,7 +50,7 @@ def compress_layer(run, step, plan: Plan) -> dict:
         if recipe.finetune_steps and recipe.finetune_within and k < len(groups) - 1:
             within += finetune_layer(layer, step.inputs, original, tuning).seconds
     if run.check is not None:
-        share_layer(run.check, layer, i, stored)
+        layer_stored(run.check, layer, i, stored)
     entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
     if recipe.finetune_steps:
         tuned = finetune_layer(layer, step.inputs, original, tuning)
