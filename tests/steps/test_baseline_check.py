@@ -81,6 +81,29 @@ def test_shared_inputs_reuse_the_allocated_units_at_the_uniform_setting_exactly(
     assert s["uniform_kl"] == o["uniform_kl"] and s["allocation_kl"] == o["allocation_kl"]
 
 
+def test_shared_inputs_reuse_only_what_the_layer_stores_dense(tiny_llama_dir, scene_text, monkeypatch):
+    """A joint Q/K allocation also sets the dense key of a projection it stores as factors; that projection is
+    still coded dense for the uniform model, never taken from the allocation."""
+    from casp.steps.units import Role, UnitKey
+
+    honest = pipeline.plan_and_allocate
+
+    def with_dense_keys(run, batches, held):
+        plan = honest(run, batches, held)
+        uniform = run.codec.uniform_setting(3)
+        for u in plan.units:
+            if u.role is Role.DOWN:
+                plan.settings[UnitKey(u.layer, u.module)] = uniform
+        return plan
+
+    monkeypatch.setattr(pipeline, "plan_and_allocate", with_dense_keys)
+    res = compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=0.25, check_inputs="shared"), progress=False)
+    check = res.report["baseline_check"]
+    assert check["uniform_setting"] == "3b-g128" and check["uniform_kl"] > 0
+    stored_dense_at_uniform = sum(u["setting"] == "3b-g128" and not u["rank"] for u in res.report["layers"])
+    assert check["reused_units"] == stored_dense_at_uniform
+
+
 def test_the_better_allocation_is_kept_with_both_figures(tiny_llama_dir, scene_text):
     """CASP's joint ranks and bits beat uniform 3-bit on this model and data: the allocation stays, low-rank Q/K too."""
     res = compress(tiny_llama_dir, None, _cfg(scene_text, qk_rank=None), progress=False)

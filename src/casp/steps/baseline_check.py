@@ -89,7 +89,7 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
 def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict, allocated: dict) -> None:
     """Quantize the layer's dense linears at the uniform setting (before the allocated modules replace them) and
     keep them aside. `xtx` is XᵀX of the allocated run's `inputs`; `allocated` (unit key -> setting) is what the
-    allocation stores."""
+    allocation stores in this layer (a projection it stores as factors has no dense key there)."""
     t0 = time.time()
     mode = run.recipe.check_inputs
     if mode == "own":
