@@ -86,12 +86,12 @@ def prepare(run, held: list[dict]) -> BaselineCheck | None:
     return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
 
 
-def add_layer(run, check: BaselineCheck, layer: nn.Module, index: int, inputs, xtx: dict, allocated: dict) -> None:
+def add_layer(run, layer: nn.Module, index: int, inputs, xtx: dict, allocated: dict) -> None:
     """Quantize the layer's dense linears at the uniform setting (before the allocated modules replace them) and
-    keep them aside. `xtx` is XᵀX of the allocated run's `inputs`; `allocated` (unit key -> setting) is what the
+    keep them aside in `run.check`. `xtx` is XᵀX of the allocated run's `inputs`; `allocated` (unit key -> setting) is what the
     allocation stores in this layer (a projection it stores as factors has no dense key there)."""
     t0 = time.time()
-    mode = run.recipe.check_inputs
+    check, mode = run.check, run.recipe.check_inputs
     if mode == "own":
         _on_own_inputs(run, check, layer, index, inputs, xtx)
     else:

@@ -34,7 +34,7 @@ def compress_layer(run, step, plan: Plan) -> dict:
         original = None   # only tuning needs the original outputs: not held while the layer is quantized
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
     if run.check is not None:
-        add_layer(run, run.check, layer, i, step.inputs, xtx, {u.key: plan.settings[u.key] for u in plan.units_of(i)})
+        add_layer(run, layer, i, step.inputs, xtx, {u.key: plan.settings[u.key] for u in plan.units_of(i)})
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
     stats = layer_attention_stats(layer, adapter, run.geometry, attn_inputs, run.recipe.density_mass,
                                   qk_pair(layer, adapter, lowrank))
