@@ -38,7 +38,7 @@ class Recipe:
     search_steps: int
     search_samples: int
     check_samples: int               # held out for the baseline check (0: none)
-    check_inputs: str                # the check's uniform layers calibrated on "shared" or "own" inputs
+    check_inputs: str                # the check's uniform layers calibrated on "auto", "shared" or "own" inputs
     calib_samples: int
     calib_seq_len: int
     calib_jsonl: str | None

@@ -42,16 +42,14 @@ def compress_layer(run, step, plan: Plan) -> dict:
         layer.set_submodule(name, module)
     tuning = Tuning(recipe.finetune_steps, recipe.finetune_lr, device=device)
     groups = [list(g) for _, g in groupby(plan.units_of(i), key=lambda u: u.input_group)]
-    rows, stored, within = [], {}, 0.0
+    stored, within = {}, 0.0   # unit name -> report row, in the layer's order
     for k, group in enumerate(groups):
-        for u in group:
-            stored[u.name] = _store_unit(run, layer, u, plan, (lowrank, xtx))
-            rows.append(stored[u.name])
+        stored.update((u.name, _store_unit(run, layer, u, plan, (lowrank, xtx))) for u in group)
         if recipe.finetune_steps and recipe.finetune_within and k < len(groups) - 1:
             within += finetune_layer(layer, step.inputs, original, tuning).seconds
     if run.check is not None:
         layer_stored(run.check, layer, i, stored)
-    entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": rows}
+    entry = {"index": i, "rank_q": ranks.get("q", 0), "rank_k": ranks.get("k", 0), **stats.as_report(), "units": list(stored.values())}
     if recipe.finetune_steps:
         tuned = finetune_layer(layer, step.inputs, original, tuning)
         step.outputs = tuned.outputs
