@@ -255,8 +255,8 @@ def test_each_layer_still_predicts_its_own_measured_kl_after_the_type_scales(tin
     kls = {}
     real = scales_step._kl_with
 
-    def record(run, units, label, probes, held, reference):
-        rows = real(run, units, label, probes, held, reference)
+    def record(run, units, label, probes, held):
+        rows = real(run, units, label, probes, held)
         if len({u.layer for u in units}) == 1 and len(units) > 1:
             kls[units[0].layer] = sum(t for t, _ in rows) / sum(c for _, c in rows)
         return rows

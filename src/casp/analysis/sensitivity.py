@@ -116,12 +116,10 @@ def _kept_batches(batches: list[dict], max_tokens: int) -> list[dict]:
 
 def _head_loss(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, labels: torch.Tensor,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next-token cross-entropy from the last decoder layer's output: final norm, LM head, softcap."""
-    logits = model.get_output_embeddings()(model.get_submodule(adapter.final_norm)(hidden)).float()
-    cap = getattr(adapter.text_config(model), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return _next_token_loss(logits, labels, generator)
+    """Next-token cross-entropy from the last decoder layer's output (`casp.models.engine.head_logits`)."""
+    from casp.models.engine import head_logits
+
+    return _next_token_loss(head_logits(model, adapter, hidden), labels, generator)
 
 
 def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[dict], source, progress: bool = True,

@@ -121,6 +121,14 @@ def final_hidden_states(model: nn.Module, adapter: Adapter, hidden: list[torch.T
     return [norm(h) for h in hidden]
 
 
+def head_logits(model: nn.Module, adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from the last decoder layer's output: final norm, LM head, and the final soft cap where the
+    model has one."""
+    logits = model.get_output_embeddings()(model.get_submodule(adapter.final_norm)(hidden)).float()
+    cap = getattr(adapter.text_config(model), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 # Tokens folded into a float32 XᵀX before it is added to the float64 sum: one in-place product per batch
 # (no float64 temporary per batch), float32 rounding over at most this many tokens.
 FLUSH_TOKENS = 16384

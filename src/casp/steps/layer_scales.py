@@ -5,7 +5,8 @@ a local model of KL: it ranks the settings of one matrix well, but its scale fro
 transfer between models (on Gemma-3-270M, KL per unit of estimate differs 130-fold between layers at 2 bits;
 docs/allocation.md). So while the plan measures a layer, its dense matrices are also quantized whole at each
 probe setting, on the same inputs. Afterwards each layer in turn is put at each probe (every other layer
-original), and KL(FP ‖ model) on the held-out calibration samples is measured. KL over the layer's summed
+original), and KL(FP ‖ model) on the held-out calibration samples is measured, the model run from that layer on
+the original's kept inputs (`casp.steps.held_out`: on average half the stack). KL over the layer's summed
 estimate at the probe is the layer's scale at the probe's bits per weight; every damage of the layer (each
 candidate, each Q/K option) is multiplied by its scale, interpolated log-linearly in bits between probes and
 held constant beyond them. Scaling a layer's estimate by any constant leaves the scaled damages unchanged.
@@ -33,10 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from casp.algorithms.shrinkage import shrink_layer_effects
-from casp.models.offload import offloaded
 from casp.steps.costs import unit_cost
 from casp.steps.measure import is_probed, probe_settings
-from casp.steps.search import WeightSwapper, fp_reference, kl_rows
+from casp.steps.held_out import HeldOut, held_out
+from casp.steps.search import WeightSwapper
 from casp.steps.units import Unit
 
 
@@ -51,7 +52,7 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
     for u in measured.units:
         if is_probed(u):
             by_layer.setdefault(u.layer, []).append(u)
-    reference = fp_reference(run, held)
+    probe_rows = held_out(run, held)
     found: dict[str, dict[int, tuple[float, list[tuple[float, int]], float]]] = {}
     for i in tqdm(sorted(by_layer), desc="probe layers", disable=not run.progress):
         units = by_layer[i]
@@ -59,14 +60,14 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
             label = s.label()
             if any((u.key, label) not in measured.probes for u in units):
                 continue
-            rows = _kl_with(run, units, label, measured.probes, held, reference)
+            kls = _kl_with(run, units, label, measured.probes, probe_rows)
             estimate = sum(u.distortion[label] for u in units)
             bits = sum(unit_cost(u, s, codec) for u in units) / sum(u.num_weights for u in units)
-            found.setdefault(label, {})[i] = (bits, rows, estimate)
+            found.setdefault(label, {})[i] = (bits, kls, estimate)
     scales: dict[int, list[tuple[float, float]]] = {}
     measured.scale_trust, measured.type_trust, type_logs = {}, {}, {}
     for label, per_layer in found.items():
-        type_rows = _type_rows(run, {i: by_layer[i] for i in per_layer}, label, measured, held, reference) \
+        type_rows = _type_rows(run, {i: by_layer[i] for i in per_layer}, label, measured, probe_rows) \
             if run.recipe.damage == "measured-types" else {}
         types: dict[str, float] = {}
         shrunk, measured.scale_trust[label] = _fit_layers(per_layer, by_layer, label, types)
@@ -84,8 +85,8 @@ def measure_layer_scales(run, measured, held: list[dict]) -> dict[int, list[tupl
 FIT_ROUNDS = 5   # alternations of layer and type fits; each reuses the KLs measured once
 
 
-def _type_rows(run, by_layer: dict[int, list[Unit]], label: str, measured, held,
-               reference) -> dict[str, tuple[list[Unit], list[tuple[float, int]]]]:
+def _type_rows(run, by_layer: dict[int, list[Unit]], label: str, measured,
+               held: HeldOut) -> dict[str, tuple[list[Unit], list[tuple[float, int]]]]:
     """Projection type -> (its probed units in `by_layer`, held-out KL rows with all of them at their probe weights
     at once); empty with fewer than two types."""
     by_type: dict[str, list[Unit]] = {}
@@ -94,7 +95,7 @@ def _type_rows(run, by_layer: dict[int, list[Unit]], label: str, measured, held,
             by_type.setdefault(u.module, []).append(u)
     if len(by_type) < 2:
         return {}
-    return {m: (units, _kl_with(run, units, label, measured.probes, held, reference))
+    return {m: (units, _kl_with(run, units, label, measured.probes, held))
             for m, units in tqdm(sorted(by_type.items()), desc="probe projections", disable=not run.progress)}
 
 
@@ -142,13 +143,13 @@ def shrink_scales(per_layer: dict[int, tuple[float, list[tuple[float, int]], flo
 _FLOOR = 1e-12   # KL below this is taken as this, so every log is finite
 
 
-def _kl_with(run, units: list[Unit], label: str, probes: dict, held, reference) -> list[tuple[float, int]]:
-    """Each held-out row's (summed KL, tokens) with `units` at their probe weights (restored after)."""
+def _kl_with(run, units: list[Unit], label: str, probes: dict, held: HeldOut) -> list[tuple[float, int]]:
+    """Each held-out row's (summed KL, tokens) with `units` at their probe weights (restored after); the model runs
+    from the lowest layer among them (`HeldOut.kl_rows`)."""
     swapper = WeightSwapper(run.layers, probes)
     swapper.put((u.key, label) for u in units)
     try:
-        with offloaded(run.model, run.adapter, run.device):
-            return kl_rows(run.model, held, reference, run.device)
+        return held.kl_rows(run, min(u.layer for u in units))
     finally:
         swapper.restore()
 

@@ -56,7 +56,7 @@ class WeightSwapper:
 KL_CHUNK = 128
 
 
-def _rows(batches):
+def held_rows(batches):
     """Text batches one row at a time (the logits of a whole batch over a large vocabulary are gigabytes)."""
     for b in batches:
         if set(b) <= {"input_ids", "attention_mask"}:
@@ -82,7 +82,7 @@ def fp_reference(run, held: list[dict]) -> list[torch.Tensor]:
 def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
     """FP next-token log-probabilities on the held-out batches, one text row at a time (fp16; on the CPU)."""
     out = []
-    for b in _rows(batches):
+    for b in held_rows(batches):
         logits = model(**to_device(b, device), use_cache=False).logits
         out.append(torch.cat([F.log_softmax(c.float(), -1).half().cpu() for c in logits.split(KL_CHUNK, dim=1)], 1))
         del logits
@@ -99,21 +99,25 @@ def kl_to_reference(model, batches, reference: list[torch.Tensor], device="cpu")
 def kl_rows(model, batches, reference: list[torch.Tensor], device="cpu") -> list[tuple[float, int]]:
     """(summed KL(FP ‖ model), real tokens) of each held-out row, in the order of `reference`."""
     out = []
-    for b, ref in zip(_rows(batches), reference):
+    for b, ref in zip(held_rows(batches), reference):
         b = to_device(b, device)
         logits = model(**b, use_cache=False).logits
-        mask = b.get("attention_mask")
-        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
-        total, count = 0.0, 0
-        for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
-            logq = F.log_softmax(q.float(), -1)
-            p = p.to(logq.device).float()
-            kl = (p.exp() * (p - logq)).sum(-1)
-            total += float(kl[m].sum())
-            count += int(m.sum())
-        out.append((total, count))
+        out.append(row_kl(logits, ref, b.get("attention_mask")))
         del logits
     return out
+
+
+def row_kl(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """(summed KL(FP ‖ model), real tokens) of one row's logits against its reference log-probabilities."""
+    mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+    total, count = 0.0, 0
+    for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
+        logq = F.log_softmax(q.float(), -1)
+        p = p.to(logq.device).float()
+        kl = (p.exp() * (p - logq)).sum(-1)
+        total += float(kl[m.to(kl.device)].sum())
+        count += int(m.sum())
+    return total, count
 
 
 def _ladders(allocation: Allocation) -> dict[str, list[str]]:
