@@ -98,3 +98,51 @@ def test_e8_row_samples_estimate_the_whole_damage(transform):
     for k in range(len(settings)):
         assert float(mean[k]) == pytest.approx(whole[k], rel=0.1)
     assert float(mean[0]) > 2 * float(mean[1])
+
+
+def test_a_probed_matrix_is_measured_at_its_probe_on_the_whole_probe_weight(tiny_llama_dir, scene_text, monkeypatch):
+    """Where a matrix's damages come from a row sample, its probe setting is not coded on the sample: the damage at
+    the probe is that of the whole weight the probe puts into the model."""
+    import casp.steps.layer_scales as scales_step
+    from casp.config import CompressionConfig
+    from casp.pipeline import compress
+
+    monkeypatch.setattr(measure, "MEASURE_ROWS", 8)
+    swept, seen = [], {}
+    real_sampled = Codec.sampled_damages
+
+    def sampled(self, target, settings, seed, rows):
+        swept.append([s.label() for s in settings])
+        return real_sampled(self, target, settings, seed, rows)
+
+    def scales(run, measured, held):
+        seen["raw"] = {u.key: dict(u.distortion) for u in measured.units}
+        seen["probes"], seen["units"] = dict(measured.probes), list(measured.units)
+        seen["run"] = run
+        return {}
+
+    real_probe = measure._probe_weights
+    targets = {}
+
+    def probe_weights(run, unit, target, probes):
+        coded = real_probe(run, unit, target, probes)
+        targets[unit.key] = (target, coded)
+        return coded
+
+    monkeypatch.setattr(Codec, "sampled_damages", sampled)
+    monkeypatch.setattr(measure, "_probe_weights", probe_weights)
+    monkeypatch.setattr(scales_step, "measure_layer_scales", scales)
+    monkeypatch.setattr("casp.steps.plan.measure_layer_scales", scales)
+    cfg = CompressionConfig(bits=3.25, qk_rank=0, calib_samples=16, calib_seq_len=32, calib_text=str(scene_text),
+                            check_samples=2, check_inputs="own")
+    compress(tiny_llama_dir, None, cfg, progress=False)
+    probe = measure.probe_settings(seen["run"].codec)[0].label()
+    assert swept and all(probe not in labels and len(labels) > 1 for labels in swept)
+    probed = [u for u in seen["units"] if measure.is_probed(u)]
+    assert {(u.key, probe) for u in probed} <= set(seen["probes"])
+    assert any(u.out_features > 8 for u in probed)
+    assert {u.key for u in probed if u.out_features > 8} == set(targets)
+    for key, (target, coded) in targets.items():
+        whole = weighted_distortion(coded[probe] - target.w.float(), target.xtx, target.fisher)
+        assert seen["raw"][key][probe] == pytest.approx(whole, rel=1e-9)
+        assert torch.equal(seen["probes"][(key, probe)], coded[probe].half())

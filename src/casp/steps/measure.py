@@ -110,22 +110,25 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
             w, xtx = unit_weight_and_xtx(u, layer, lowrank, moments)
             lift = lowrank[u.module].up.weight.data if u.role is Role.DOWN else None
             target = Target(w, xtx, fisher_of_unit(run, measured.fisher, u), lift)
-            values, quantized = unit_distortions(run.codec, u, target, settings, seed=run.seed, exact=keep is not None)
+            exact = keep is not None
+            sampled = measured_rows(u, w.shape[0], run.codec, exact=exact or lift is not None, seed=run.seed)
+            coded = _probe_weights(run, u, target, probes) if probes and is_probed(u) and sampled is not None else {}
+            swept = [s for s in settings if s.label() not in coded]
+            values, quantized = unit_distortions(run.codec, u, target, swept, seed=run.seed, exact=exact)
             u.distortion.update(values)
+            u.distortion.update({label: weighted_distortion(wq - target.w.float(), target.xtx, target.fisher)
+                                 for label, wq in coded.items()})
             if keep is not None:
-                for s, wq in zip(settings, quantized):
+                for s, wq in zip(swept, quantized):
                     keep[(u.key, s.label())] = wq.half().cpu()
             if probes and is_probed(u):
-                _keep_probes(run, u, target, probes, dict(zip((s.label() for s in settings), quantized)),
-                             measured.probes)
+                whole = {**dict(zip((s.label() for s in swept), quantized)), **coded}
+                measured.probes.update({(u.key, s.label()): whole[s.label()].half().cpu() for s in probes})
 
 
-def _keep_probes(run, unit: Unit, target: Target, probes, quantized: dict, store: dict) -> None:
-    """The unit's whole weight at each probe setting (reused from `quantized` where measured whole), coded as the
-    layer pass codes it (`Codec.quantize`: E8 picks its scale on a row sample and codes the matrix once)."""
+def _probe_weights(run, unit: Unit, target: Target, probes) -> dict[str, torch.Tensor]:
+    """The unit's whole weight at each probe setting, coded as the layer pass codes it (`Codec.quantize`: E8 picks
+    its scale on a row sample and codes the matrix once). Where the other settings' damages come from a row sample,
+    the probe setting's is then measured on this whole weight instead, and its row sample is not coded."""
     seed = transform_seed(run.seed, unit)
-    for s in probes:
-        weight = quantized.get(s.label())
-        if weight is None:
-            weight = run.codec.quantize(target.w.float(), target.xtx, s, seed)[1]
-        store[(unit.key, s.label())] = weight.half().cpu()
+    return {s.label(): run.codec.quantize(target.w.float(), target.xtx, s, seed)[1] for s in probes}
