@@ -153,7 +153,7 @@ def _nearer(best_cost, best_code, cost: torch.Tensor, code: torch.Tensor):
     return torch.where(take, cost, best_cost), torch.where(take, code, best_code)
 
 
-def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def e8p_encode(x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest E8P codeword of each 8-vector of x (…, 8): codes int32 (…) in [0, 2^16) and the codewords.
 
     Exact (up to ties). Fast path: for each shift ±¼, the nearest point of the whole lattice D̂8 (an
@@ -191,12 +191,13 @@ def e8p_encode(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.
     return codes, e8p_decode(codes, x.dtype)
 
 
-def e8p_encode_search(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def e8p_encode_search(x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """`e8p_encode` by exhaustive search over the 2 × 256 absolute entries (the reference, and the
     fallback of the fast path).
 
     For each shift and entry the best signs are sign(y); if their parity is wrong, flipping the
-    coordinate with the smallest a_i·|y_i| costs the least (4·a_i·|y_i|). `chunk` vectors at a time.
+    coordinate with the smallest a_i·|y_i| costs the least (4·a_i·|y_i|). `chunk` vectors at a time: each
+    chunk's (chunk, 256) cost table is swept ten times, and at 512 it stays in cache (2,048: 1.2× slower, one thread).
     """
     _check_dim(x)
     shape = x.shape[:-1]
