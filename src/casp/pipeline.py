@@ -23,11 +23,11 @@ from casp.data.calibration import hold_out
 from casp.models.engine import peak_device_mb, peak_rss_mb, walk_layers
 from casp.recipe import Recipe, resolve
 from casp.run import Run, RunOptions, open_writer
-from casp.steps import baseline_check, distill, layer_scales
+from casp.steps import baseline_check, distill
 from casp.steps.allocation import allocate, allocate_joint, check_feasible, decode, solve, uniform_choice
 from casp.steps.compress_layer import compress_layer
 from casp.steps.load import calibrate, load_parts
-from casp.steps.plan import plan_ranks_and_units
+from casp.steps.plan import plan_ranks_and_units, plan_summary
 from casp.steps.ranks import check_separate_qk
 from casp.steps.search import search
 from casp.steps.units import Plan, plan_state, plan_units, restore_plan_state
@@ -119,7 +119,7 @@ def plan_and_allocate(run: Run, batches: list[dict], held: list[dict]) -> Plan:
     """Q/K ranks, units and each unit's setting: measured on the original model, then allocated."""
     recipe, codec = run.recipe, run.codec
     measured = plan_ranks_and_units(run, batches, held)
-    plan = Plan(measured.ranks, measured.units, {}, layer_scales.summary(measured))
+    plan = Plan(measured.ranks, measured.units, {}, plan_summary(measured))
     if measured.qk_tables is not None or recipe.search_steps:
         if measured.qk_tables is not None:
             solution = allocate_joint(run, measured.units, measured.qk_tables)

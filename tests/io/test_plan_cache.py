@@ -94,5 +94,9 @@ def test_a_transform_that_measures_as_another_shares_its_plan(tiny_llama_dir, sc
     assert measured_calls == [1, 1]
     a, b, c = (json.loads((tmp_path / d / "report.json").read_text()) for d in "abc")
     assert [u["setting"] for u in b["layers"]] == [u["setting"] for u in c["layers"]]
+    for measured_here in (a, c):   # the measuring's parts are timed only by the run that measured
+        assert {"fisher", "measure"} <= set(measured_here["plan_seconds"])
+        assert 0 < sum(measured_here["plan_seconds"].values()) <= measured_here["phase_seconds"]["plan_and_allocate"]
+    assert "plan_seconds" not in b
     assert b["average_bits"] == c["average_bits"] <= 3.5
     assert sum(u["stored_bits"] for u in a["layers"]) != sum(u["stored_bits"] for u in b["layers"])

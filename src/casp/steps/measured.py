@@ -23,3 +23,4 @@ class Measured:
     scale_trust: dict[str, float] | None = None      # probe label -> the share of the scales' spread kept
     type_scales: dict[str, float] | None = None      # projection (dotted name in its layer) -> its factor
     type_trust: dict[str, float] | None = None       # probe label -> the share of the type factors' spread kept
+    seconds: dict[str, float] | None = None          # the measuring's parts, when measured by this run (not cached)

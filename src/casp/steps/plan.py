@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 from tqdm.auto import tqdm
 
@@ -11,6 +12,7 @@ from casp.io.plan_cache import plan_key
 from casp.models.placement import off_cpu, on_device
 from casp.steps.analyse import analyse, analyse_layers
 from casp.steps.joint import measure_qk_options
+from casp.steps import layer_scales
 from casp.steps.layer_scales import apply_layer_scales, measure_layer_scales
 from casp.steps.measure import measure_distortions
 from casp.steps.measured import Measured
@@ -62,8 +64,10 @@ def plan_ranks_and_units(run, batches, held: list[dict] = ()) -> Measured:
     measured = Measured(ranks, [], database={} if recipe.search_steps else None)
     scaled = measure and recipe.damage in ("measured", "measured-types") and bool(held)
     measured.probes = {} if scaled else None
+    clock = _Clock()
     if measure:
         measured.fisher = fisher_of(run, batches)
+        clock.lap("fisher")
     if joint:
         check_separate_qk(run.layers, run.adapter, recipe.qk_rank)
     analysis = None
@@ -77,13 +81,34 @@ def plan_ranks_and_units(run, batches, held: list[dict] = ()) -> Measured:
             _measure_after_analysis(run, measured, analysis)
         else:
             _measure_while_analysing(run, first_batches(batches, PLAN_TOKENS), measured)
+        clock.lap("measure")
     if scaled:
         measured.layer_scales = measure_layer_scales(run, measured, list(held))
         measured.probes = None
         apply_layer_scales(measured, run.codec)
+        clock.lap("layer_probes")
+    measured.seconds = clock.laps
     if run.cache is not None:
         run.cache[key] = _units_copied(measured)
     return measured
+
+
+def plan_summary(measured: Measured) -> dict:
+    """The report's record of the measuring: the layer scales, and the seconds of its parts when this run measured."""
+    return {**layer_scales.summary(measured), **({"plan_seconds": measured.seconds} if measured.seconds else {})}
+
+
+class _Clock:
+    """Seconds of the measuring's parts: `lap(name)` records the time since the previous lap (or the start)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.time()
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.laps[name] = now - self.last
+        self.last = now
 
 
 def _units_copied(measured: Measured) -> Measured:
