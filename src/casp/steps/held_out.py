@@ -12,11 +12,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from casp.models.offload import offloaded
 from casp.models.suffix import LayerStates, layer_states, logits_from
-from casp.steps.search import KL_CHUNK, fp_reference, held_rows, kl_rows, row_kl
+from casp.steps.search import fp_reference, held_rows, kl_chunks, kl_rows, row_kl
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +61,9 @@ def held_out(run, held: list[dict]) -> HeldOut:
 
 def _gap(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> float:
     """Largest |log p - reference| over real tokens where the reference exceeds e^-10."""
-    mask = torch.ones(logits.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
     worst = 0.0
-    for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
-        p = p.to(q.device).float()
-        seen = (p > -10) & m.to(q.device).unsqueeze(-1)
+    for logq, p, m in kl_chunks(logits, ref, mask):
+        seen = (p > -10) & m.unsqueeze(-1)
         if seen.any():
-            worst = max(worst, float((F.log_softmax(q.float(), -1) - p)[seen].abs().max()))
+            worst = max(worst, float((logq - p)[seen].abs().max()))
     return worst

@@ -109,15 +109,20 @@ def kl_rows(model, batches, reference: list[torch.Tensor], device="cpu") -> list
 
 def row_kl(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
     """(summed KL(FP ‖ model), real tokens) of one row's logits against its reference log-probabilities."""
-    mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
     total, count = 0.0, 0
-    for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
-        logq = F.log_softmax(q.float(), -1)
-        p = p.to(logq.device).float()
+    for logq, p, m in kl_chunks(logits, ref, mask):
         kl = (p.exp() * (p - logq)).sum(-1)
-        total += float(kl[m.to(kl.device)].sum())
+        total += float(kl[m].sum())
         count += int(m.sum())
     return total, count
+
+
+def kl_chunks(logits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None):
+    """One row `KL_CHUNK` tokens at a time: (the model's float32 log-probabilities, the reference's as float32, the
+    real-token mask), all on the logits' device."""
+    mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+    for q, p, m in zip(logits.split(KL_CHUNK, 1), ref.split(KL_CHUNK, 1), mask.split(KL_CHUNK, 1)):
+        yield F.log_softmax(q.float(), -1), p.to(q.device).float(), m.to(q.device)
 
 
 def _ladders(allocation: Allocation) -> dict[str, list[str]]:
