@@ -62,22 +62,25 @@ class Codec:
             bits += self.transform.stored_bits(out_features, in_features)
         return bits
 
-    def quantize(self, w: torch.Tensor, h: torch.Tensor, setting, seed: int):
-        """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
-        return quantize_unit(w, h, setting, self.quantizer, self.transform, seed)
+    def quantize(self, w: torch.Tensor, h: torch.Tensor, setting, seed: int, hint: dict | None = None):
+        """(stored form, dequantized float32 weight in the original basis, transform params or None); `hint`: what a
+        sweep of this matrix chose at `setting` (`sampled_damages`)."""
+        return quantize_unit(w, h, setting, self.quantizer, self.transform, seed, hint)
 
     def dequantize_many(self, w: torch.Tensor, h: torch.Tensor, settings, seed: int) -> list[torch.Tensor]:
         """The dequantized float32 weight (original basis) at each setting, with shared work."""
         return dequantize_unit_many(w, h, settings, self.quantizer, self.transform, seed)
 
-    def sampled_damages(self, target, settings, seed: int, rows: torch.Tensor) -> list[float]:
+    def sampled_damages(self, target, settings, seed: int, rows: torch.Tensor,
+                        hints: dict | None = None) -> list[float]:
         """Each setting's Fisher-weighted damage Σ_o F_o (ΔW H ΔWᵀ)_oo of the whole matrix `target.w` (input
         second moment `target.xtx`, Fisher `target.fisher`), estimated from `rows` of the matrix the quantizer
         sees (scaled by out / rows).
 
         Under a transform that matrix is W' = U W Vᵀ and the damage is Σ_ij G_ij (Δ'H'Δ'ᵀ)_ij with
         G = U diag(F) Uᵀ; the estimate keeps its diagonal, G_ii = Σ_o U_io² F_o (= mean F for a
-        Hadamard U), as rounding errors of different rows are uncorrelated.
+        Hadamard U), as rounding errors of different rows are uncorrelated. With `hints`, each setting's label is
+        mapped there to what the sweep chose for it (`Quantizer.sweep`), when it chose anything.
         """
         w, fisher = target.w.float(), target.fisher
         out_f = w.shape[0]
@@ -96,5 +99,7 @@ class Codec:
         sample = wt[rows]
         context = self.quantizer.row_context(wt, ht)
         scale = out_f / rows.numel()
-        return [scale * weighted_distortion(d - sample, ht, g)
-                for d in self.quantizer.dequantize_many(sample, ht, settings, context)]
+        swept = self.quantizer.sweep(sample, ht, settings, context)
+        if hints is not None:
+            hints.update({s.label(): hint for s, (_, hint) in zip(settings, swept) if hint is not None})
+        return [scale * weighted_distortion(d - sample, ht, g) for d, _ in swept]

@@ -30,7 +30,7 @@ from casp.steps.load import calibrate, load_parts
 from casp.steps.plan import plan_ranks_and_units, plan_summary
 from casp.steps.ranks import check_separate_qk
 from casp.steps.search import search
-from casp.steps.units import Plan, plan_state, plan_units, restore_plan_state
+from casp.steps.units import Plan, plan_state, plan_units, restore_plan_state, with_hints
 
 
 @dataclass
@@ -98,7 +98,7 @@ def carry_out(run: Run, batches: list[dict]) -> CompressionResult:
     run.times["teacher"] = time.time()
     teacher = distill.prepare(run, batches) if recipe.e2e_steps else None
     run.times["layers"] = time.time()
-    run.check = baseline_check.prepare(run, held) if recipe.check_samples else None
+    run.check = baseline_check.prepare(run, held, plan.units) if recipe.check_samples else None
     run.reference = None   # the check holds its own; nothing else needs the original's log-probabilities
     compress_layers(run, batches, plan)
     checked = baseline_check.decide(run, run.check) if run.check is not None else None
@@ -131,7 +131,7 @@ def plan_and_allocate(run: Run, batches: list[dict], held: list[dict]) -> Plan:
             plan.summary["search"] = search(run, solution, measured.database, held, starts)
         plan.ranks, plan.settings = decode(solution, measured.units, codec, measured.qk_tables or {},
                                            len(run.layers))
-        plan.units = plan_units(run.layers, run.adapter, plan.ranks, recipe.layers)
+        plan.units = with_hints(plan_units(run.layers, run.adapter, plan.ranks, recipe.layers), measured.units)
     elif codec is not None:
         plan.settings = allocate(run, measured.units)
     return plan

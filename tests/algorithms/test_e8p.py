@@ -208,6 +208,25 @@ def test_fast_encoder_equals_the_exhaustive_search(scale):
     torch.testing.assert_close(e8p_decode(codes, torch.float64), values)
 
 
+@pytest.mark.parametrize("scale", [0.4, 1.03, 2.5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_cpu_encoder_gives_the_tensor_encoders_codewords(scale, threads, monkeypatch):
+    """The compiled kernel (serial, and split over threads past `PARALLEL_VECTORS`) finds codewords as near as the
+    tensor-op encoder it replaces on the CPU, in float32 as BlockLDLQ calls it."""
+    from casp.algorithms import e8p as mod
+    from casp.algorithms import e8p_kernel
+
+    assert e8p_kernel.available()
+    monkeypatch.setattr(e8p_kernel, "PARALLEL_VECTORS", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(11)) * scale
+    codes, values = e8p_encode(x)
+    reference, ref_values = mod._encode_tensors(x, x.shape[:-1], 512)
+    assert codes.dtype == torch.int32 and values.dtype == torch.float32
+    torch.testing.assert_close(((x - values) ** 2).sum(1), ((x - ref_values) ** 2).sum(1), rtol=0, atol=1e-5)
+    assert (codes != reference).float().mean() < 0.001   # ties only
+
+
 def test_all_candidates_in_one_sweep_equal_one_sweep_each():
     """quantize_candidates stacks every (bits, scale) trial into one BlockLDLQ sweep; each result is the one
     its own sweep gives, also when the trials are split over several sweeps."""

@@ -191,3 +191,31 @@ def test_a_large_matrix_takes_its_scale_from_a_row_sample_then_is_coded_once(mon
     swept.clear()
     E8Quantizer(scale_multipliers=(0.8, 1.0, 1.25), scale_sample_rows=0).quantize(w, h, E8Setting(3))
     assert swept == [40 * 3]
+
+
+def test_a_sweep_hints_the_multiplier_that_won_and_a_hinted_matrix_is_coded_once_with_it(monkeypatch):
+    """`sweep` returns, per setting, the multiplier of lowest proxy loss; `quantize_hinted` codes the matrix once at
+    that multiplier, with no scale search of its own (what the layer pass does with the plan's hints)."""
+    import casp.algorithms.e8p as alg
+    from casp.algorithms.e8p import quantize_candidates, StageSpec
+
+    w, h = problem(40, 24, seed=5)
+    q = E8Quantizer(scale_multipliers=(0.8, 1.0, 1.25), scale_sample_rows=8)
+    settings = [E8Setting(2), E8Setting(3)]
+    swept = q.sweep(w, h, settings)
+    for s, (deq, hint) in zip(settings, swept):
+        rho, resid = q.config.rho_and_resid(s.bits)
+        best = quantize_candidates(w, h, [StageSpec(s.bits, rho, resid)], multipliers=(0.8, 1.0, 1.25))[0]
+        assert hint == {"multiplier": best.multiplier}
+        torch.testing.assert_close(deq, best.weight, rtol=0, atol=0)
+    sizes = []
+    real = alg.block_ldlq
+    monkeypatch.setattr(alg, "block_ldlq", lambda w_, *a, **k: sizes.append(w_.shape[0]) or real(w_, *a, **k))
+    hint = {"multiplier": 1.25}
+    qw, deq = q.quantize_hinted(w, h, E8Setting(3), hint)
+    assert sizes == [40]
+    one = alg.quantize_matrix(w, h, 3, rho=0.98, resid_scale=(2.04,), multipliers=(1.25,))
+    torch.testing.assert_close(deq, one.weight, rtol=0, atol=1e-6)
+    sizes.clear()
+    q.quantize_hinted(w, h, E8Setting(3), None)
+    assert sizes == [8 * 3, 40]

@@ -146,3 +146,58 @@ def test_a_probed_matrix_is_measured_at_its_probe_on_the_whole_probe_weight(tiny
         whole = weighted_distortion(coded[probe] - target.w.float(), target.xtx, target.fisher)
         assert seen["raw"][key][probe] == pytest.approx(whole, rel=1e-9)
         assert torch.equal(seen["probes"][(key, probe)], coded[probe].half())
+
+
+def test_e8_damages_are_the_whole_probe_times_ratios_on_a_small_sample_and_the_sweep_hints_the_layer_pass(
+        tiny_llama_dir, scene_text, monkeypatch):
+    """Under `Quantizer.ratio_rows`, every setting of a probed matrix is swept on that many rows (the probe's
+    included) and its damage is the whole probe weight's times its ratio to the probe on those rows. The sweep's
+    multipliers become the units' hints, and the layer pass codes each matrix once with its hint."""
+    import casp.steps.layer_scales as scales_step
+    from casp.config import CompressionConfig
+    from casp.pipeline import compress
+    from casp.quant.e8 import E8Quantizer
+
+    samples, seen, chosen = [], {}, []
+    real_sampled = Codec.sampled_damages
+
+    def sampled(self, target, settings, seed, rows, hints=None):
+        out = real_sampled(self, target, settings, seed, rows, hints)
+        samples.append((target, rows.numel(), dict(zip([s.label() for s in settings], out))))
+        return out
+
+    real_probe = measure._probe_weights
+
+    def probe_weights(run, unit, target, probes):
+        coded = real_probe(run, unit, target, probes)
+        seen[unit.key] = (target, {k: weighted_distortion(v - target.w.float(), target.xtx, target.fisher)
+                                       for k, v in coded.items()})
+        return coded
+
+    def scales(run, measured, held):
+        seen["units"] = {u.key: u for u in measured.units}
+        return {}
+
+    real_choice = E8Quantizer._scale_choice
+    monkeypatch.setattr(E8Quantizer, "_scale_choice", lambda self, *a: chosen.append(1) or real_choice(self, *a))
+    monkeypatch.setattr(Codec, "sampled_damages", sampled)
+    monkeypatch.setattr(measure, "_probe_weights", probe_weights)
+    monkeypatch.setattr(scales_step, "measure_layer_scales", scales)
+    monkeypatch.setattr("casp.steps.plan.measure_layer_scales", scales)
+    cfg = CompressionConfig(quantizer="e8", quantizer_options={"ratio_rows": 8}, bits=3.25, qk_rank=0,
+                            calib_samples=16, calib_seq_len=32, calib_text=str(scene_text), check_samples=2,
+                            check_inputs="own")
+    result = compress(tiny_llama_dir, None, cfg, progress=False)
+    units = seen.pop("units")
+    assert seen and not chosen   # every matrix was probed on a sample, and no scale was searched again
+    for key, (target, at_probe) in seen.items():
+        (probe, level), = at_probe.items()
+        (rows, sample), = [(n, d) for t, n, d in samples if t is target]
+        assert rows == 8 and probe in sample
+        damage = units[key].distortion
+        assert damage[probe] == pytest.approx(level, rel=1e-12)
+        for label, d in sample.items():
+            assert damage[label] == pytest.approx(level * d / sample[probe], rel=1e-9)
+        assert set(units[key].hints) == set(sample)
+    stored = result.report["layers"]
+    assert stored and all(row["setting"].startswith("e8p") for row in stored)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from casp.algorithms import e8p_kernel
 from casp.algorithms.hessian import prepare_hessian
 from casp.algorithms.ldlq import block_ldlq, feedback_matrix, proxy_loss
 
@@ -165,6 +166,19 @@ def e8p_encode(x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.T
     _check_dim(x)
     shape = x.shape[:-1]
     x = x.reshape(-1, CODE_DIM)
+    if x.device.type == "cpu" and e8p_kernel.available():
+        codes = e8p_kernel.encode(x, _kernel_tables()).reshape(shape)
+        return codes, e8p_decode(codes, x.dtype)
+    return _encode_tensors(x, shape, chunk)
+
+
+@functools.cache
+def _kernel_tables() -> tuple:
+    return e8p_kernel.tables(_abs_table64(), _parity64(), _abs_lookup64())
+
+
+def _encode_tensors(x: torch.Tensor, shape, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`e8p_encode` in tensor operations (any device; the reference of the compiled CPU kernel)."""
     lut = _abs_lookup64().to(x.device)
     pow3 = _POW3.to(x.device)
     weights = (1 << torch.arange(CODE_DIM - 1, device=x.device)) << _SIGN_SHIFT

@@ -116,6 +116,12 @@ class Quantizer(Configurable, ABC):
     # is a sum over rows and a row sample estimates it
     rows_independent: ClassVar[bool] = False
 
+    @property
+    def ratio_rows(self) -> int:
+        """Where a matrix's probe setting is coded whole (`casp.steps.measure`), the rows of the sample that measures
+        every setting as a ratio to the probe's damage on those rows (0: `MEASURE_ROWS` rows, scaled directly)."""
+        return 0
+
     @classmethod
     def target_options(cls, bits: float) -> dict:
         """Defaults that depend on the target average bits (the user's options override them)."""
@@ -164,6 +170,18 @@ class Quantizer(Configurable, ABC):
         BlockLDLQ sweep for every setting and scale).
         """
         return [self.quantize(weight, xtx, s)[1] for s in settings]
+
+    def sweep(self, weight: torch.Tensor, xtx: torch.Tensor | None, settings,
+              context: dict | None = None) -> list[tuple[torch.Tensor, dict | None]]:
+        """`dequantize_many`, each weight with a hint for `quantize_hinted`: what the sweep chose for that setting
+        (JSON data; None: nothing to pass on)."""
+        return [(d, None) for d in self.dequantize_many(weight, xtx, settings, context)]
+
+    def quantize_hinted(self, weight: torch.Tensor, xtx: torch.Tensor | None, setting,
+                        hint: dict | None) -> tuple[QuantizedWeight, torch.Tensor]:
+        """`quantize`, given the hint a `sweep` of this matrix (or of a row sample of it) gave for `setting`, so that
+        a choice made there is not made again. By default the hint is not needed."""
+        return self.quantize(weight, xtx, setting)
 
     def stored_bits(self, setting, out_features: int, in_features: int) -> int:
         """Exact stored bits of `setting` for a matrix of this shape."""

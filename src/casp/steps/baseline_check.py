@@ -36,7 +36,7 @@ from casp.steps.analyse import observe_layer
 from casp.steps.costs import unit_cost
 from casp.steps.quantize import stored_unit
 from casp.steps.search import fp_reference, kl_to_reference
-from casp.steps.units import plan_units
+from casp.steps.units import plan_units, with_hints
 
 
 @dataclass
@@ -54,6 +54,7 @@ class BaselineCheck:
     reused: int = 0                                  # units taken from the allocation so far
     originals: dict[int, list] = field(default_factory=dict)   # "auto": layer -> [(unit name, original module)]
     first_inputs: object = None                      # "auto": the layer pass's inputs to the first compressed layer
+    planned: list = field(default_factory=list)      # the plan's units, whose sweep hints the uniform coding reuses
 
 
 # "auto" keeps the allocation on the shared-input check alone when its held-out KL is at most this share of the
@@ -76,14 +77,15 @@ def uniform_fit(run):
     return (setting, bits) if bits <= run.recipe.bits + 1e-9 else None
 
 
-def prepare(run, held: list[dict]) -> BaselineCheck | None:
-    """The FP model's log-probabilities on `held`, taken before any layer is compressed."""
+def prepare(run, held: list[dict], planned: list = ()) -> BaselineCheck | None:
+    """The FP model's log-probabilities on `held`, taken before any layer is compressed; `planned` are the plan's
+    units (their sweep hints serve the uniform setting too)."""
     fit = uniform_fit(run)
     if fit is None or not held:
         return None
     t0 = time.time()
     reference = fp_reference(run, held)
-    return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0)
+    return BaselineCheck(held, reference, fit[0], fit[1], seconds=time.time() - t0, planned=list(planned))
 
 
 def add_layer(run, layer: nn.Module, index: int, inputs, xtx: dict, allocated: dict) -> None:
@@ -104,7 +106,9 @@ def add_layer(run, layer: nn.Module, index: int, inputs, xtx: dict, allocated: d
 
 
 def _units(run, index: int):
-    return plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,))
+    """Layer `index`'s dense units, with the plan's sweep hints."""
+    units = plan_units(run.layers, run.adapter, [{}] * len(run.layers), (index,))
+    return with_hints(units, run.check.planned) if run.check is not None else units
 
 
 def _coded(run, check: BaselineCheck, u, lin, xtx: dict) -> tuple:

@@ -78,7 +78,7 @@ def lowrank_distortions(codec, unit: Unit, rank: int, target: Target, seed: int 
     settings = codec.candidates()
     for s, bq in zip(settings, codec.dequantize_many(b.float(), h, settings, transform_seed(seed, down))):
         h_up = factor_input_xtx(bq.to(h.dtype), h)
-        _, aq, _ = codec.quantize(a.float(), h_up, s, transform_seed(seed, up))
+        aq, = codec.dequantize_many(a.float(), h_up, [s], transform_seed(seed, up))
         product = aq.double() @ bq.double()
         out.append((scale * weighted_distortion(product - w.double(), h, fisher), product.float()))
     return out

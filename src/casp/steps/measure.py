@@ -47,17 +47,19 @@ class Target:
     svd: object = None   # its `whitened_svd`, when several ranks of it are measured (computed once)
 
 
-def measured_rows(unit: Unit, out_features: int, codec, *, exact: bool, seed: int) -> torch.Tensor | None:
+def measured_rows(unit: Unit, out_features: int, codec, *, exact: bool, seed: int,
+                  count: int = 0) -> torch.Tensor | None:
     """A fixed random subset of output rows to measure on, or None for all of them.
 
     A codec whose rows are quantized independently (GPTQ, RTN without a transform: one XᵀX, a grid per
     row group) has a damage that is a sum over rows, so a uniform sample scaled by out/rows estimates it
     without bias; the same rows serve every setting, so the settings of a unit compare on equal terms.
     """
-    if exact or not codec.samples_rows or out_features <= MEASURE_ROWS:
+    count = count or MEASURE_ROWS
+    if exact or not codec.samples_rows or out_features <= count:
         return None
     g = torch.Generator().manual_seed(transform_seed(seed, unit))
-    return torch.randperm(out_features, generator=g)[:MEASURE_ROWS].sort().values
+    return torch.randperm(out_features, generator=g)[:count].sort().values
 
 
 def on_rows(rows: torch.Tensor | None, w: torch.Tensor, fisher: torch.Tensor | None):
@@ -111,13 +113,24 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
             lift = lowrank[u.module].up.weight.data if u.role is Role.DOWN else None
             target = Target(w, xtx, fisher_of_unit(run, measured.fisher, u), lift)
             exact = keep is not None
-            sampled = measured_rows(u, w.shape[0], run.codec, exact=exact or lift is not None, seed=run.seed)
-            coded = _probe_weights(run, u, target, probes) if probes and is_probed(u) and sampled is not None else {}
-            swept = [s for s in settings if s.label() not in coded]
-            values, quantized = unit_distortions(run.codec, u, target, swept, seed=run.seed, exact=exact)
+            probed = bool(probes) and is_probed(u)
+            ratio = run.codec.quantizer.ratio_rows if probed and not exact else 0
+            sampled = measured_rows(u, w.shape[0], run.codec, exact=exact or lift is not None, seed=run.seed,
+                                    count=ratio)
+            by_ratio = probed and ratio and sampled is not None
+            sample = (dict(zip([s.label() for s in settings], run.codec.sampled_damages(
+                target, settings, transform_seed(run.seed, u), sampled, u.hints))) if by_ratio else {})
+            coded = _probe_weights(run, u, target, probes) if probed and sampled is not None else {}
+            at_probe = {label: weighted_distortion(wq - target.w.float(), target.xtx, target.fisher)
+                        for label, wq in coded.items()}
+            if by_ratio:
+                swept, quantized = [], []
+                values = _ratio_damages(sample, at_probe)
+            else:
+                swept = [s for s in settings if s.label() not in coded]
+                values, quantized = unit_distortions(run.codec, u, target, swept, seed=run.seed, exact=exact)
             u.distortion.update(values)
-            u.distortion.update({label: weighted_distortion(wq - target.w.float(), target.xtx, target.fisher)
-                                 for label, wq in coded.items()})
+            u.distortion.update(at_probe)
             if keep is not None:
                 for s, wq in zip(swept, quantized):
                     keep[(u.key, s.label())] = wq.half().cpu()
@@ -126,9 +139,19 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
                 measured.probes.update({(u.key, s.label()): whole[s.label()].half().cpu() for s in probes})
 
 
+def _ratio_damages(sample: dict[str, float], whole: dict[str, float]) -> dict[str, float]:
+    """Each setting's damage as the whole probe weight's damage times the setting's ratio to the probe on a row
+    sample (`Quantizer.ratio_rows`): the sample's level, the noisiest part of a small sample, cancels."""
+    (probe, level), = whole.items()
+    if not sample.get(probe, 0.0) > 0.0:
+        return {label: d for label, d in sample.items() if label != probe}
+    return {label: level * d / sample[probe] for label, d in sample.items() if label != probe}
+
+
 def _probe_weights(run, unit: Unit, target: Target, probes) -> dict[str, torch.Tensor]:
     """The unit's whole weight at each probe setting, coded as the layer pass codes it (`Codec.quantize`: E8 picks
     its scale on a row sample and codes the matrix once). Where the other settings' damages come from a row sample,
     the probe setting's is then measured on this whole weight instead, and its row sample is not coded."""
     seed = transform_seed(run.seed, unit)
-    return {s.label(): run.codec.quantize(target.w.float(), target.xtx, s, seed)[1] for s in probes}
+    return {s.label(): run.codec.quantize(target.w.float(), target.xtx, s, seed, unit.hints.get(s.label()))[1]
+            for s in probes}

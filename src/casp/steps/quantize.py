@@ -61,10 +61,12 @@ def in_basis(w: torch.Tensor, h: torch.Tensor, transform, seed: int):
     return wt, ht.float(), params, lambda d: restore_weight(cls, params, d)
 
 
-def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0):
-    """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
+def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0,
+                  hint: dict | None = None):
+    """(stored form, dequantized float32 weight in the original basis, transform params or None); `hint` is what the
+    plan's sweep chose for this matrix at `setting` (`Quantizer.quantize_hinted`)."""
     wt, ht, params, back = in_basis(w, h, transform, seed)
-    qw, deq = quantizer.quantize(wt, ht, setting)
+    qw, deq = quantizer.quantize_hinted(wt, ht, setting, hint)
     return qw, back(deq), params
 
 
@@ -85,7 +87,7 @@ def stored_module(qw, params, bias: torch.Tensor | None) -> nn.Module:
 def stored_unit(run, u: Unit, w, h, setting, bias) -> tuple:
     """(stored module, report row) of matrix `w` of unit `u` quantized at `setting` by the run's codec."""
     codec = run.codec
-    qw, _, params = codec.quantize(w, h, setting, transform_seed(run.seed, u))
+    qw, _, params = codec.quantize(w, h, setting, transform_seed(run.seed, u), u.hints.get(setting.label()))
     module = stored_module(qw, params, bias)
     stored = qw.stored_bits() + (module.transform_bits() if params is not None else 0)
     row = unit_row(run, u)

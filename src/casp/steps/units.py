@@ -54,6 +54,7 @@ class Unit:
     qk: str | None = None                      # "q" or "k" for W_q / W_k, else None
     rank: int = 0                              # rank of the low-rank projection it belongs to
     distortion: dict[str, float] = field(default_factory=dict)   # candidate label -> measured damage
+    hints: dict[str, dict] = field(default_factory=dict)         # label -> what the plan's sweep chose (E8: scale)
 
     @property
     def name(self) -> str:
@@ -103,6 +104,14 @@ class Plan:
 
     def units_of(self, layer: int) -> list[Unit]:
         return [u for u in self.units if u.layer == layer]
+
+
+def with_hints(units: list[Unit], measured: list[Unit]) -> list[Unit]:
+    """`units` (rebuilt after a joint allocation) given the sweep's hints of the measured units of the same key."""
+    hints = {u.key: u.hints for u in measured}
+    for u in units:
+        u.hints = dict(hints.get(u.key, {}))
+    return units
 
 
 def units_state(units: list[Unit]) -> list[dict]:
