@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from casp.algorithms.distortion import weighted_distortion
-from casp.steps.quantize import dequantize_unit_many, in_basis, quantize_unit
+from casp.steps.quantize import dequantize_unit_many, in_basis, quantize_hinted_unit
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Codec:
     def quantize(self, w: torch.Tensor, h: torch.Tensor, setting, seed: int, hint: dict | None = None):
         """(stored form, dequantized float32 weight in the original basis, transform params or None); `hint`: what a
         sweep of this matrix chose at `setting` (`sampled_damages`)."""
-        return quantize_unit(w, h, setting, self.quantizer, self.transform, seed, hint)
+        return quantize_hinted_unit(w, h, setting, (self.quantizer, self.transform, seed), hint)
 
     def dequantize_many(self, w: torch.Tensor, h: torch.Tensor, settings, seed: int) -> list[torch.Tensor]:
         """The dequantized float32 weight (original basis) at each setting, with shared work."""

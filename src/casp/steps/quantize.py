@@ -61,10 +61,15 @@ def in_basis(w: torch.Tensor, h: torch.Tensor, transform, seed: int):
     return wt, ht.float(), params, lambda d: restore_weight(cls, params, d)
 
 
-def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0,
-                  hint: dict | None = None):
-    """(stored form, dequantized float32 weight in the original basis, transform params or None); `hint` is what the
-    plan's sweep chose for this matrix at `setting` (`Quantizer.quantize_hinted`)."""
+def quantize_unit(w: torch.Tensor, h: torch.Tensor, setting, quantizer, transform=None, seed: int = 0):
+    """(stored form, dequantized float32 weight in the original basis, transform params or None)."""
+    return quantize_hinted_unit(w, h, setting, (quantizer, transform, seed), None)
+
+
+def quantize_hinted_unit(w: torch.Tensor, h: torch.Tensor, setting, coder: tuple, hint: dict | None):
+    """`quantize_unit` with `coder` = (quantizer, transform or None, seed), given `hint`: what the plan's sweep chose for
+    this matrix at `setting` (`Quantizer.quantize_hinted`)."""
+    quantizer, transform, seed = coder
     wt, ht, params, back = in_basis(w, h, transform, seed)
     qw, deq = quantizer.quantize_hinted(wt, ht, setting, hint)
     return qw, back(deq), params
