@@ -109,42 +109,52 @@ def _search(z, table, norms, odd_entry):
     return best, code
 
 
-def _encode(x, table, norms, odd_entry, lut, codes):
-    n = x.shape[0]
-    for v in prange(n):
-        z = np.empty(DIM)
-        p = np.empty(DIM)
-        best, best_code = np.inf, 0
-        lattice = np.inf
+def _encode_vector(x, table, norms, odd_entry, lut):
+    """The code of one 8-vector x."""
+    z = np.empty(DIM)
+    p = np.empty(DIM)
+    best, best_code = np.inf, 0
+    lattice = np.inf
+    for shift_bit in range(2):
+        t = -0.25 if shift_bit == 0 else 0.25
+        for i in range(DIM):
+            z[i] = x[i] - t
+        cost = _lattice_point(z, p)
+        lattice = min(lattice, cost)
+        code = _member_code(p, lut)
+        if code >= 0 and cost < best:
+            best, best_code = cost, code | (shift_bit << _SHIFT_BIT)
+    if best > lattice:
+        best = np.inf
         for shift_bit in range(2):
             t = -0.25 if shift_bit == 0 else 0.25
             for i in range(DIM):
-                z[i] = x[v, i] - t
-            cost = _lattice_point(z, p)
-            lattice = min(lattice, cost)
-            code = _member_code(p, lut)
-            if code >= 0 and cost < best:
+                z[i] = x[i] - t
+            cost, code = _search(z, table, norms, odd_entry)
+            if cost < best:
                 best, best_code = cost, code | (shift_bit << _SHIFT_BIT)
-        if best > lattice:
-            best = np.inf
-            for shift_bit in range(2):
-                t = -0.25 if shift_bit == 0 else 0.25
-                for i in range(DIM):
-                    z[i] = x[v, i] - t
-                cost, code = _search(z, table, norms, odd_entry)
-                if cost < best:
-                    best, best_code = cost, code | (shift_bit << _SHIFT_BIT)
-        codes[v] = best_code
+    return best_code
+
+
+def _encode_serial(x, table, norms, odd_entry, lut, codes):
+    for v in range(x.shape[0]):
+        codes[v] = _encode_vector(x[v], table, norms, odd_entry, lut)
+
+
+def _encode_parallel(x, table, norms, odd_entry, lut, codes):
+    for v in prange(x.shape[0]):
+        codes[v] = _encode_vector(x[v], table, norms, odd_entry, lut)
 
 
 if njit is not None:
     _lattice_point = njit(cache=True)(_lattice_point)
     _member_code = njit(cache=True)(_member_code)
     _search = njit(cache=True)(_search)
-    _encode_serial = njit(cache=True)(_encode)
-    _encode_parallel = njit(cache=True, parallel=True)(_encode)
+    _encode_vector = njit(cache=True)(_encode_vector)
+    _encode_serial = njit(cache=True)(_encode_serial)
+    _encode_parallel = njit(cache=True, parallel=True)(_encode_parallel)
 
-PARALLEL_VECTORS = 4096   # below this many vectors one thread does the whole call
+PARALLEL_VECTORS = 512   # below this many vectors one thread does the whole call (768: 1.4x faster on 2 threads)
 
 
 def tables(table: torch.Tensor, odd_entry: torch.Tensor, lut: torch.Tensor) -> tuple:
