@@ -149,9 +149,9 @@ def _ratio_damages(sample: dict[str, float], whole: dict[str, float]) -> dict[st
 
 
 def _probe_weights(run, unit: Unit, target: Target, probes) -> dict[str, torch.Tensor]:
-    """The unit's whole weight at each probe setting, coded as the layer pass codes it (`Codec.quantize`: E8 picks
-    its scale on a row sample and codes the matrix once). Where the other settings' damages come from a row sample,
-    the probe setting's is then measured on this whole weight instead, and its row sample is not coded."""
+    """The unit's whole weight at each probe setting, coded as the layer pass codes it (`Codec.quantize`: E8 at the
+    scale multiplier the unit's sweep hinted, else one chosen on a row sample; the matrix coded once). Where the other
+    settings' damages come from a row sample, the probe setting's is then measured on this whole weight instead."""
     seed = transform_seed(run.seed, unit)
     return {s.label(): run.codec.quantize(target.w.float(), target.xtx, s, seed, unit.hints.get(s.label()))[1]
             for s in probes}
