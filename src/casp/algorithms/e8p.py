@@ -161,7 +161,8 @@ def e8p_encode(x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.T
     O(8) rounding); when it lies in the codebook it is the codebook's nearest for that shift, and a
     shift whose lattice point is nearer than the other's codeword settles the vector. The few vectors
     left (their nearest lattice point is outside the 2^16 codewords) go to the exhaustive search of
-    `e8p_encode_search`. Computes in x's dtype.
+    `e8p_encode_search`. On the CPU the search runs compiled, in float64 (`casp.algorithms.e8p_kernel`);
+    elsewhere in tensor operations in x's dtype. The codewords come back in x's dtype.
     """
     _check_dim(x)
     shape = x.shape[:-1]

@@ -117,7 +117,7 @@ def measure_distortions(run, measured, layers: dict, analysis: dict) -> None:
             ratio = run.codec.quantizer.ratio_rows if probed and not exact else 0
             sampled = measured_rows(u, w.shape[0], run.codec, exact=exact or lift is not None, seed=run.seed,
                                     count=ratio)
-            by_ratio = probed and ratio and sampled is not None
+            by_ratio = bool(ratio) and sampled is not None   # `ratio` is 0 unless the unit is probed
             sample = (dict(zip([s.label() for s in settings], run.codec.sampled_damages(
                 target, settings, transform_seed(run.seed, u), sampled, u.hints))) if by_ratio else {})
             coded = _probe_weights(run, u, target, probes) if probed and sampled is not None else {}
