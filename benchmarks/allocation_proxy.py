@@ -20,8 +20,18 @@ scaled per layer alone (`--damage measured`) and of the damage scaled per layer 
 type the median of measured KL / estimated damage: the types whose ratio stands apart are those the estimate
 misjudges.
 
+With --ratio-rows (the E8 lattice under incoherence, as a run sets it): the proxy a run measures with against
+the measurement it replaces. A run measures a probed matrix's damage at its probe setting on the whole matrix and
+every other setting on `--e8-ratio-rows` rows, as a ratio to the probe setting on those rows
+(`casp.steps.measure`). Here the plan is measured twice on the same inputs: so, and exactly (every row of every
+matrix at every setting). Prints per bit-width the mean relative error, Spearman's rho over every (matrix,
+setting) pair and within each matrix, and then the allocation each table leads to at `--target`: its bits, its
+exact damage and its held-out KL (with the exactly measured weights in place, on held-out samples that the layer
+scales never saw).
+
 Usage: python benchmarks/allocation_proxy.py [--model smollm2-135m|gemma3-270m|embedded] [--allocations 24]
        [--quantizer gptq] [--single 2b-g128 [--single-layers 0,3,6]] [--calib-seq-len 512]
+       [--ratio-rows [--layers 0,6,12] [--target 3.25]]
 """
 from __future__ import annotations
 
@@ -82,8 +92,15 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--single", help="measure each matrix alone at this setting label instead")
     ap.add_argument("--single-layers", help="with --single: only the matrices of these layers (comma-separated)")
+    ap.add_argument("--ratio-rows", action="store_true",
+                    help="the E8 row-ratio damages against exact ones (sets --quantizer e8 --transform incoherence)")
+    ap.add_argument("--layers", help="with --ratio-rows: only these decoder layers (comma-separated)")
+    ap.add_argument("--target", type=float, default=3.25, help="with --ratio-rows: the allocation's average bits")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ratio_rows:
+        ratio_proxy(args)
+        return
 
     from casp.config import CompressionConfig
     from casp.data.calibration import hold_out
@@ -153,6 +170,81 @@ def main() -> None:
           f"rho = {spearman(pred, y[half:].tolist()):.3f}; the plain sum on the same half: "
           f"rho = {spearman([r[2] for r in rows[half:]], y[half:].tolist()):.3f}")
     print(f"total {time.time() - t0:.0f} s")
+
+
+def ratio_proxy(args) -> None:
+    """The row-ratio damages of an E8 + incoherence plan against the same plan measured exactly (module docstring)."""
+    import dataclasses
+
+    from casp.config import CompressionConfig
+    from casp.data.calibration import hold_out
+    from casp.io.memory_writer import MemoryWriter
+    from casp.pipeline import start
+    from casp.recipe import resolve
+    from casp.steps.allocation import solve
+    from casp.steps.plan import plan_ranks_and_units
+    from casp.steps.search import WeightSwapper, kl_to_reference, reference_logprobs
+
+    model_name = None if args.model == "embedded" else args.model
+    layers = tuple(int(i) for i in args.layers.split(",")) if args.layers else None
+    cfg = CompressionConfig(bits=args.target, quantizer="e8", transform="incoherence", qk_rank=0,
+                            calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, search_steps=1,
+                            search_samples=args.held_out, seed=args.seed, damage="measured", layers=layers)
+    t0 = time.time()
+    run, batches = start(model_name, resolve(cfg, model_name), MemoryWriter(None, overwrite=False), None, True, None)
+    print(f"rows per ratio: {run.codec.quantizer.ratio_rows}", flush=True)
+    batches, held = hold_out(batches, args.held_out)
+    scales_on, held = hold_out(held, args.held_out // 2)
+    exact = plan_ranks_and_units(run, batches, scales_on)
+    t1 = time.time()
+    run.recipe = dataclasses.replace(run.recipe, search_steps=0)
+    proxy = plan_ranks_and_units(run, batches, scales_on)
+    print(f"exact plan {t1 - t0:.0f} s, the run's plan {time.time() - t1:.0f} s", flush=True)
+    pairs = _damage_pairs(exact.units, proxy.units, run.codec)
+    _print_agreement(pairs)
+    database, model = exact.database, run.model
+    reference = reference_logprobs(model, held)
+    swapper = WeightSwapper(run.layers, database)
+    exact_units = {u.key: u for u in exact.units}
+    print(f"\n| damages allocated at {args.target} | average bits | exact damage of its choice | held-out KL |"
+          "\n|---|---|---|---|")
+    for name, measured in (("exact", exact), ("row ratios (the run's)", proxy)):
+        allocation = solve(run, measured.units, rule="rd")
+        total = sum(u.num_weights for u in allocation.units)
+        bits = sum(u.cost_bits[allocation.choice[u.name]] for u in allocation.units) / total
+        damage = sum(exact_units[key].distortion[label] for n, label in allocation.choice.items()
+                     for key in allocation.members[n])
+        swapper.apply(allocation, allocation.choice)
+        kl = kl_to_reference(model, held, reference)
+        swapper.restore()
+        print(f"| {name} | {bits:.3f} | {damage:.4g} | {kl:.5f} |", flush=True)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+def _damage_pairs(exact_units, proxy_units, codec) -> list[tuple[str, float, float, float]]:
+    """(matrix, bits of the setting, exact damage, proxy damage) for every ratio-measured unit and setting."""
+    from casp.steps.measure import is_probed
+
+    bits = {s.label(): s.bits for s in codec.candidates()}
+    proxy = {str(u.key): u for u in proxy_units}
+    return [(str(u.key), bits[label], d, proxy[str(u.key)].distortion[label])
+            for u in exact_units if is_probed(u) for label, d in u.distortion.items()]
+
+
+def _print_agreement(pairs) -> None:
+    """Mean relative error per bit-width; Spearman's rho over all pairs and within each matrix."""
+    print("| bits | matrices | mean relative error | largest |\n|---|---|---|---|")
+    for b in sorted({p[1] for p in pairs}):
+        errors = [abs(q - d) / d for _, bb, d, q in pairs if bb == b and d > 0]
+        print(f"| {b} | {len(errors)} | {100 * sum(errors) / len(errors):.1f} % | {100 * max(errors):.1f} % |")
+    print(f"Spearman rho over all {len(pairs)} (matrix, setting) pairs: "
+          f"{spearman([p[2] for p in pairs], [p[3] for p in pairs]):.4f}")
+    by_matrix: dict[str, list] = {}
+    for name, _, d, q in pairs:
+        by_matrix.setdefault(name, []).append((d, q))
+    within = [spearman([d for d, _ in v], [q for _, q in v]) for v in by_matrix.values() if len(v) > 2]
+    print(f"within each of {len(within)} matrices, over its settings: mean rho {sum(within) / len(within):.4f}, "
+          f"lowest {min(within):.4f}")
 
 
 def _record_layer_alone_scales() -> dict:

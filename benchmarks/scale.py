@@ -30,8 +30,8 @@ load_and_calibrate + catches + (plan_and_allocate + compress_layers − catches)
 run of the parts before decoder layer 0 (vision tower, projector, embeddings) over the calibration samples,
 which every pass pays once whatever the number of layers. The layer pass's catch is its time outside its
 layers (`compress_layers` less the layers' own seconds, which also holds the writing of each layer); the
-sensitivity and analysis passes of the plan catch only the first 16,384 tokens, so each is taken as that
-share of it. The projection still counts the LM head of the sensitivity pass once per layer: a slight
+sensitivity and analysis passes of the plan catch only their first tokens (the recipe's `fisher_tokens`, and
+16,384), so each is taken as that share of it. The projection still counts the LM head of the sensitivity pass once per layer: a slight
 over-estimate. `--calib-jsonl` (image + question + answer records) calibrates on images through the
 model's own processor.
 `--device cuda` runs the same compression with each layer's work on the GPU (docs/gpu.md) and prints its
@@ -199,14 +199,16 @@ def main(argv=None) -> int:
 
 def print_by_layers(args, report: dict, wall: float) -> int:
     """Measured phases of a run over every layer of an N-layer shaped model, and the 32-layer projection."""
+    from casp.config import FISHER_TOKENS
     from casp.steps.plan import PLAN_TOKENS
 
     phases = report["phase_seconds"]
     n, layers = args.lm_layers, SHAPES["7B"][2]
     tokens = report["calibration"]["tokens"]
     full = phases["compress_layers"] - sum(r["seconds"] for r in report["decoder_layers"])
-    part = full * min(1.0, PLAN_TOKENS / tokens)
-    catches = full + (2 * part if args.allocation != "uniform" else 0.0)
+    fisher_tokens = report["recipe"].get("fisher_tokens", FISHER_TOKENS)
+    part = full * (min(1.0, PLAN_TOKENS / tokens) + min(1.0, fisher_tokens / tokens))
+    catches = full + (part if args.allocation != "uniform" else 0.0)
     per_layer = (phases["plan_and_allocate"] + phases["compress_layers"] - catches) / n
     fixed = wall - phases["plan_and_allocate"] - phases["compress_layers"] + catches
     flags = " ".join(args.compress_flags) or "(none)"

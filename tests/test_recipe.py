@@ -57,6 +57,21 @@ def test_e8_under_incoherence_starts_its_scale_grid_at_the_nominal_scale():
     assert "quantizer_options.scale_multipliers" not in given.reasons
 
 
+def test_e8_under_incoherence_halves_the_sensitivity_pass_and_says_why():
+    """A quantizer's own sensitivity-pass length is stated in the reasons; others keep the default; the user's wins."""
+    rotated = resolve(CompressionConfig(bits=3.25, quantizer="e8", transform="incoherence"), None)
+    assert rotated.fisher_tokens == 8192 and "E8 under incoherence" in rotated.reasons["fisher_tokens"]
+    for cfg in (CompressionConfig(bits=3.25), CompressionConfig(bits=3.25, quantizer="e8")):
+        recipe = resolve(cfg, None)
+        assert recipe.fisher_tokens == 16384 and "fisher_tokens" not in recipe.reasons
+    given = resolve(CompressionConfig(bits=3.25, quantizer="e8", transform="incoherence", fisher_tokens=2048), None)
+    assert given.fisher_tokens == 2048 and "fisher_tokens" not in given.reasons
+    older = {k: v for k, v in rotated.to_dict().items() if k != "fisher_tokens"}
+    assert Recipe.from_dict(older).fisher_tokens == 16384    # recipes written before the field ran with 16,384
+    with pytest.raises(CaspError, match="--fisher-tokens must be >= 1"):
+        resolve(CompressionConfig(fisher_tokens=0), None)
+
+
 def test_a_recipe_resolves_to_itself():
     """The config a recipe gives resolves to the same recipe (only the reasons, now all given, go)."""
     recipe = resolve(CompressionConfig(bits=3.25, quantizer="gptq"), None)
@@ -70,7 +85,7 @@ def test_every_field_that_can_change_measurement_is_in_the_plan_cache_key():
     changed = {"bits": 4.0, "quantizer": "rtn", "quantizer_options": {"damp": 0.5}, "transform": "incoherence",
                "transform_options": {"x": 1}, "qk_rank": 0.25, "qk_rank_overrides": {0: 0.5},
                "qk_rank_ladder": (0.5,), "allocation": "paper", "granularity": "matrix", "fisher": "sampled", "damage": "estimate",
-               "search_steps": 3,
+               "fisher_tokens": 512, "search_steps": 3,
                "search_samples": 4, "check_samples": 2, "check_inputs": "shared", "calib_samples": 3, "calib_seq_len": 64, "calib_jsonl": "a.jsonl",
                "calib_text": "t.txt", "calibration_source": "text", "preset": "stand-in-text",
                "excluded_candidates": ("4b-g32",), "density_mass": 0.5, "seed": 1, "device": "cuda",

@@ -13,6 +13,7 @@ QK_RANK_WORDS = ("auto", "joint")
 ALLOCATIONS = ("rd", "paper", "uniform")
 GRANULARITIES = ("matrix", "layer")
 FISHER_LABELS = ("empirical", "sampled")
+FISHER_TOKENS = 16384   # calibration tokens of the sensitivity pass unless the quantizer asks for fewer
 DAMAGES = ("measured", "measured-types", "estimate")
 CHECK_INPUTS = ("auto", "shared", "own")
 
@@ -93,6 +94,9 @@ class CompressionConfig:
     fisher: str = option("empirical", "--fisher", "labels of the sensitivity pass that weights each matrix's damage: "
                          "'empirical' (the calibration text's next tokens) or 'sampled' (tokens drawn from the "
                          "model's own prediction: the Fisher of KL to the original model)", choices=FISHER_LABELS)
+    fisher_tokens: int | None = option(None, "--fisher-tokens", "calibration tokens of the sensitivity pass (default: "
+                                       f"{FISHER_TOKENS}, or fewer where the quantizer asks for them: 8192 for E8 "
+                                       "under incoherence)", type=int, metavar="N")
     damage: str = option("measured", "--damage", "what the rd allocation weighs settings by: 'estimate' (each matrix's "
                          "Fisher-weighted quadratic error), 'measured' (the estimate scaled per decoder layer to the "
                          "held-out KL measured with the layer quantized at probe settings) or 'measured-types' (per "
@@ -136,6 +140,8 @@ class CompressionConfig:
             raise CaspError(f"--bits must be in (0, 16], got {self.bits}")
         if self.fisher not in FISHER_LABELS:
             raise CaspError(f"--fisher must be one of {', '.join(FISHER_LABELS)}, got {self.fisher!r}")
+        if self.fisher_tokens is not None and self.fisher_tokens < 1:
+            raise CaspError(f"--fisher-tokens must be >= 1, got {self.fisher_tokens}")
         if self.check_inputs not in CHECK_INPUTS:
             raise CaspError(f"--check-inputs must be one of {', '.join(CHECK_INPUTS)}, got {self.check_inputs!r}")
         if self.damage not in DAMAGES:

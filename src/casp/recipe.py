@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casp.config import CompressionConfig
+from casp.config import FISHER_TOKENS, CompressionConfig
 from casp.errors import CaspError
 
 RECIPE_VERSION = 1
@@ -34,6 +34,7 @@ class Recipe:
     allocation: str
     granularity: str
     fisher: str                      # labels of the sensitivity pass: "empirical" or "sampled"
+    fisher_tokens: int               # calibration tokens of the sensitivity pass
     damage: str                      # what rd weighs settings by: "measured" (scaled per layer), "measured-types", "estimate"
     search_steps: int
     search_samples: int
@@ -91,7 +92,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "check_inputs", "fisher", "damage",
+        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "check_inputs", "fisher", "fisher_tokens",
+                                                     "damage",
                                                      *TUNING})
         unknown = sorted(set(data) - known)
         if missing or unknown:
@@ -101,7 +103,8 @@ class Recipe:
         # recipes written before the baseline check, the Fisher choice, measured damage and fine-tuning ran
         # without them
         untuned = CompressionConfig()
-        values = {"check_samples": 0, "check_inputs": "own", "fisher": "empirical", "damage": "estimate",
+        values = {"check_samples": 0, "check_inputs": "own", "fisher": "empirical", "fisher_tokens": FISHER_TOKENS,
+                  "damage": "estimate",
                   **{k: getattr(untuned, k) for k in TUNING}, **data}
         aqlm = dict(values["quantizer_options"])   # --finetune-steps was an AQLM option before it applied to all
         if "layer_finetune_steps" in aqlm:
@@ -218,6 +221,7 @@ def resolve(config: CompressionConfig | None, model, *, out=None, resume: bool =
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CompressionConfig)}
     values.update(check_samples=_check_samples(config, stream, reasons))
     values.update(damage=_damage(config, values["check_samples"], reasons))
+    values.update(fisher_tokens=_fisher_tokens(config, reasons))
     values.update(qk_rank=qk_rank, quantizer_options=quantizer_options, transform_options=transform_options,
                   qk_rank_overrides=dict(config.qk_rank_overrides), qk_rank_ladder=tuple(config.qk_rank_ladder),
                   layers=tuple(config.layers) if config.layers is not None else None, stream=stream,
@@ -243,6 +247,20 @@ def _check_samples(config: CompressionConfig, stream: bool, reasons: dict) -> in
         reasons["check_samples"] = (f"at most one calibration sample in {CHECK_SHARE} is held out for the baseline "
                                     "check" + ("" if n else ": too few to check"))
     return n
+
+
+def _fisher_tokens(config: CompressionConfig, reasons: dict) -> int:
+    """The sensitivity pass's tokens: the user's, the quantizer's (`Quantizer.sensitivity_tokens`), or the default."""
+    if config.fisher_tokens is not None or config.quantizer == "none":
+        return config.fisher_tokens or FISHER_TOKENS
+    from casp.quant.base import get_quantizer_class
+
+    asked = get_quantizer_class(config.quantizer).sensitivity_tokens(config.transform)
+    if asked is None:
+        return FISHER_TOKENS
+    tokens, why = asked
+    reasons["fisher_tokens"] = why
+    return tokens
 
 
 def _damage(config: CompressionConfig, check_samples: int, reasons: dict) -> str:

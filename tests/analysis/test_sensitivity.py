@@ -115,3 +115,20 @@ def test_the_fisher_labels_reach_the_plan_and_its_cache_key(tiny_llama_dir, scen
     assert type(empirical).from_dict(old).fisher == "empirical"   # a recipe written before the choice existed
     with pytest.raises(CaspError, match="--fisher"):
         resolve(CompressionConfig(fisher="true", **base), tiny_llama_dir)
+
+
+def test_the_recipe_sets_how_many_tokens_the_sensitivity_pass_reads(tiny_llama_dir, scene_text, monkeypatch):
+    import casp.analysis.sensitivity as sensitivity
+    from casp import compress
+    from casp.config import CompressionConfig
+
+    seen, real = [], sensitivity.output_fisher
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_tokens"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "output_fisher", spy)
+    compress(tiny_llama_dir, config=CompressionConfig(bits=3.25, calib_samples=4, calib_seq_len=32, fisher_tokens=64,
+                                                      calib_text=str(scene_text), check_samples=0), progress=False)
+    assert seen == [64]

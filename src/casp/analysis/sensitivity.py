@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from casp.config import FISHER_LABELS
+from casp.config import FISHER_LABELS, FISHER_TOKENS
 from casp.models.adapters import Adapter
 
 
@@ -29,9 +29,6 @@ def _labels(batch: dict, image_token_id: int | None) -> torch.Tensor:
     if "attention_mask" in batch:
         labels[batch["attention_mask"] == 0] = -100
     return labels
-
-
-FISHER_TOKENS = 16384
 
 
 def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

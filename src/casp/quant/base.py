@@ -139,6 +139,12 @@ class Quantizer(Configurable, ABC):
         them."""
         return {}
 
+    @classmethod
+    def sensitivity_tokens(cls, transform: str | None) -> tuple[int, str] | None:
+        """Calibration tokens of the sensitivity pass where this quantizer needs fewer than the default
+        (`casp.config.FISHER_TOKENS`), and why; None: the default."""
+        return None
+
     def reproduces_grid(self, setting, grid: tuple[int, int]) -> bool:
         """Whether `setting` lands exactly on weights already stored on `grid` = (bits, group size), so that
         its measured damage would be near zero for that reason alone (such candidates are left out)."""

@@ -40,6 +40,7 @@ _CPU_SLAB_ELEMENTS = 1 << 20
 INCOHERENT = ("incoherence", "incoherence-scaled")       # transforms that rotate W by random Hadamard sides
 INCOHERENT_SCALE_MULTIPLIERS = (1.0, 1.1, 1.2)
 INCOHERENT_RATIO_ROWS = 64
+E8_FISHER_TOKENS = 8192   # the sensitivity pass's tokens under incoherence (`E8Quantizer.sensitivity_tokens`)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -274,6 +275,16 @@ class E8Quantizer(Quantizer):
         if transform not in INCOHERENT:
             return {}
         return {"scale_multipliers": INCOHERENT_SCALE_MULTIPLIERS, "ratio_rows": INCOHERENT_RATIO_ROWS}
+
+    @classmethod
+    def sensitivity_tokens(cls, transform: str | None) -> tuple[int, str] | None:
+        """Half the default under incoherence: the sensitivity pass's forward and backward were the plan's largest
+        fixed part, and on SmolLM2-135M at 3.25 bits a run stored as good a model from 8k tokens as from 16k
+        (CASP+GPTQ did not: docs/results.md, 2026-12-07)."""
+        if transform not in INCOHERENT:
+            return None
+        return E8_FISHER_TOKENS, ("E8 under incoherence: a model as good from 8,192 sensitivity tokens as from 16,384 "
+                                  "(SmolLM2-135M at 3.25 bits, docs/e8.md), for half the pass")
 
     def candidates(self) -> list[E8Setting]:
         return [E8Setting(b, self.config.act_order) for b in sorted(set(self.config.candidate_bits))]

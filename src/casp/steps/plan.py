@@ -19,7 +19,7 @@ from casp.steps.measured import Measured
 from casp.steps.ranks import check_separate_qk, choose_ranks
 from casp.steps.units import plan_units
 
-# Calibration tokens the measuring walk uses (the sensitivity pass uses as many): candidate damages only rank
+# Calibration tokens the measuring walk uses (the sensitivity pass uses as many, `Recipe.fisher_tokens`): candidate damages only rank
 # settings and layers against each other, which XᵀX of 16k tokens does as well as of 64k, and the measuring
 # walk then costs a quarter of the compression walk.
 PLAN_TOKENS = 16384
@@ -35,8 +35,10 @@ def fisher_of(run, batches):
 
     if run.layer_source.streamed or off_cpu(run.device):
         return output_fisher_layerwise(run.model, run.adapter, batches, run.layer_source, run.progress,
-                                       device=run.device, labels=run.recipe.fisher, seed=run.seed)
-    fisher = output_fisher(run.model, run.adapter, batches, run.progress, labels=run.recipe.fisher, seed=run.seed)
+                                       max_tokens=run.recipe.fisher_tokens, device=run.device,
+                                       labels=run.recipe.fisher, seed=run.seed)
+    fisher = output_fisher(run.model, run.adapter, batches, run.progress, max_tokens=run.recipe.fisher_tokens,
+                           labels=run.recipe.fisher, seed=run.seed)
     trim_heap()   # the backward's activations are gone; give their heap back before the layer walks
     return fisher
 
