@@ -92,20 +92,18 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"reasons", "version", "check_samples", "check_inputs", "fisher", "fisher_tokens",
-                                                     "damage",
-                                                     *TUNING})
+        optional = {"reasons", "version", "check_samples", "check_inputs", "fisher", "fisher_tokens", "damage", *TUNING}
+        missing = sorted(known - set(data) - optional)
         unknown = sorted(set(data) - known)
         if missing or unknown:
             raise CaspError(f"not a casp recipe: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}")
         if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
             raise CaspError(f"recipe version {data['version']} is not {RECIPE_VERSION}; re-run resolve with this casp")
-        # recipes written before the baseline check, the Fisher choice, measured damage and fine-tuning ran
-        # without them
+        # recipes written before the baseline check, the Fisher choice and length, measured damage and fine-tuning
+        # ran without them (and with 16,384 sensitivity tokens)
         untuned = CompressionConfig()
         values = {"check_samples": 0, "check_inputs": "own", "fisher": "empirical", "fisher_tokens": FISHER_TOKENS,
-                  "damage": "estimate",
-                  **{k: getattr(untuned, k) for k in TUNING}, **data}
+                  "damage": "estimate", **{k: getattr(untuned, k) for k in TUNING}, **data}
         aqlm = dict(values["quantizer_options"])   # --finetune-steps was an AQLM option before it applied to all
         if "layer_finetune_steps" in aqlm:
             values["finetune_steps"] = aqlm.pop("layer_finetune_steps")
