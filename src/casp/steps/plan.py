@@ -19,9 +19,9 @@ from casp.steps.measured import Measured
 from casp.steps.ranks import check_separate_qk, choose_ranks
 from casp.steps.units import plan_units
 
-# Calibration tokens the measuring walk uses (the sensitivity pass uses as many, `Recipe.fisher_tokens`): candidate damages only rank
-# settings and layers against each other, which XᵀX of 16k tokens does as well as of 64k, and the measuring
-# walk then costs a quarter of the compression walk.
+# Calibration tokens the measuring walk uses (the sensitivity pass reads `Recipe.fisher_tokens`: as many, or half
+# for E8 under incoherence): candidate damages only rank settings and layers against each other, which XᵀX of 16k
+# tokens does as well as of 64k, and the measuring walk then costs a quarter of the compression walk.
 PLAN_TOKENS = 16384
 
 logger = logging.getLogger(__name__)
