@@ -61,7 +61,8 @@ def test_e8_under_incoherence_halves_the_sensitivity_pass_and_says_why():
     """A quantizer's own sensitivity-pass length is stated in the reasons; others keep the default; the user's wins."""
     rotated = resolve(CompressionConfig(bits=3.25, quantizer="e8", transform="incoherence"), None)
     assert rotated.fisher_tokens == 8192 and "E8 under incoherence" in rotated.reasons["fisher_tokens"]
-    for cfg in (CompressionConfig(bits=3.25), CompressionConfig(bits=3.25, quantizer="e8")):
+    for cfg in (CompressionConfig(bits=3.25), CompressionConfig(bits=3.25, quantizer="e8"),
+                CompressionConfig(bits=3, quantizer="e8", transform="incoherence", allocation="uniform")):
         recipe = resolve(cfg, None)
         assert recipe.fisher_tokens == 16384 and "fisher_tokens" not in recipe.reasons
     given = resolve(CompressionConfig(bits=3.25, quantizer="e8", transform="incoherence", fisher_tokens=2048), None)

@@ -248,8 +248,10 @@ def _check_samples(config: CompressionConfig, stream: bool, reasons: dict) -> in
 
 
 def _fisher_tokens(config: CompressionConfig, reasons: dict) -> int:
-    """The sensitivity pass's tokens: the user's, the quantizer's (`Quantizer.sensitivity_tokens`), or the default."""
-    if config.fisher_tokens is not None or config.quantizer == "none":
+    """The sensitivity pass's tokens: the user's, the quantizer's (`Quantizer.sensitivity_tokens`), or the default.
+
+    Only an rd allocation runs the pass, so other runs keep the default without a reason."""
+    if config.fisher_tokens is not None or config.quantizer == "none" or config.allocation != "rd":
         return config.fisher_tokens or FISHER_TOKENS
     from casp.quant.base import get_quantizer_class
 
