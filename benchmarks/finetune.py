@@ -64,8 +64,10 @@ def _tuning_seconds(r: dict) -> float:
 
 def _metric(r: dict, model: str) -> str:
     if model == "fashion-vlm":
+        from casp.data import fashion_scenes
+
         per = r["per_type"]
-        return f"{r['accuracy']:.3f} ({' / '.join(f'{per.get(t, 0):.2f}' for t in ('position', 'presence', 'count'))})"
+        return f"{r['accuracy']:.3f} ({' / '.join(f'{per.get(t, 0):.2f}' for t in fashion_scenes.TYPES)})"
     if model == "embedded":
         return f"{r['vqa_accuracy']:.4f}"
     second = [v for k, v in r.items() if k.startswith("text_ppl_")]
@@ -95,7 +97,7 @@ def main() -> None:
     if args.rows != "all":
         specs = [s for s in specs if s["label"] in args.rows.split(",")]
     texts = args.eval_texts.split(",")
-    metric = {"fashion-vlm": "accuracy (position / presence / count)", "embedded": "VQA accuracy"}.get(
+    metric = {"fashion-vlm": "accuracy (position / presence / where)", "embedded": "VQA accuracy"}.get(
         args.model, " | ".join(f"token ppl {t}" for t in (texts[0], texts[-1] if len(texts) > 1 else "-")))
     print(f"model {args.model}; calibration {args.calib_samples} samples; {args.threads} torch thread(s)"
           f"{'; layers ' + args.layers if args.layers else ''}\n")

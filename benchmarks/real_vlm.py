@@ -97,7 +97,9 @@ def main() -> None:
     rows = specs(args.gptq_target, [float(t) for t in args.e8_targets.split(",")])
     if args.rows != "all":
         rows = [r for r in rows if r["label"] in args.rows.split(",")]
-    types = ("position", "presence", "count")
+    from casp.data import fashion_scenes
+
+    types = fashion_scenes.TYPES
     print(f"model {args.model}; calibration {args.calib_samples} training pictures; {args.questions} test questions; "
           f"{args.threads} torch thread(s)\n")
     print(f"| method | average bits | accuracy | {' | '.join(types)} | KL vs FP | compress s | peak RSS MB |")

@@ -23,8 +23,9 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(PROJECTOR_FILE), help="projector weights (.safetensors) to write")
-    ap.add_argument("--steps", type=int, default=200, help="answer-loss steps (each on new training panels)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=300, help="answer-loss steps (each on new training panels)")
+    ap.add_argument("--batch-size", type=int, default=16, help="panels per step")
+    ap.add_argument("--per-type", type=int, default=2, help="questions of each type per panel")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--align-steps", type=int, default=600)
     ap.add_argument("--align-lr", type=float, default=1e-3)
@@ -35,7 +36,7 @@ def main() -> int:
 
     from safetensors.torch import save_file
 
-    from casp.data.fashion_scenes import records
+    from casp.data.fashion_scenes import panels, records
     from casp.eval.vqa import vqa_accuracy
     from casp.models.fashion_vlm import build
     from casp.models.fashion_vlm_training import projector_state, train_projector
@@ -46,7 +47,7 @@ def main() -> int:
     fresh = torch.nn.Sequential(torch.nn.Linear(1280, 640), torch.nn.GELU(), torch.nn.Linear(640, 640))
     model, processor = build({"linear_1.weight": fresh[0].weight.data, "linear_1.bias": fresh[0].bias.data,
                               "linear_2.weight": fresh[2].weight.data, "linear_2.bias": fresh[2].bias.data})
-    stats = train_projector(model, processor, records("train", args.steps * args.batch_size, args.seed),
+    stats = train_projector(model, processor, panels("train", args.steps * args.batch_size, args.seed, args.per_type),
                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             align_steps=args.align_steps, align_lr=args.align_lr)
     val = vqa_accuracy(model, processor, records("validation", args.validation, args.seed))

@@ -62,7 +62,8 @@ def test_every_part_is_its_source_and_the_saved_model_loads_with_from_pretrained
 
 
 def test_the_training_loss_is_the_models_own_answer_loss():
-    """The projector trainer's shortcut (tower features once, logits only at answer tokens) equals the full forward."""
+    """The projector trainer's shortcut (tower features once, each panel's picture run once for all its
+    questions, logits only at answer tokens) equals the full model run on each question alone."""
     import tempfile
     from pathlib import Path
 
@@ -73,13 +74,37 @@ def test_the_training_loss_is_the_models_own_answer_loss():
     with tempfile.TemporaryDirectory() as tmp:
         _tiny_lm(Path(tmp))
         model, processor = fashion_vlm.build(_projector(GEMMA3_TEXT["hidden_size"]), lm_dir=Path(tmp))
-    records = fashion_scenes.records("train", 3)
-    encoded = encode(processor, records)
+    panels = fashion_scenes.panels("train", 3, per_type=2)
+    assert [q["type"] for q in panels[0]["questions"]] == ["position"] * 2 + ["presence"] * 2 + ["where"] * 2
+    encoded = encode(processor, panels)
     with torch.no_grad():
         got = answer_loss(model, encoded, tower_features(model, encoded))
-        losses = []
-        for e in encoded:
-            logits = model(input_ids=e["input_ids"][None], pixel_values=e["pixel_values"]).logits[0]
-            losses.append(F.cross_entropy(logits[e["start"] - 1:-1], e["input_ids"][e["start"]:], reduction="sum"))
-        want = sum(losses) / sum(len(e["input_ids"]) - e["start"] for e in encoded)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        total, count = 0.0, 0
+        for panel in panels:
+            for q in panel["questions"]:
+                prompt = build_prompt(processor, q["question"])
+                start = processor(images=panel["image"], text=prompt, return_tensors="pt")["input_ids"].shape[1]
+                enc = processor(images=panel["image"], text=prompt + " " + q["answer"] + "\n", return_tensors="pt")
+                logits = model(**enc).logits[0]
+                ids = enc["input_ids"][0]
+                total = total + F.cross_entropy(logits[start - 1:-1], ids[start:], reduction="sum")
+                count += len(ids) - start
+    torch.testing.assert_close(got, total / count, rtol=1e-5, atol=1e-5)
+
+
+def test_training_panels_are_deterministic_and_their_answers_fit_their_cells():
+    a, b = fashion_scenes.panels("train", 4, seed=3), fashion_scenes.panels("train", 4, seed=3)
+    assert [p["questions"] for p in a] == [p["questions"] for p in b]
+    assert [p["questions"] for p in a] != [p["questions"] for p in fashion_scenes.panels("train", 4, seed=4)]
+    from casp.data.fashion_mnist import CLASSES
+
+    for panel in a:
+        for q in panel["questions"]:
+            if q["type"] == "position":
+                cell = fashion_scenes.POSITIONS.index(q["question"][len("What is in the "):-1])
+                k = panel["labels"][cell]
+                assert q["answer"] == ("nothing" if k is None else CLASSES[k])
+            elif q["type"] == "where":
+                k = CLASSES.index(q["question"][len("Where is the "):-1])
+                assert panel["labels"].count(k) == 1
+                assert q["answer"] == fashion_scenes.POSITIONS[panel["labels"].index(k)]

@@ -31,16 +31,32 @@ def native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def encode(processor, records: list[dict]) -> list[dict]:
-    """Per record: prompt + answer token ids, the answer's positions, and the picture's pixels."""
+def encode(processor, panels: list[dict]) -> list[dict]:
+    """Per panel: the picture's pixels, the prompt's ids up to its last image token (the same for every
+    question), and per question the rest of prompt + answer with the position where the answer starts."""
     from casp.eval.vqa import build_prompt
 
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
     out = []
-    for r in records:
-        prompt = build_prompt(processor, r["question"])
-        full = processor(images=r["image"], text=prompt + " " + r["answer"] + "\n", return_tensors="pt")
-        n_prompt = processor(images=r["image"], text=prompt, return_tensors="pt")["input_ids"].shape[1]
-        out.append({"input_ids": full["input_ids"][0], "pixel_values": full["pixel_values"], "start": n_prompt})
+    for panel in panels:
+        segments = []
+        for q in panel["questions"]:
+            prompt = build_prompt(processor, q["question"])
+            if not segments:
+                full = processor(images=panel["image"], text=prompt + " " + q["answer"] + "\n", return_tensors="pt")
+                ids = full["input_ids"][0]
+                cut = int((ids == image_id).nonzero().max()) + 1
+                prefix, pixels = ids[:cut], full["pixel_values"]
+            tail = prompt[prompt.rindex(processor.image_token) + len(processor.image_token):]
+            head = tokenizer(tail, add_special_tokens=False)["input_ids"]
+            answer = tokenizer(tail + " " + q["answer"] + "\n", add_special_tokens=False)["input_ids"]
+            if answer[:len(head)] != head:
+                raise ValueError(f"the answer {q['answer']!r} changes the prompt's tokens")
+            segments.append({"ids": torch.tensor(answer), "start": len(head)})
+        if not torch.equal(torch.cat([prefix, segments[0]["ids"]]), ids):
+            raise ValueError("the prompt's text tokenizes differently apart from its picture")
+        out.append({"prefix": prefix, "pixel_values": pixels, "segments": segments})
     return out
 
 
@@ -90,33 +106,48 @@ def align_projector(model, tokenizer, records: list[dict], feats: torch.Tensor, 
 
 
 def answer_loss(model, encoded: list[dict], feats: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (and the newline that ends them) given picture and prompt."""
+    """Mean cross-entropy of the answer tokens (and the newline that ends them) given picture and prompt.
+
+    Each panel's picture and cell labels run once; its questions continue from that cache, each seeing
+    exactly what it would see alone, so one pass trains on all of them.
+    """
     inner = model.model
+    lm = inner.language_model
+    prefix = torch.stack([e["prefix"] for e in encoded])
+    per_panel = len(encoded[0]["segments"])
+    if any(len(e["segments"]) != per_panel for e in encoded):
+        raise ValueError("every panel of a batch needs as many questions")
+    embeds = inner.get_input_embeddings()(prefix)
+    image = (prefix == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image, inner.multi_modal_projector(feats).to(embeds.dtype))
+    cache = lm(inputs_embeds=embeds, use_cache=True).cache
+    cache.batch_repeat_interleave(per_panel)
+    segments = [s for e in encoded for s in e["segments"]]
+    length = max(len(s["ids"]) for s in segments)
     pad = model.generation_config.pad_token_id
-    length = max(len(e["input_ids"]) for e in encoded)
-    ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, :len(e["input_ids"])] = e["input_ids"]
-        mask[i, :len(e["input_ids"])] = 1
-    embeds = inner.get_input_embeddings()(ids)
-    image = (ids == model.config.image_token_id).unsqueeze(-1)
-    projected = inner.multi_modal_projector(feats).to(embeds.dtype)
-    embeds = embeds.masked_scatter(image, projected)
-    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    ids = torch.full((len(segments), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(segments), prefix.shape[1] + length), dtype=torch.long)
+    mask[:, :prefix.shape[1]] = 1
     rows, cols, targets = [], [], []
-    for i, e in enumerate(encoded):
-        for j in range(e["start"], len(e["input_ids"])):
+    for i, s in enumerate(segments):
+        ids[i, :len(s["ids"])] = s["ids"]
+        mask[i, prefix.shape[1]:prefix.shape[1] + len(s["ids"])] = 1
+        for j in range(s["start"], len(s["ids"])):
             rows.append(i)
             cols.append(j - 1)
-            targets.append(int(e["input_ids"][j]))
+            targets.append(int(s["ids"][j]))
+    hidden = lm(inputs_embeds=inner.get_input_embeddings()(ids), attention_mask=mask,
+                cache=cache).last_hidden_state
     logits = model.lm_head(hidden[rows, cols]).float()
     return F.cross_entropy(logits, torch.tensor(targets))
 
 
-def train_projector(model, processor, train_records: list[dict], *, steps: int, batch_size: int, lr: float,
+def train_projector(model, processor, train_panels: list[dict], *, steps: int, batch_size: int, lr: float,
                     seed: int, align_steps: int = 600, align_lr: float = 1e-3, progress: bool = True) -> dict:
-    """Train `model`'s projector in place on `train_records` (alignment, then answers); return losses and timings."""
+    """Train `model`'s projector in place on `train_panels` (alignment, then answers); return losses and timings.
+
+    `train_panels` are `casp.data.fashion_scenes.panels`; a step takes `batch_size` panels and all their
+    questions."""
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -124,10 +155,10 @@ def train_projector(model, processor, train_records: list[dict], *, steps: int, 
     for p in projector.parameters():
         p.requires_grad_(True)
     t0 = time.perf_counter()
-    encoded = encode(processor, train_records)
+    encoded = encode(processor, train_panels)
     feats = tower_features(model, encoded)
     t_features = time.perf_counter() - t0
-    align = align_projector(model, processor.tokenizer, train_records, feats, steps=align_steps, lr=align_lr,
+    align = align_projector(model, processor.tokenizer, train_panels, feats, steps=align_steps, lr=align_lr,
                             seed=seed)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
