@@ -1,7 +1,7 @@
 """The built-in real VLM (fashion-vlm) under every method, one run, one table.
 
 Rows: FP; RTN 4-bit; uniform GPTQ 3- and 4-bit (g128); allocation alone and CASP+GPTQ at --gptq-target;
-E8 uniform 2-bit (incoherence); CASP+E8 at each of --e8-targets. Each row runs in its own process (its own
+E8 uniform 2- and 3-bit (incoherence); E8 allocation alone and CASP+E8 at each of --e8-targets. Each row runs in its own process (its own
 peak RSS) with --threads torch threads, calibrates on --calib-samples pictures of the training split (the
 model's own task: image, question and answer), and reports measured average bits (every stored bit),
 exact-match accuracy per question type on --questions held-out test questions, KL(FP ‖ model) on the
@@ -32,8 +32,11 @@ def specs(gptq_target: float, e8_targets: list[float]) -> list[dict]:
              "allocation": "rd", "qk_rank": 0},
             {"label": f"CASP+GPTQ @ {gptq_target}", "quantizer": "gptq", "bits": gptq_target, "allocation": "rd",
              "qk_rank": "joint"},
-            {**e8, "label": "E8 uniform 2-bit", "bits": 2, "allocation": "uniform", "qk_rank": 0}]
-    rows += [{**e8, "label": f"CASP+E8 @ {t}", "bits": t, "allocation": "rd", "qk_rank": "joint"} for t in e8_targets]
+            {**e8, "label": "E8 uniform 2-bit", "bits": 2, "allocation": "uniform", "qk_rank": 0},
+            {**e8, "label": "E8 uniform 3-bit", "bits": 3, "allocation": "uniform", "qk_rank": 0}]
+    for t in e8_targets:
+        rows += [{**e8, "label": f"E8 allocation alone @ {t}", "bits": t, "allocation": "rd", "qk_rank": 0},
+                 {**e8, "label": f"CASP+E8 @ {t}", "bits": t, "allocation": "rd", "qk_rank": "joint"}]
     return rows
 
 
