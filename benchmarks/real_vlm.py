@@ -1,8 +1,8 @@
 """The built-in real VLM (fashion-vlm) under every method, one run, one table.
 
 Rows: FP; RTN 4-bit; uniform GPTQ 3- and 4-bit (g128); allocation alone and CASP+GPTQ at --gptq-target;
-E8 uniform 2- and 3-bit (incoherence); E8 allocation alone and CASP+E8 at each of --e8-targets. Each row runs in its own process (its own
-peak RSS) with --threads torch threads, calibrates on --calib-samples pictures of the training split (the
+E8 uniform 2- and 3-bit (incoherence); E8 allocation alone and CASP+E8 at each of --e8-targets. Each row
+runs in its own process (its own peak RSS) with --threads torch threads, calibrates on --calib-samples pictures of the training split (the
 model's own task: image, question and answer), and reports measured average bits (every stored bit),
 exact-match accuracy per question type on --questions held-out test questions, KL(FP ‖ model) on the
 answers of the first --kl-records of them, compression seconds and peak RSS.

@@ -7,8 +7,8 @@ exactly one. Three question types, one question per panel:
 - presence: "Is there a bag?" → yes / no (half the time about a class that is there, half not);
 - where: "Where is the bag?" → the cell of an item whose class fills exactly one cell ("top left", ...).
 Counting ("How many coat items are there?") was a type of an earlier version; the frozen language model
-stayed at chance on it (docs/fashion_vlm.md). Each image is 3 × 3 of the vision encoder's feature map, so an answer rests on a few of the panel's 36
-visual tokens. Records are the dicts casp's VQA evaluation reads — {"image": [four images], "question",
+stayed at chance on it (docs/fashion_vlm.md). Each image is 3 × 3 of the vision encoder's feature map, so
+an answer rests on a few of the panel's 36 visual tokens. Records are the dicts casp's VQA evaluation reads — {"image": [four images], "question",
 "answer", "type"} — plus the cells' photo indices and classes; each split draws only its own photos,
 under its own seed.
 """
@@ -76,14 +76,19 @@ def _question(rng: np.random.Generator, kind: str, labels: list[int | None]) -> 
     return f"Where is the {names[k]}?", POSITIONS[labels.index(k)]
 
 
+def _photos_by_class(split: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The split's photos, and the indices of its photos of each class."""
+    photos, classes = fashion_mnist.images(split)
+    return photos, [np.flatnonzero(classes == k) for k in range(len(fashion_mnist.CLASSES))]
+
+
 def panels(split: str, n: int, seed: int = 0, per_type: int = 2) -> list[dict]:
     """`n` training panels, each with `per_type` questions of every type: {"image", "labels", "questions"}.
 
     Several questions share one panel's picture, so a trainer can run the picture once per panel; the
     draws are the same for the same (split, n, seed, per_type), under a seed stream of their own.
     """
-    photos, classes = fashion_mnist.images(split)
-    by_class = [np.flatnonzero(classes == k) for k in range(len(fashion_mnist.CLASSES))]
+    photos, by_class = _photos_by_class(split)
     rng = np.random.default_rng([_SPLIT_SEED[split], seed, per_type])
     out = []
     for _ in range(n):
@@ -96,8 +101,7 @@ def panels(split: str, n: int, seed: int = 0, per_type: int = 2) -> list[dict]:
 
 def records(split: str, n: int, seed: int = 0) -> list[dict]:
     """`n` panel-question records of `split`, the same for the same (split, n, seed)."""
-    photos, classes = fashion_mnist.images(split)
-    by_class = [np.flatnonzero(classes == k) for k in range(len(fashion_mnist.CLASSES))]
+    photos, by_class = _photos_by_class(split)
     rng = np.random.default_rng([_SPLIT_SEED[split], seed])
     out = []
     for i in range(n):

@@ -40,14 +40,14 @@ def encode(processor, panels: list[dict]) -> list[dict]:
     image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
     out = []
     for panel in panels:
+        first = panel["questions"][0]
+        full = processor(images=panel["image"], text=build_prompt(processor, first["question"]) + " "
+                         + first["answer"] + "\n", return_tensors="pt")
+        ids = full["input_ids"][0]
+        prefix = ids[:int((ids == image_id).nonzero().max()) + 1]
         segments = []
         for q in panel["questions"]:
             prompt = build_prompt(processor, q["question"])
-            if not segments:
-                full = processor(images=panel["image"], text=prompt + " " + q["answer"] + "\n", return_tensors="pt")
-                ids = full["input_ids"][0]
-                cut = int((ids == image_id).nonzero().max()) + 1
-                prefix, pixels = ids[:cut], full["pixel_values"]
             tail = prompt[prompt.rindex(processor.image_token) + len(processor.image_token):]
             head = tokenizer(tail, add_special_tokens=False)["input_ids"]
             answer = tokenizer(tail + " " + q["answer"] + "\n", add_special_tokens=False)["input_ids"]
@@ -56,7 +56,7 @@ def encode(processor, panels: list[dict]) -> list[dict]:
             segments.append({"ids": torch.tensor(answer), "start": len(head)})
         if not torch.equal(torch.cat([prefix, segments[0]["ids"]]), ids):
             raise ValueError("the prompt's text tokenizes differently apart from its picture")
-        out.append({"prefix": prefix, "pixel_values": pixels, "segments": segments})
+        out.append({"prefix": prefix, "pixel_values": full["pixel_values"], "segments": segments})
     return out
 
 
