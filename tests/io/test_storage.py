@@ -119,3 +119,18 @@ def test_vlm_roundtrip_with_jsonl_calibration(tiny_llava_dir, scene_jsonl, tmp_p
         assert torch.equal(loaded(**batch).logits, res.model(**batch).logits)
     assert res.report["average_bits"] <= 2.5
     assert (tmp_path / "v" / "preprocessor_config.json").exists() or (tmp_path / "v" / "processor_config.json").exists()
+
+
+def test_load_reads_the_generation_config(compressed, tmp_path):
+    """Stop tokens live in generation_config.json; `casp eval OUT` generates answers with them."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    _, out = compressed
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=0).save_pretrained(copy)
+    loaded = casp.load(copy)
+    assert loaded.generation_config.eos_token_id == [2, 7]
+    assert loaded.generation_config.pad_token_id == 0

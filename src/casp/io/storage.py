@@ -189,6 +189,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]
     if still_empty:
         raise CaspError(f"weights in {str(path)!r} do not match its config (missing {still_empty[:3]})")
+    if (path / "generation_config.json").exists():   # `_from_config` does not read it: stop tokens, pad id
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     model.eval()
     return model
 
