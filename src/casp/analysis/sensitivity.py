@@ -19,16 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from casp.config import FISHER_LABELS, FISHER_TOKENS
+from casp.data.scored import model_inputs, target_labels
 from casp.models.adapters import Adapter
-
-
-def _labels(batch: dict, image_token_id: int | None) -> torch.Tensor:
-    labels = batch["input_ids"].clone()
-    if image_token_id is not None:
-        labels[labels == image_token_id] = -100
-    if "attention_mask" in batch:
-        labels[batch["attention_mask"] == 0] = -100
-    return labels
 
 
 def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -92,8 +84,8 @@ def output_fisher(model: nn.Module, adapter: Adapter, batches: list[dict], progr
     generator = _generator(labels, seed, next(model.parameters()).device)
     try:
         for batch in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
-            logits = model(**batch, use_cache=False).logits
-            _next_token_loss(logits, _labels(batch, image_token), generator).backward()
+            logits = model(**model_inputs(batch), use_cache=False).logits
+            _next_token_loss(logits, target_labels(batch, image_token), generator).backward()
     finally:
         for h in handles:
             h.remove()
@@ -152,7 +144,7 @@ def output_fisher_layerwise(model: nn.Module, adapter: Adapter, batches: list[di
             for h, batch in zip(last, batches):
                 h = h.detach().to(device).requires_grad_(True)
                 with torch.enable_grad():
-                    _head_loss(model, adapter, h, _labels(batch, image_token).to(device), generator).backward()
+                    _head_loss(model, adapter, h, target_labels(batch, image_token).to(device), generator).backward()
                 grads.append(h.grad.detach().cpu())
     finally:
         source.close_rest()

@@ -1,8 +1,8 @@
 """Calibration batches: image+text JSONL, plain text, or the training records of a casp VLM's own task.
 
 A batch is a dict of model inputs. Image records are processed one per batch through the
-model's own processor (no padding, so every token is real); text is cut into windows of
-`seq_len` tokens and batched.
+model's own processor (no padding, so every token is real), a question's with `labels` that score its
+answer; text is cut into windows of `seq_len` tokens and batched.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from casp.data.scored import answer_labels
 from casp.errors import CaspError
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,27 @@ def read_calibration_jsonl(path: str | Path) -> list[dict]:
 
 
 def image_text_batches(processor, records: list[dict]) -> list[dict]:
+    """One batch per record; a question-and-answer record's `labels` score its answer alone (`casp.data.scored`)."""
     from casp.eval.vqa import build_prompt
 
     batches = []
     for rec in records:
         if "question" in rec:
-            text = build_prompt(processor, rec["question"]) + " " + rec["answer"]
+            prompt = build_prompt(processor, rec["question"])
+            enc = dict(processor(images=rec["image"], text=prompt + " " + rec["answer"], return_tensors="pt"))
+            enc["labels"] = answer_labels(enc["input_ids"], _common_prefix(
+                processor(images=rec["image"], text=prompt, return_tensors="pt")["input_ids"], enc["input_ids"]))
         else:
-            text = build_prompt(processor, rec["text"])
-        enc = processor(images=rec["image"], text=text, return_tensors="pt")
-        batches.append(dict(enc))
+            enc = dict(processor(images=rec["image"], text=build_prompt(processor, rec["text"]), return_tensors="pt"))
+        batches.append(enc)
     return batches
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens two [1, n] id rows share: the prompt's tokens within prompt + answer."""
+    n = min(a.shape[-1], b.shape[-1])
+    differ = (a[0, :n] != b[0, :n]).nonzero()
+    return int(differ[0]) if len(differ) else n
 
 
 def text_batches(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) -> list[dict]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from casp.data.scored import model_inputs
 from casp.models import placement
 from casp.models.adapters import Adapter
 from casp.models.offload import parts_on
@@ -74,7 +75,7 @@ def _catch_until_layer0(model: nn.Module, layer0: nn.Module, batches: list[dict]
     try:
         for batch in batches:
             try:
-                model(**batch, use_cache=False)
+                model(**model_inputs(batch), use_cache=False)
             except _Caught:
                 pass
     finally:

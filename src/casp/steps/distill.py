@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from casp.data.scored import model_inputs
 from casp.steps.finetune import Trainable, relative_adam, split_held
 
 
@@ -61,7 +62,7 @@ def prepare(run, batches: list[dict]) -> Teacher:
         with torch.no_grad():
             for batch in train + held:
                 try:
-                    run.model(**batch, use_cache=False)
+                    run.model(**model_inputs(batch), use_cache=False)
                 except _Stop:
                     pass
     finally:
@@ -97,7 +98,7 @@ def text_positions(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def sample_kl(model: nn.Module, batch: dict, state: torch.Tensor, head) -> torch.Tensor:
     """Mean over attended text positions of KL(original ‖ model), the original's logits from its kept state."""
-    logits = model(**batch, use_cache=False).logits.float()
+    logits = model(**model_inputs(batch), use_cache=False).logits.float()
     with torch.no_grad():
         target = F.log_softmax(head(state.float()).float(), dim=-1)
     per_token = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="none").sum(-1)

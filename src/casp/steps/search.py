@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from casp.data.scored import model_inputs
 from casp.models.offload import offloaded
 from casp.models.placement import to_device
 from casp.steps.allocation import Allocation
@@ -83,7 +84,7 @@ def reference_logprobs(model, batches, device="cpu") -> list[torch.Tensor]:
     """FP next-token log-probabilities on the held-out batches, one text row at a time (fp16; on the CPU)."""
     out = []
     for b in held_rows(batches):
-        logits = model(**to_device(b, device), use_cache=False).logits
+        logits = model(**to_device(model_inputs(b), device), use_cache=False).logits
         out.append(torch.cat([F.log_softmax(c.float(), -1).half().cpu() for c in logits.split(KL_CHUNK, dim=1)], 1))
         del logits
     return out
@@ -101,7 +102,7 @@ def kl_rows(model, batches, reference: list[torch.Tensor], device="cpu") -> list
     out = []
     for b, ref in zip(held_rows(batches), reference):
         b = to_device(b, device)
-        logits = model(**b, use_cache=False).logits
+        logits = model(**model_inputs(b), use_cache=False).logits
         out.append(row_kl(logits, ref, b.get("attention_mask")))
         del logits
     return out
