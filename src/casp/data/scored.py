@@ -4,8 +4,8 @@ A calibration sample of an image task (image, question and answer) carries `labe
 everywhere but the answer, as LLaVA-style training scores only the response. The sensitivity (Fisher) pass
 takes its loss on them, so each linear is weighted by what the model is asked to produce, not by how it
 predicts the prompt. A sample without `labels` (plain text, or an image with a caption) scores every attended
-text token, as before. Held-out KL (probes, baseline check, search, distillation) keeps every attended
-position: a few answers per sample are too few tokens to rank models on (docs/fashion_vlm.md).
+text token, as before. Held-out KL (probes, baseline check, search) and distillation keep scoring every
+attended position: a few answers per sample are too few tokens to rank models on (docs/allocation.md).
 """
 from __future__ import annotations
 
