@@ -38,25 +38,28 @@ def read_calibration_jsonl(path: str | Path) -> list[dict]:
 def image_text_batches(processor, records: list[dict]) -> list[dict]:
     """One batch per record; a question-and-answer record's `labels` score its answer alone (`casp.data.scored`)."""
     from casp.eval.vqa import build_prompt
+    from casp.io.modelio import tokenizer_of
 
     batches = []
     for rec in records:
         if "question" in rec:
             prompt = build_prompt(processor, rec["question"])
-            enc = dict(processor(images=rec["image"], text=prompt + " " + rec["answer"], return_tensors="pt"))
-            enc["labels"] = answer_labels(enc["input_ids"], _common_prefix(
-                processor(images=rec["image"], text=prompt, return_tensors="pt")["input_ids"], enc["input_ids"]))
+            text = prompt + " " + rec["answer"]
+            enc = dict(processor(images=rec["image"], text=text, return_tensors="pt"))
+            answer = _tokens_after(tokenizer_of(processor), prompt, text)
+            enc["labels"] = answer_labels(enc["input_ids"], enc["input_ids"].shape[-1] - answer)
         else:
             enc = dict(processor(images=rec["image"], text=build_prompt(processor, rec["text"]), return_tensors="pt"))
         batches.append(enc)
     return batches
 
 
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many leading tokens two [1, n] id rows share: the prompt's tokens within prompt + answer."""
-    n = min(a.shape[-1], b.shape[-1])
-    differ = (a[0, :n] != b[0, :n]).nonzero()
-    return int(differ[0]) if len(differ) else n
+def _tokens_after(tokenizer, prompt: str, text: str) -> int:
+    """How many of `text`'s last tokens lie beyond the tokens it shares with `prompt` (its answer's). Counted on
+    the text alone: the processor's image tokens sit inside the shared part, so the images need no second pass."""
+    a, b = tokenizer(prompt)["input_ids"], tokenizer(text)["input_ids"]
+    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return len(b) - shared
 
 
 def text_batches(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) -> list[dict]:
