@@ -1,6 +1,7 @@
 """CASP against its own baselines on real pretrained LMs, at measured honest bits, one table per model.
 
-For each model in --models (built-in names or directories; default smollm2-135m and gemma3-270m) and each
+For each model in --models (built-in names, directories, or `embedded` for the embedded VLM's VQA accuracy and
+answer KL; default smollm2-135m and gemma3-270m) and each
 quantizer in --quantizers (gptq, e8), at every target in --targets (default 2.5, 3.25, 4.25):
 - uniform: the quantizer's uniform setting at ⌊target⌋ bits (GPTQ g128; E8 with incoherence);
 - allocation alone: rd bit allocation, Q/K dense (`--qk-rank 0`);
@@ -68,11 +69,16 @@ def main() -> None:
 
 def table(model: str, rows: list[dict], args) -> list[dict]:
     """One model's table, each row in its own process, printed as rows finish."""
-    texts = args.eval_texts.split(",")
-    print(f"\nmodel {model}; calibration {args.calib_samples} x {args.calib_seq_len} (built-in Python docs); "
-          f"{args.threads} torch thread(s); ppl on the first {args.eval_chars} characters, ctx {args.ctx}\n")
-    print(f"| method | average bits | {' | '.join(f'ppl {t}' for t in texts)} | KL vs FP ({texts[0]}) | compress s "
-          "| baseline check kept |")
+    texts = ["VQA accuracy"] if model == "embedded" else args.eval_texts.split(",")
+    if model == "embedded":
+        print(f"\nmodel embedded; calibration {args.calib_samples} training scenes; {args.threads} torch thread(s); "
+              f"exact match on {args.questions} test questions, KL on the answers of the first {args.kl_records}\n")
+        print("| method | average bits | VQA accuracy | KL vs FP | compress s | baseline check kept |")
+    else:
+        print(f"\nmodel {model}; calibration {args.calib_samples} x {args.calib_seq_len} (built-in Python docs); "
+              f"{args.threads} torch thread(s); ppl on the first {args.eval_chars} characters, ctx {args.ctx}\n")
+        print(f"| method | average bits | {' | '.join(f'ppl {t}' for t in texts)} | KL vs FP ({texts[0]}) | "
+              "compress s | baseline check kept |")
     print("|---|---|" + "---|" * len(texts) + "---|---|---|", flush=True)
     argv = _drop_values(sys.argv[1:], ("--rows", "--json", "--models"))
     out_rows, cache = [], {}
@@ -92,10 +98,11 @@ def table(model: str, rows: list[dict], args) -> list[dict]:
 
 
 def _print_row(r: dict, texts: list[str]) -> None:
-    ppls = [r["text_ppl"]] + [r[f"text_ppl_{t}"] for t in texts[1:]]
+    ppls = [r["vqa_accuracy"]] if "vqa_accuracy" in r else [r["text_ppl"]] + [r[f"text_ppl_{t}"] for t in texts[1:]]
     check = r.get("baseline_check") or {}
     kept = check.get("kept", "–") if "skipped" not in check else "skipped"
-    print(f"| {r['method']} | {r['average_bits']:.3f} | {' | '.join(f'{p:.2f}' for p in ppls)} | {r['kl']:.4f} | "
+    digits = 4 if "vqa_accuracy" in r else 2
+    print(f"| {r['method']} | {r['average_bits']:.3f} | {' | '.join(f'{p:.{digits}f}' for p in ppls)} | {r['kl']:.5f} | "
           f"{r['seconds']:.0f} | {kept} |", flush=True)
 
 
