@@ -150,13 +150,30 @@ def _on_own_inputs(run, check: BaselineCheck, layer: nn.Module, index: int, inpu
 
 def _rebuild_on_own_inputs(run, check: BaselineCheck) -> None:
     """"auto"'s second look: the uniform alternative of every layer made again on its own inputs, from the
-    original weights kept aside (each layer holds its originals while it is coded, and again afterwards)."""
+    original weights kept aside (each layer holds its originals while it is coded, and again afterwards). The
+    first compressed layer's own inputs are the run's, so its shared alternative is already the one it would
+    code: it is kept, and only run forward."""
+    first = min(check.originals)
+    shared_first = check.alternatives[first]
     check.hidden, check.next_layer, check.alternatives = None, 0, {}
     for i in sorted(check.originals):
         _put(run.layers, {i: check.originals[i]})
         with placement.on_device(run.layers[i], run.device):
-            _on_own_inputs(run, check, run.layers[i], i, check.first_inputs, None)
+            if i == first:
+                _carry_forward(run, check, run.layers[i], i, shared_first)
+            else:
+                _on_own_inputs(run, check, run.layers[i], i, check.first_inputs, None)
     check.originals, check.first_inputs = {}, None
+
+
+def _carry_forward(run, check: BaselineCheck, layer: nn.Module, index: int, kept: list) -> None:
+    """Layer `index`'s uniform alternative `kept`, run on the run's inputs to it: the uniform model's hidden
+    states carried on to the next layer."""
+    dense = [(name, layer.get_submodule(name)) for name, _, _ in kept]
+    check.alternatives[index] = kept
+    _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
+    check.hidden, check.next_layer = run_layer(layer, check.first_inputs, run.device), index + 1
+    _put(run.layers, {index: dense})
 
 
 def layer_stored(check: BaselineCheck, layer: nn.Module, index: int, rows: dict) -> None:
