@@ -9,6 +9,8 @@ from casp.algorithms.ldlq import (
     block_ldl_reference,
     block_ldlq,
     block_ldlq_reference,
+    feedback_matrix,
+    feedback_matrix_,
     proxy_loss,
 )
 
@@ -39,6 +41,18 @@ def test_block_ldl_factors_h():
     ref_low, ref_d = block_ldl_reference(h)
     torch.testing.assert_close(low, ref_low, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(d, ref_d, rtol=1e-8, atol=1e-8 * float(h.abs().max()))
+
+
+def test_the_feedback_matrix_in_place_is_the_copying_one_in_h_s_memory():
+    """`feedback_matrix_` overwrites H with A = Lᵀ - I; the copying version leaves H alone; both equal Lᵀ - I."""
+    _, h = correlated(1, 56, seed=3)
+    kept = h.clone()
+    a, d = feedback_matrix(h)
+    assert torch.equal(h, kept)
+    low, d_ldl = block_ldl(h)
+    assert torch.equal(a, low.T - torch.eye(56, dtype=h.dtype)) and torch.equal(d, d_ldl)
+    a_, d_ = feedback_matrix_(h)
+    assert a_.data_ptr() == h.data_ptr() and torch.equal(a_, a) and torch.equal(d_, d)
 
 
 def test_block_ldl_needs_whole_blocks():

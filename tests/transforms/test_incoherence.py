@@ -196,3 +196,18 @@ def test_many_rows_fold_the_maps_into_one_dense_matmul(m, n, monkeypatch):
     xg = x.clone().requires_grad_(True)
     mod(xg).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_xtx_transformed_by_pieces_of_rows_is_v_h_v_transposed(monkeypatch):
+    """`transform_xtx` works on pieces of rows to bound its memory; the result is V H Vᵀ whatever the piece."""
+    import casp.transforms.base as base
+
+    n = 192
+    p = Incoherence().build(8, n, seed=5)
+    x = torch.randn(400, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h = x.T @ x
+    v = Incoherence.in_forward(p.tensors, p.meta, torch.eye(n, dtype=torch.float64))   # rows: V's columns
+    whole = transform_xtx(Incoherence, p, h)
+    torch.testing.assert_close(whole, v.T @ h @ v, rtol=1e-10, atol=1e-9)
+    monkeypatch.setattr(base, "XTX_PIECE_ELEMENTS", 5 * n)
+    assert torch.equal(transform_xtx(Incoherence, p, h), whole)

@@ -41,7 +41,7 @@ import torch
 
 from casp.algorithms import e8p_kernel
 from casp.algorithms.hessian import prepare_hessian
-from casp.algorithms.ldlq import block_ldlq, feedback_matrix, proxy_loss
+from casp.algorithms.ldlq import block_ldlq, feedback_matrix_, proxy_loss
 
 CODE_DIM = 8
 NUM_CODES = 1 << 16
@@ -506,7 +506,7 @@ def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec]
     perm = torch.argsort(h64.diagonal(), descending=True, stable=True) if act_order else None
     wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
     wp, hp = pad_to_codes(wq, prepare_hessian(hq, damp, shrink))
-    a, _ = feedback_matrix(hp, CODE_DIM)
+    a = feedback_matrix_(hp, CODE_DIM)[0].float()   # hp now holds A in float64: only its shape is used below
     if rms is None:
         rms = scale_rms(w, h)
     inverse = torch.argsort(perm) if perm is not None else None
@@ -518,7 +518,7 @@ def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec]
         sweep = trials[first:first + per_sweep]
         groups = [(spec.bits, out_f, tuple(scales[0] / s for s in scales)) for spec, _, scales in sweep]
         stacked = torch.cat([wp / scales[0] for _, _, scales in sweep])
-        _, codes = block_ldlq(stacked, hp, _MixedRVQ(groups, w.device), CODE_DIM, buffer, a.float())
+        _, codes = block_ldlq(stacked, hp, _MixedRVQ(groups, w.device), CODE_DIM, buffer, a)
         for j, trial in enumerate(sweep):
             _keep_best(best, trial, codes[j * out_f:(j + 1) * out_f], (w, h64, perm, inverse))
     return [best[spec] for spec in specs]

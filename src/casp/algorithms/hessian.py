@@ -38,11 +38,11 @@ def prepare_hessian(h: torch.Tensor, damp: float | None, shrink: float = 0.0, *,
     elif not symmetrize:
         h = h.clone()
     if symmetrize:
-        h = 0.5 * (h + h.T)
+        h = (h + h.T).mul_(0.5)
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
     shrink_off_diagonal_(h, shrink)
     if damp is not None:
-        h = h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        h.diagonal().add_(damp * float(h.diagonal().mean()))
     return h

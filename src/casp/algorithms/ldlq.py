@@ -35,18 +35,42 @@ def block_ldl(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tens
     From the "reverse" Cholesky H = V Vᵀ, V upper (the Cholesky factor of H with indices reversed):
     with B_k the diagonal blocks of V, Lᵀ = V·blockdiag(B_k)⁻¹ and D_k = B_k B_kᵀ. H must be positive definite.
     """
+    lt, d = _upper_factor_(h.clone(), block)
+    return lt.T.contiguous(), d
+
+
+def _upper_factor_(h: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Lᵀ, D) of `block_ldl` in H's own memory (H is overwritten by Lᵀ): one n × n temporary (the Cholesky
+    factor) beside H, where an 11008² float64 H is 0.97 GB."""
     n = h.shape[0]
     nb = _check_blocks(n, block)
-    v = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
-    blocks = v.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    _flip_(h)
+    c = torch.linalg.cholesky(h)
+    _flip_(c)
+    v = h.mT.copy_(c)   # column-major, as the Cholesky factor is: the products below then round as they always have
+    del c
+    blocks = v.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()
     binv = torch.linalg.solve_triangular(blocks, torch.eye(block, dtype=h.dtype, device=h.device).expand_as(blocks),
                                          upper=True)
-    lt = torch.einsum("ikb,kbc->ikc", v.reshape(n, nb, block), binv).reshape(n, n)
-    lt = torch.triu(lt)
-    for k in range(nb):
+    eye = torch.eye(block, dtype=h.dtype, device=h.device)
+    for k in range(nb):   # Lᵀ = V·blockdiag(B_k)⁻¹, one column block at a time, in V's place
         s = slice(k * block, (k + 1) * block)
-        lt[s, s] = torch.eye(block, dtype=h.dtype, device=h.device)
-    return lt.T.contiguous(), blocks @ blocks.transpose(1, 2)
+        v[:k * block, s] = v[:k * block, s] @ binv[k]
+        v[s, s] = eye
+    return v.triu_(), blocks @ blocks.transpose(1, 2)
+
+
+def _flip_(x: torch.Tensor, piece: int = 256) -> None:
+    """x.flip(0, 1) of a square matrix, in place, by swapping pieces of rows."""
+    n = x.shape[0]
+    half = n // 2
+    for i in range(0, half, piece):
+        e = min(i + piece, half)
+        top = x[i:e].flip(0, 1)
+        x[i:e] = x[n - e:n - i].flip(0, 1)
+        x[n - e:n - i] = top
+    if n % 2:
+        x[half] = x[half].flip(0)
 
 
 def block_ldl_reference(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +91,16 @@ def block_ldl_reference(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, 
 
 def feedback_matrix(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """A = Lᵀ - I (strictly block-upper) and D of the block LDL of H."""
-    low, d = block_ldl(h, block)
-    return low.T - torch.eye(h.shape[0], dtype=h.dtype, device=h.device), d
+    return feedback_matrix_(h.clone(), block)
+
+
+def feedback_matrix_(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`feedback_matrix` in H's own memory: H is overwritten by A, which is returned (for a large H, whose
+    copies are what a quantizer's peak memory is made of)."""
+    a, d = _upper_factor_(h, block)
+    for k in range(0, h.shape[0], block):
+        a[k:k + block, k:k + block] = 0
+    return a, d
 
 
 def block_ldlq(w: torch.Tensor, h: torch.Tensor, quantize: BlockQuantizer, block: int = 8, buffer: int = 128,

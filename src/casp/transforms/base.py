@@ -86,10 +86,23 @@ def transform_weight(cls: type[WeightTransform], p: TransformParams, w: torch.Te
     return cls.out_forward(p.tensors, p.meta, rows.t()).t().contiguous()
 
 
+# Rows of XᵀX transformed per piece: a transform's temporaries then stay a few pieces in size, not a few copies
+# of H (an 11008² float64 XᵀX is 0.97 GB).
+XTX_PIECE_ELEMENTS = 1 << 22
+
+
 def transform_xtx(cls: type[WeightTransform], p: TransformParams, h: torch.Tensor) -> torch.Tensor:
-    """H' = V H Vᵀ (in h's dtype)."""
-    hv = cls.in_forward(p.tensors, p.meta, h)
-    return cls.in_forward(p.tensors, p.meta, hv.t()).t().contiguous()
+    """H' = V H Vᵀ (in h's dtype): V applied to the rows of H, then to the rows of (H Vᵀ)ᵀ, by pieces of rows
+    written into their place. Two n × n results live beside H, whatever the transform does inside."""
+    n = h.shape[0]
+    step = max(1, XTX_PIECE_ELEMENTS // max(n, 1))
+    hv = torch.empty_like(h, memory_format=torch.contiguous_format)
+    for i in range(0, n, step):
+        hv[i:i + step] = cls.in_forward(p.tensors, p.meta, h[i:i + step])
+    out = torch.empty_like(hv)
+    for i in range(0, n, step):
+        out[:, i:i + step] = cls.in_forward(p.tensors, p.meta, hv[:, i:i + step].t()).t()
+    return out
 
 
 def restore_weight(cls: type[WeightTransform], p: TransformParams, w: torch.Tensor) -> torch.Tensor:
