@@ -3,7 +3,7 @@ written out here as it was, is reproduced bit for bit on a random SPD problem wi
 import pytest
 import torch
 
-from casp.algorithms.hessian import prepare_hessian, shrink_off_diagonal_
+from casp.algorithms.hessian import prepare_hessian, shrink_off_diagonal_, symmetrize_
 from casp.quant.gptq import _prepare, inverse_hessian_cholesky
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,3 +120,25 @@ def test_steps():
     assert torch.equal(got, shrink_off_diagonal_(sym.clone(), 0.5) + 0.5 * (7 / 3) * torch.eye(3, dtype=torch.float64))
     kept = prepare_hessian(h, None, dtype=torch.float32, symmetrize=False, order=torch.tensor([2, 0, 1]))
     assert torch.equal(kept, torch.tensor([[1.0, 0.0, 0.0], [0.0, 4.0, 1.0], [0.0, 3.0, 2.0]]))
+
+
+@pytest.mark.parametrize("n,piece", [(9, 4), (40, 40), (33, 256)])
+def test_symmetrizing_in_place_by_pieces_is_the_copying_formula(n, piece):
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, n, dtype=torch.float64, generator=g)
+    kept = h.clone()
+    out = symmetrize_(h, piece)
+    assert out is h and torch.equal(h, 0.5 * (kept + kept.T))
+
+
+def test_a_float32_hessian_is_prepared_without_touching_the_callers_copy():
+    """From float32 the float64 copy is the function's own, symmetrised in place; the caller's H is kept."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(24, 24, generator=g)
+    kept = h.clone()
+    out = prepare_hessian(h, 0.01)
+    assert torch.equal(h, kept) and out.dtype == torch.float64
+    h64 = kept.double()
+    expected = 0.5 * (h64 + h64.T)
+    expected = expected + 0.01 * float(expected.diagonal().mean()) * torch.eye(24, dtype=torch.float64)
+    assert torch.equal(out, expected)

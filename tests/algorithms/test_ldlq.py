@@ -55,6 +55,19 @@ def test_the_feedback_matrix_in_place_is_the_copying_one_in_h_s_memory():
     assert a_.data_ptr() == h.data_ptr() and torch.equal(a_, a) and torch.equal(d_, d)
 
 
+def test_block_ldlq_needs_no_h_when_given_its_feedback_matrix():
+    w, h = correlated(4, 32, seed=4)
+    quantize = lambda t: (t.round(), t.round())   # noqa: E731
+    a = feedback_matrix(h)[0]
+    q, codes = block_ldlq(w, h, quantize)
+    q_, codes_ = block_ldlq(w, None, quantize, feedback=a)
+    assert torch.equal(q, q_) and torch.equal(codes, codes_)
+    with pytest.raises(ValueError, match="feedback matrix has shape"):
+        block_ldlq(w, None, quantize, feedback=a[:8, :8])
+    with pytest.raises(ValueError, match="H has shape None"):
+        block_ldlq(w, None, quantize)
+
+
 def test_block_ldl_needs_whole_blocks():
     with pytest.raises(ValueError, match="multiple of the block size"):
         block_ldl(torch.eye(12))

@@ -502,11 +502,12 @@ def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec]
     for spec in specs:
         stage_count(spec.bits)
     w = _live_weight(w, h)
-    h64 = h.detach().to(torch.float64)
-    perm = torch.argsort(h64.diagonal(), descending=True, stable=True) if act_order else None
-    wq, hq = (w[:, perm], h64[perm][:, perm]) if perm is not None else (w, h64)
+    h = h.detach()
+    perm = torch.argsort(h.diagonal().double(), descending=True, stable=True) if act_order else None
+    wq, hq = (w[:, perm], h[perm][:, perm]) if perm is not None else (w, h)
     wp, hp = pad_to_codes(wq, prepare_hessian(hq, damp, shrink))
-    a = feedback_matrix_(hp, CODE_DIM)[0].float()   # hp now holds A in float64: only its shape is used below
+    a = feedback_matrix_(hp, CODE_DIM)[0].float()   # hp held A in float64: freed, as nothing below needs it
+    del hp, hq
     if rms is None:
         rms = scale_rms(w, h)
     inverse = torch.argsort(perm) if perm is not None else None
@@ -518,21 +519,21 @@ def quantize_candidates(w: torch.Tensor, h: torch.Tensor, specs: list[StageSpec]
         sweep = trials[first:first + per_sweep]
         groups = [(spec.bits, out_f, tuple(scales[0] / s for s in scales)) for spec, _, scales in sweep]
         stacked = torch.cat([wp / scales[0] for _, _, scales in sweep])
-        _, codes = block_ldlq(stacked, hp, _MixedRVQ(groups, w.device), CODE_DIM, buffer, a)
+        _, codes = block_ldlq(stacked, None, _MixedRVQ(groups, w.device), CODE_DIM, buffer, a)
         for j, trial in enumerate(sweep):
-            _keep_best(best, trial, codes[j * out_f:(j + 1) * out_f], (w, h64, perm, inverse))
+            _keep_best(best, trial, codes[j * out_f:(j + 1) * out_f], (w, h, perm, inverse))
     return [best[spec] for spec in specs]
 
 
 def _keep_best(best: dict, trial, codes: torch.Tensor, problem) -> None:
     """Decode one (spec, multiplier) trial and keep it in `best[spec]` if its proxy loss is the lowest yet."""
     spec, mult, scales = trial
-    w, h64, perm, inverse = problem
+    w, h, perm, inverse = problem
     out_f, in_f = w.shape
     c = codes[:, :, :stage_count(spec.bits)].contiguous()
     q = rvq_decode(c, spec.bits, scales).reshape(out_f, -1)[:, :in_f]
     if inverse is not None:
         q = q[:, inverse]
-    loss = proxy_loss(w, q, h64)
+    loss = proxy_loss(w, q, h)
     if spec not in best or loss < best[spec].loss:
         best[spec] = E8PMatrix(c, scales, perm, q, loss, mult)

@@ -24,6 +24,18 @@ def shrink_off_diagonal_(h: torch.Tensor, shrink: float) -> torch.Tensor:
     return h
 
 
+def symmetrize_(h: torch.Tensor, piece: int = 256) -> torch.Tensor:
+    """H ← (H + Hᵀ)/2 in place, by pieces of rows: no second n × n matrix (equal, bit for bit, to the copying
+    formula: an entry already made symmetric is (s + s)/2 = s when its row comes round)."""
+    n = h.shape[0]
+    for i in range(0, n, piece):
+        rows = slice(i, min(i + piece, n))
+        part = (h[rows] + h[:, rows].T).mul_(0.5)
+        h[rows] = part
+        h[:, rows] = part.T
+    return h
+
+
 def prepare_hessian(h: torch.Tensor, damp: float | None, shrink: float = 0.0, *, dtype: torch.dtype = torch.float64,
                     symmetrize: bool = True, order: torch.Tensor | None = None) -> torch.Tensor:
     """A new (n × n) H in `dtype`, ready to factor; the caller's `h` is never changed.
@@ -32,13 +44,14 @@ def prepare_hessian(h: torch.Tensor, damp: float | None, shrink: float = 0.0, *,
     `symmetrize`: replace H by (H + Hᵀ)/2. Dead inputs get H_jj = 1; `shrink` scales the off-diagonal
     by (1 - shrink); `damp` adds damp·mean(diag H)·I (None: left to the caller, as GPTQ does).
     """
+    given = h.untyped_storage().data_ptr()
     h = h.detach().to(dtype)
     if order is not None:
         h = h.index_select(0, order).index_select(1, order)
     elif not symmetrize:
         h = h.clone()
     if symmetrize:
-        h = (h + h.T).mul_(0.5)
+        h = symmetrize_(h) if h.untyped_storage().data_ptr() != given else (h + h.T).mul_(0.5)
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0

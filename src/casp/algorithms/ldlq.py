@@ -103,18 +103,20 @@ def feedback_matrix_(h: torch.Tensor, block: int = 8) -> tuple[torch.Tensor, tor
     return a, d
 
 
-def block_ldlq(w: torch.Tensor, h: torch.Tensor, quantize: BlockQuantizer, block: int = 8, buffer: int = 128,
+def block_ldlq(w: torch.Tensor, h: torch.Tensor | None, quantize: BlockQuantizer, block: int = 8, buffer: int = 128,
                feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round W (m × n) block by block with BlockLDLQ; H (n × n) positive definite (damp it first).
 
     `quantize(target (m, block)) -> (codes (m, …), values (m, block))` is the block quantizer.
-    `feedback` (optional) is A = Lᵀ - I when the caller already has it. Computes in w's dtype.
-    Returns Ŵ (m × n) and the codes (m, n/block, …).
+    `feedback` (optional) is A = Lᵀ - I when the caller already has it; H is then not needed (None).
+    Computes in w's dtype. Returns Ŵ (m × n) and the codes (m, n/block, …).
     """
     m, n = w.shape
     nb = _check_blocks(n, block)
-    if h.shape != (n, n):
-        raise ValueError(f"H has shape {tuple(h.shape)}, expected {(n, n)}")
+    given = h if feedback is None else feedback
+    if given is None or given.shape != (n, n):
+        shape = None if given is None else tuple(given.shape)
+        raise ValueError(f"{'H' if feedback is None else 'the feedback matrix'} has shape {shape}, expected {(n, n)}")
     a = (feedback if feedback is not None else feedback_matrix(h, block)[0]).to(w.dtype)
     buffer = max(block, buffer // block * block)
     work = w.clone()

@@ -33,6 +33,7 @@ def compress_layer(run, step, plan: Plan) -> dict:
     if not recipe.finetune_steps:
         original = None   # only tuning needs the original outputs: not held while the layer is quantized
     xtx = {k: v.to(device) for k, v in moments.xtx.items()}
+    del moments   # its XᵀX live on in `xtx`, each dropped once its last unit is stored
     if run.check is not None:
         add_layer(run, layer, i, step.inputs, xtx, {u.key: plan.settings[u.key] for u in plan.units_of(i)})
     lowrank = factorise(layer, adapter, ranks, xtx["attn_in"])
@@ -45,6 +46,8 @@ def compress_layer(run, step, plan: Plan) -> dict:
     stored, within = {}, 0.0   # unit name -> report row, in the layer's order
     for k, group in enumerate(groups):
         stored.update((u.name, _store_unit(run, layer, u, plan, (lowrank, xtx))) for u in group)
+        if all(g[0].input_group != group[0].input_group for g in groups[k + 1:]):
+            xtx.pop(group[0].input_group, None)
         if recipe.finetune_steps and recipe.finetune_within and k < len(groups) - 1:
             within += finetune_layer(layer, step.inputs, original, tuning).seconds
     if run.check is not None:
