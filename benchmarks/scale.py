@@ -178,11 +178,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"  layer {r['index']:2d}: {r['seconds']:7.1f} s   ({matrices[r['index']]} matrices)")
     print(f"  whole run: {wall:.0f} s wall, average {report['average_bits']:.4f} bits on the compressed layers, "
-          f"peak RSS {peak / 2**30:.2f} GB (process base {base / 2**30:.2f} GB)")
+          f"peak RSS {peak / 2**30:.2f} GiB (process base {base / 2**30:.2f} GiB)")
     print(f"  GPTQ rate {rate / 1e9:.1f} GFLOP/s; streaming one other layer through (read, run, write) {overhead:.1f} s")
     print(f"  fitted GPTQ work: {k:.2f} x 8 i^2 bytes")
     if report.get("peak_device_mb") is not None:
-        print(f"  on {args.device}: peak device memory {report['peak_device_mb'] / 1024:.2f} GB")
+        print(f"  on {args.device}: peak device memory {report['peak_device_mb'] / 1024:.2f} GiB")
     print("\nprojected (whole model compressed, same calibration tokens)")
     print(f"  {'model':5s} {'params':>7s} {'peak RSS':>9s} {'CPU time':>9s} {'GPU time*':>9s}")
     for name, shape in SHAPES.items():
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         flops = shape[2] * layer_flops(shape, tokens)
         cpu = flops / rate + overhead * shape[2] * layer_params(shape) / layer_params(seven)
         gpu = flops / (args.gpu_tflops * 1e12) + shape[2] * layer_columns(shape) * args.gpu_column_us * 1e-6
-        print(f"  {name:5s} {params / 1e9:6.1f}B {rss / 2**30:7.1f} GB {cpu / 3600:7.1f} h {gpu / 60:7.1f} min")
+        print(f"  {name:5s} {params / 1e9:6.1f}B {rss / 2**30:7.1f} GiB {cpu / 3600:7.1f} h {gpu / 60:7.1f} min")
     print(f"\n* GPU column: assumed, not measured (no GPU lent): the same FLOPs at {args.gpu_tflops:g} TFLOP/s "
           f"+ {args.gpu_column_us:g} us per GPTQ column.")
     return 0
@@ -225,7 +225,7 @@ def print_by_layers(args, report: dict, wall: float) -> int:
           f"{part:.0f} s in each plan pass; {catches:.0f} s in all")
     check = report.get("baseline_check") or {}
     print(f"  whole run {wall:.0f} s wall; average {report['average_bits']:.4f} bits; peak RSS "
-          f"{report['peak_rss_mb'] / 1024:.2f} GB; baseline check: {check.get('kept', 'off')}")
+          f"{report['peak_rss_mb'] / 1024:.2f} GiB; baseline check: {check.get('kept', 'off')}")
     print(f"\nprojected to {layers} layers: {fixed:.0f} s once + {per_layer:.0f} s per layer x {layers} = "
           f"{(fixed + per_layer * layers) / 3600:.1f} h")
     return 0
