@@ -44,14 +44,11 @@ def prepare_hessian(h: torch.Tensor, damp: float | None, shrink: float = 0.0, *,
     `symmetrize`: replace H by (H + Hᵀ)/2. Dead inputs get H_jj = 1; `shrink` scales the off-diagonal
     by (1 - shrink); `damp` adds damp·mean(diag H)·I (None: left to the caller, as GPTQ does).
     """
-    given = h.untyped_storage().data_ptr()
-    h = h.detach().to(dtype)
+    h = h.detach().to(dtype, copy=order is None)   # from here on the function's own copy
     if order is not None:
         h = h.index_select(0, order).index_select(1, order)
-    elif not symmetrize:
-        h = h.clone()
     if symmetrize:
-        h = symmetrize_(h) if h.untyped_storage().data_ptr() != given else (h + h.T).mul_(0.5)
+        symmetrize_(h)
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0

@@ -137,15 +137,8 @@ def _on_own_inputs(run, check: BaselineCheck, layer: nn.Module, index: int, inpu
     if own is not inputs or xtx is None:
         _, moments, _ = observe_layer(layer, run.adapter, own, run.adapter.linears, run.device)
         xtx = {k: v.to(run.device) for k, v in moments.xtx.items()}
-    kept, dense = [], []
-    for u in _units(run, index):
-        lin = layer.get_submodule(u.name)
-        kept.append((u.name, *_coded(run, check, u, lin, xtx)))
-        dense.append((u.name, lin))
-    check.alternatives[index] = kept
-    _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
-    check.hidden, check.next_layer = run_layer(layer, own, run.device), index + 1
-    _put(run.layers, {index: dense})
+    kept = [(u.name, *_coded(run, check, u, layer.get_submodule(u.name), xtx)) for u in _units(run, index)]
+    _carry_forward(run, check, layer, index, kept, own)
 
 
 def _rebuild_on_own_inputs(run, check: BaselineCheck) -> None:
@@ -160,19 +153,19 @@ def _rebuild_on_own_inputs(run, check: BaselineCheck) -> None:
         _put(run.layers, {i: check.originals[i]})
         with placement.on_device(run.layers[i], run.device):
             if i == first:
-                _carry_forward(run, check, run.layers[i], i, shared_first)
+                _carry_forward(run, check, run.layers[i], i, shared_first, check.first_inputs)
             else:
                 _on_own_inputs(run, check, run.layers[i], i, check.first_inputs, None)
     check.originals, check.first_inputs = {}, None
 
 
-def _carry_forward(run, check: BaselineCheck, layer: nn.Module, index: int, kept: list) -> None:
-    """Layer `index`'s uniform alternative `kept`, run on the run's inputs to it: the uniform model's hidden
-    states carried on to the next layer."""
+def _carry_forward(run, check: BaselineCheck, layer: nn.Module, index: int, kept: list, inputs) -> None:
+    """Layer `index`'s uniform alternative `kept` (the layer holding its originals), run on the uniform model's
+    `inputs` to it: its hidden states carried on to the next layer, the originals put back."""
     dense = [(name, layer.get_submodule(name)) for name, _, _ in kept]
     check.alternatives[index] = kept
     _put(run.layers, {index: [(n, m) for n, m, _ in kept]})
-    check.hidden, check.next_layer = run_layer(layer, check.first_inputs, run.device), index + 1
+    check.hidden, check.next_layer = run_layer(layer, inputs, run.device), index + 1
     _put(run.layers, {index: dense})
 
 
